@@ -1,0 +1,246 @@
+"""Settings: the TOML file, overridden by CODELUPE_<SECTION>__<KEY> environment variables.
+
+Every section rejects unknown keys, and every error is reported as one line naming the key.
+Secrets (the database URL's password, WANDB_API_KEY) are never part of any rendering of the settings.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG_PATH = Path("config/codelupe.toml")
+SECRET_FIELD_NAMES = {"url"}
+
+
+class ConfigError(Exception):
+    """A configuration problem, always a single line that names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatabaseSettings(Section):
+    url: SecretStr = Field(
+        SecretStr("postgresql://postgres@127.0.0.1:5432/postgres"),
+        description="libpq connection URL; a password in it is never printed.",
+    )
+    table: str = Field("processed_files", description="Table the crawler fills; only read, never written.")
+    id_column: str = "id"
+    content_column: str = "content"
+    language_column: str = "language"
+    quality_column: str = "quality_score"
+    connect_timeout_s: int = Field(10, ge=1, description="Seconds before a connection attempt gives up.")
+    page_size: int = Field(5000, ge=1, description="Rows per keyset page while fetching.")
+    max_commit_lag_minutes: float = Field(
+        60.0,
+        ge=0,
+        description="How long a gap in ids below the watermark is watched for a late-committing row.",
+    )
+
+
+class ScheduleSettings(Section):
+    interval_minutes: float = Field(5.0, gt=0)
+    min_new_samples: int = Field(1000, ge=1)
+    misfire_grace_minutes: float = Field(5.0, gt=0)
+
+
+class DataSettings(Section):
+    min_quality: int = Field(70, ge=0, le=100)
+    min_chars: int = Field(50, ge=1)
+    max_chars: int = Field(8000, ge=1)
+    languages: list[str] = Field(default_factory=list, description="Empty means every language.")
+    max_samples_per_run: int = Field(100_000, ge=1)
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    max_length: int = Field(2048, ge=8)
+    seed: int = 42
+    format: Literal["raw", "completion"] = "raw"
+    block_secrets: bool = True
+    block_license: bool = True
+    blocked_licenses: list[str] = Field(
+        default_factory=lambda: ["GPL", "AGPL", "LGPL"],
+        description="Licence families blocked by SPDX identifier or header text.",
+    )
+    block_malicious: bool = True
+    malicious_patterns: list[str] = Field(default_factory=list, description="Extra regexes, added to the defaults.")
+    block_duplicates: bool = True
+
+
+class ModelSettings(Section):
+    base_model: str = "Qwen/Qwen2.5-Coder-7B-Instruct"
+    quantization: Literal["auto", "4bit", "8bit", "none"] = "auto"
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+class TrainingSettings(Section):
+    batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, ge=-1)
+    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
+    logging_steps: int = Field(10, ge=1)
+    eval_steps: int = Field(0, ge=0, description="0 evaluates once, at the end of the run.")
+    gradient_checkpointing: bool = True
+    max_grad_norm: float = Field(1.0, ge=0.0)
+
+
+class MetricsSettings(Section):
+    system_every_steps: int = Field(10, ge=0, description="0 turns system metrics off.")
+    gradient_metrics_every_steps: int = Field(10, ge=0, description="0 turns gradient and weight metrics off.")
+    per_layer_sample: int = Field(8, ge=0, le=64, description="How many layers get their own gradient/weight keys.")
+    queue_size: int = Field(10_000, ge=10)
+
+
+class WandbSettings(Section):
+    enabled: bool = True
+    project: str = "codelupe-qwen-training"
+    entity: str | None = None
+    mode: Literal["online", "offline", "disabled"] = "online"
+    dir: Path | None = Field(None, description="Where W&B writes its run folders; default: beside the state file.")
+    group: str = Field("codelupe-continuous", description="All runs of one daemon share this W&B group.")
+    init_timeout_s: float = Field(30.0, gt=0)
+    finish_timeout_s: float = Field(30.0, gt=0)
+
+
+class PathsSettings(Section):
+    state_file: Path = Path("var/state.json")
+    output_dir: Path = Path("var/adapters")
+    keep_adapters: int = Field(5, ge=1)
+
+
+class ServiceSettings(Section):
+    metrics_port: int = Field(0, ge=0, le=65535, description="0 keeps the HTTP endpoint off.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CODELUPE_",
+        env_nested_delimiter="__",
+        # Unknown top-level names in the environment (CODELUPE_CONFIG, CODELUPE_TEST_DATABASE_URL)
+        # are ours but not settings; unknown TOML sections are rejected separately in load_settings.
+        extra="ignore",
+        validate_assignment=True,
+    )
+
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    wandb: WandbSettings = Field(default_factory=WandbSettings)
+    paths: PathsSettings = Field(default_factory=PathsSettings)
+    service: ServiceSettings = Field(default_factory=ServiceSettings)
+
+    @field_validator("data")
+    @classmethod
+    def _chars_in_order(cls, data: DataSettings) -> DataSettings:
+        if data.min_chars > data.max_chars:
+            raise ValueError("min_chars must not exceed max_chars")
+        return data
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init values; the environment comes first so it wins.
+        return (env_settings, init_settings)
+
+
+def resolve_config_path(path: str | Path | None) -> Path:
+    """--config, else $CODELUPE_CONFIG, else config/codelupe.toml."""
+    if path:
+        return Path(path)
+    if os.environ.get("CODELUPE_CONFIG"):
+        return Path(os.environ["CODELUPE_CONFIG"])
+    return DEFAULT_CONFIG_PATH
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Read the TOML file (if it exists) and the environment; raise ConfigError on anything wrong."""
+    config_path = resolve_config_path(path)
+    toml_values: dict[str, Any] = {}
+    if config_path.exists():
+        try:
+            toml_values = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{config_path}: not valid TOML: {error}") from None
+    elif path is not None:
+        raise ConfigError(f"config file {config_path} does not exist")
+    known_sections = set(Settings.model_fields)
+    for section, values in toml_values.items():
+        if section not in known_sections:
+            raise ConfigError(f"{config_path}: unknown section [{section}] (known: {', '.join(sorted(known_sections))})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{config_path}: '{section}' must be a [section] table")
+    try:
+        settings = Settings(**toml_values)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error, config_path)) from None
+    if os.environ.get("WANDB_LOG_MODEL", "").strip().lower() not in ("", "false", "0", "none"):
+        raise ConfigError(
+            "WANDB_LOG_MODEL is set: codelupe-trainer sends metrics only and never uploads model files; unset it"
+        )
+    return settings
+
+
+def describe_validation_error(error: ValidationError, config_path: Path) -> str:
+    """One line per problem: 'section.key: message', without echoing a secret's value."""
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        shown_input = ""
+        last = str(item["loc"][-1]) if item["loc"] else ""
+        if item["type"] != "extra_forbidden" and last not in SECRET_FIELD_NAMES and "input" in item:
+            shown_input = f" (got {item['input']!r})"
+        lines.append(f"{key}: {message}{shown_input}")
+    return f"{config_path}: " + "; ".join(lines)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by '***' (user, host and database stay readable)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    if parts.password is None and "password=" not in parts.query:
+        return url
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{hostinfo}"
+    query = "&".join(
+        "password=***" if pair.startswith("password=") else pair for pair in parts.query.split("&") if pair
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def public_settings(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain JSON values, with every secret redacted."""
+    values = settings.model_dump(mode="json")
+    values["database"]["url"] = redact_url(settings.database.url.get_secret_value())
+    return values

@@ -1,0 +1,254 @@
+"""From samples to train-ready packed blocks: filter, format, tokenize once, pack, split. No I/O.
+
+Samples stream through in chunks so memory depends on the run's size, not on the table. Each sample is
+tokenized exactly once, in batches, and its token count is reused for the dataset statistics.
+
+Packing puts several samples into one block of at most `max_length` tokens. Position ids restart at 0
+for each sample; with no attention mask, transformers turns restarting position ids into a block-diagonal
+mask (FlashAttention-2 varlen, SDPA and eager alike), so samples in one block never attend to each other.
+The first token of each sample carries no label, so nothing is trained to predict across a boundary.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, Protocol
+
+from .records import Sample
+
+IGNORE_INDEX = -100
+TOKENIZE_CHUNK = 1000
+
+# A blocker returns the name of the filter that blocks the sample, or None to let it pass.
+Blocker = Callable[[Sample], "str | None"]
+
+
+class Tokenizer(Protocol):
+    eos_token_id: int
+
+    def __call__(self, texts: list[str], **kwargs: Any) -> Any: ...
+
+
+@dataclass
+class TokenizedSample:
+    sample_id: int
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class Block:
+    """One packed row: several samples' tokens side by side, positions restarting per sample."""
+
+    input_ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    position_ids: list[int] = field(default_factory=list)
+
+    def add(self, sample: TokenizedSample) -> None:
+        self.input_ids.extend(sample.input_ids)
+        # The first label of each sample is ignored: it would be predicted from the previous sample.
+        self.labels.append(IGNORE_INDEX)
+        self.labels.extend(sample.labels[1:])
+        self.position_ids.extend(range(len(sample.input_ids)))
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def as_features(self) -> dict[str, list[int]]:
+        return {"input_ids": self.input_ids, "labels": self.labels, "position_ids": self.position_ids}
+
+
+@dataclass
+class BuiltDataset:
+    train_blocks: list[Block]
+    eval_blocks: list[Block]
+    sample_ids: list[int]
+    train_samples: int
+    eval_samples: int
+    token_counts: list[int]
+    data_metrics: dict[str, float]
+    dataset_metrics: dict[str, float]
+    packing: str = "position_ids"
+
+    @property
+    def total_samples(self) -> int:
+        return len(self.sample_ids)
+
+
+def format_raw(sample: Sample) -> str:
+    """Training text for causal-LM: a language tag line, then the code (EOS is appended as a token id)."""
+    return f"<|lang:{sample.language}|>\n{sample.content}"
+
+
+def is_eval_sample(sample_id: int, seed: int, eval_fraction: float) -> bool:
+    """A stable per-id coin flip, so a sample never changes split between runs."""
+    if eval_fraction <= 0:
+        return False
+    digest = hashlib.blake2b(f"{seed}:{sample_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < eval_fraction
+
+
+def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def tokenize_samples(
+    samples: list[Sample], tokenizer: Tokenizer, max_length: int, format_text: Callable[[Sample], str] = format_raw
+) -> list[TokenizedSample]:
+    """One batched tokenizer call per chunk; samples longer than max_length are split into pieces."""
+    encoded = tokenizer(
+        [format_text(sample) for sample in samples], add_special_tokens=False, return_attention_mask=False
+    )["input_ids"]
+    eos = tokenizer.eos_token_id
+    tokenized = []
+    for sample, ids in zip(samples, encoded):
+        ids = list(ids) + [eos]
+        for start in range(0, len(ids), max_length):
+            piece = ids[start : start + max_length]
+            if len(piece) > 1:
+                tokenized.append(TokenizedSample(sample.id, piece, piece))
+    return tokenized
+
+
+def pack_best_fit(sequences: list[TokenizedSample], max_length: int) -> list[Block]:
+    """Best-fit-decreasing bin packing: longest first, each into the fullest block it still fits."""
+    blocks: list[Block] = []
+    # Sorted (free space, block index) pairs; bisect finds the tightest block that still fits.
+    free_space: list[tuple[int, int]] = []
+    for sequence in sorted(sequences, key=lambda item: len(item.input_ids), reverse=True):
+        length = len(sequence.input_ids)
+        position = bisect.bisect_left(free_space, (length, -1))
+        if position < len(free_space):
+            space, index = free_space.pop(position)
+        else:
+            blocks.append(Block())
+            space, index = max_length, len(blocks) - 1
+        blocks[index].add(sequence)
+        if space - length > 1:
+            bisect.insort(free_space, (space - length, index))
+    return blocks
+
+
+def build_dataset(
+    samples: Iterable[Sample],
+    tokenizer: Tokenizer,
+    max_length: int,
+    eval_fraction: float,
+    seed: int,
+    blockers: list[tuple[str, Blocker]] = (),
+    skipped_upstream: Counter | None = None,
+    format_text: Callable[[Sample], str] = format_raw,
+) -> BuiltDataset:
+    """Run every sample through the blockers, tokenize the survivors once, split by id and pack."""
+    train_sequences: list[TokenizedSample] = []
+    eval_sequences: list[TokenizedSample] = []
+    sample_ids: list[int] = []
+    token_counts: Counter = Counter()
+    blocked: Counter = Counter()
+    skipped: Counter = Counter(skipped_upstream or {})
+    languages: Counter = Counter()
+    quality_sum = 0
+    chars_sum = 0
+    seen = 0
+    for chunk in chunked(samples, TOKENIZE_CHUNK):
+        passed = []
+        for sample in chunk:
+            seen += 1
+            reason = _first_block_reason(sample, blockers)
+            if reason is not None:
+                blocked[reason] += 1
+                continue
+            passed.append(sample)
+        if not passed:
+            continue
+        for tokenized in tokenize_samples(passed, tokenizer, max_length, format_text):
+            token_counts[tokenized.sample_id] += len(tokenized.input_ids)
+            target = eval_sequences if is_eval_sample(tokenized.sample_id, seed, eval_fraction) else train_sequences
+            target.append(tokenized)
+        for sample in passed:
+            sample_ids.append(sample.id)
+            languages[sample.language] += 1
+            quality_sum += sample.quality
+            chars_sum += len(sample.content)
+    counts = [token_counts[sample_id] for sample_id in sample_ids]
+    eval_ids = {sequence.sample_id for sequence in eval_sequences}
+    train_blocks = pack_best_fit(train_sequences, max_length)
+    eval_blocks = pack_best_fit(eval_sequences, max_length)
+    data_metrics = summarize_data(
+        seen=seen, passed=len(sample_ids), languages=languages, quality_sum=quality_sum, chars_sum=chars_sum,
+        blocked=blocked, skipped=skipped,
+    )
+    dataset_metrics = summarize_dataset(
+        train_samples=len(sample_ids) - len(eval_ids), eval_samples=len(eval_ids), token_counts=counts,
+        blocks=train_blocks + eval_blocks, max_length=max_length,
+    )
+    return BuiltDataset(
+        train_blocks=train_blocks,
+        eval_blocks=eval_blocks,
+        sample_ids=sample_ids,
+        train_samples=len(sample_ids) - len(eval_ids),
+        eval_samples=len(eval_ids),
+        token_counts=counts,
+        data_metrics=data_metrics,
+        dataset_metrics=dataset_metrics,
+    )
+
+
+def _first_block_reason(sample: Sample, blockers: Iterable[tuple[str, Blocker]]) -> str | None:
+    for name, blocker in blockers:
+        if blocker(sample):
+            return name
+    return None
+
+
+BLOCK_FILTERS = ("secrets", "license", "malicious", "duplicates")
+
+
+def summarize_data(
+    seen: int, passed: int, languages: Counter, quality_sum: int, chars_sum: int, blocked: Counter, skipped: Counter
+) -> dict[str, float]:
+    """The data/* group: what came in, what passed, what each filter blocked and why rows were skipped."""
+    examined = seen + sum(skipped.values())
+    metrics: dict[str, float] = {
+        "data/total_samples": passed,
+        "data/rows_examined": examined,
+        "data/avg_quality_score": quality_sum / passed if passed else 0.0,
+        "data/avg_code_length": chars_sum / passed if passed else 0.0,
+        "data/pass_rate": 100.0 * passed / examined if examined else 0.0,
+    }
+    for language, count in sorted(languages.items()):
+        metrics[f"data/language_{language}"] = count
+        metrics[f"data/language_{language}_percent"] = 100.0 * count / passed
+    for name in BLOCK_FILTERS:
+        metrics[f"data/blocked_{name}"] = blocked.get(name, 0)
+    metrics["data/blocked_total"] = sum(blocked.values())
+    for reason, count in sorted(skipped.items()):
+        metrics[f"data/skipped_{reason}"] = count
+    metrics["data/skipped_total"] = sum(skipped.values())
+    return metrics
+
+
+def summarize_dataset(
+    train_samples: int, eval_samples: int, token_counts: list[int], blocks: list[Block], max_length: int
+) -> dict[str, float]:
+    total = train_samples + eval_samples
+    real_tokens = sum(len(block) for block in blocks)
+    return {
+        "dataset/train_size": train_samples,
+        "dataset/eval_size": eval_samples,
+        "dataset/total_size": total,
+        "dataset/train_eval_ratio": train_samples / eval_samples if eval_samples else float(train_samples),
+        "dataset/avg_tokens_per_sample": sum(token_counts) / len(token_counts) if token_counts else 0.0,
+        "dataset/max_tokens": max(token_counts, default=0),
+        "dataset/min_tokens": min(token_counts, default=0),
+        "dataset/total_tokens": real_tokens,
+        "dataset/packed_blocks": len(blocks),
+        "dataset/real_token_fraction": real_tokens / (len(blocks) * max_length) if blocks else 0.0,
+    }

@@ -1,0 +1,49 @@
+"""`codelupe-trainer doctor`: every start-up precondition checked, each with a one-line verdict."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .config import Settings
+from .metrics import effective_wandb_mode
+from .source import SourceError, check_table, open_connection
+
+
+def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
+    results: list[tuple[str, bool, str]] = [("config", True, "loaded and valid")]
+    try:
+        with open_connection(settings.database) as connection:
+            results.append(("database", True, "reachable"))
+            check_table(connection, settings.database)
+            results.append(("table", True, f"{settings.database.table} has the configured columns"))
+    except SourceError as error:
+        results.append(("database", False, str(error)))
+    results.append(check_model_path(settings.model.base_model))
+    results.append(check_writable("output_dir", settings.paths.output_dir))
+    results.append(check_writable("state_dir", settings.paths.state_file.parent))
+    mode = effective_wandb_mode(settings.wandb.mode, settings.wandb.enabled)
+    results.append(("wandb", True, f"mode {mode}" + (" (no API key: falls back to offline)" if mode != settings.wandb.mode and mode == "offline" else "")))
+    return results
+
+
+def check_model_path(base_model: str) -> tuple[str, bool, str]:
+    path = Path(base_model)
+    looks_local = base_model.startswith((".", "/", "~")) or path.exists()
+    if looks_local:
+        if (path.expanduser() / "config.json").exists():
+            return ("model", True, f"local model at {path}")
+        return ("model", False, f"model.base_model {base_model!r} is not a directory with a config.json")
+    return ("model", True, f"hub id {base_model!r} (downloaded or read from the Hugging Face cache on first use)")
+
+
+def check_writable(name: str, directory: Path) -> tuple[str, bool, str]:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory):
+            pass
+        free_gb = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize / 1e9
+        return (name, True, f"{directory} writable, {free_gb:.1f} GB free")
+    except OSError as error:
+        return (name, False, f"{directory} is not writable: {error.strerror}")

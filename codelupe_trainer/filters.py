@@ -1,0 +1,226 @@
+"""The blocking filters: secrets, licences, malicious patterns and duplicates. Plain functions over a Sample.
+
+Secrets use detect-secrets' own detectors (pattern plugins only: its entropy plugins flag ordinary code).
+Calling the library line by line is far too slow for 100,000 samples, so each text first goes through one
+fast pass (each detector's own denylist regexes over the whole text, plus a keyword pre-check); only the
+few lines that pass it are confirmed by the library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+from .config import DataSettings
+from .dataset import Blocker
+from .records import Sample
+
+# ------------------------------------------------------------------ secrets
+
+_REGEX_PLUGINS = (
+    "aws.AWSKeyDetector",
+    "private_key.PrivateKeyDetector",
+    "github_token.GitHubTokenDetector",
+    "gitlab_token.GitLabTokenDetector",
+    "basic_auth.BasicAuthDetector",
+    "slack.SlackDetector",
+    "stripe.StripeDetector",
+    "jwt.JwtTokenDetector",
+    "openai.OpenAIDetector",
+    "sendgrid.SendGridDetector",
+    "twilio.TwilioKeyDetector",
+    "npm.NpmDetector",
+    "pypi_token.PypiTokenDetector",
+    "discord.DiscordBotTokenDetector",
+    "azure_storage_key.AzureStorageKeyDetector",
+    "artifactory.ArtifactoryDetector",
+    "mailchimp.MailchimpDetector",
+    "telegram_token.TelegramBotTokenDetector",
+    "square_oauth.SquareOAuthDetector",
+)
+
+# Names a KeywordDetector hit needs nearby; lines without one of them are not worth the library's time.
+_KEYWORD_HINT = re.compile(r"pass(?:wd|word)?|pwd|secret|token|api_?key|apikey|private_?key|credential|auth", re.IGNORECASE)
+
+
+@lru_cache(maxsize=1)
+def _secret_detectors():
+    import importlib
+
+    from detect_secrets.plugins.keyword import KeywordDetector
+
+    plugins = []
+    for dotted in _REGEX_PLUGINS:
+        module_name, class_name = dotted.rsplit(".", 1)
+        module = importlib.import_module(f"detect_secrets.plugins.{module_name}")
+        plugins.append(getattr(module, class_name)())
+    denylist = [pattern for plugin in plugins for pattern in plugin.denylist]
+    return plugins, denylist, KeywordDetector()
+
+
+def _is_placeholder(secret: str, line: str) -> bool:
+    from detect_secrets.filters import heuristic
+
+    return (
+        heuristic.is_templated_secret(secret)
+        or heuristic.is_sequential_string(secret)
+        or heuristic.is_potential_uuid(secret)
+        or heuristic.is_prefixed_with_dollar_sign(secret)
+        or heuristic.is_not_alphanumeric_string(secret)
+        or heuristic.is_indirect_reference(line)
+    )
+
+
+def _confirmed(secrets, line: str) -> bool:
+    return any(not _is_placeholder(secret, line) for secret in secrets)
+
+
+def find_secret_lines(text: str, filename: str = "sample.py") -> list[int]:
+    """Line numbers (0-based) where detect-secrets confirms a credential."""
+    from detect_secrets.plugins.keyword import QUOTES_REQUIRED_DENYLIST_REGEX_TO_GROUP, REGEX_BY_FILETYPE
+    from detect_secrets.util.filetype import determine_file_type
+
+    plugins, denylist, keyword = _secret_detectors()
+    hit_regex = any(pattern.search(text) for pattern in denylist)
+    hit_keyword = _KEYWORD_HINT.search(text) is not None
+    if not (hit_regex or hit_keyword):
+        return []
+    keyword_regexes = REGEX_BY_FILETYPE.get(determine_file_type(filename), QUOTES_REQUIRED_DENYLIST_REGEX_TO_GROUP)
+    found = []
+    for number, line in enumerate(text.splitlines()):
+        if hit_regex and any(pattern.search(line) for pattern in denylist):
+            if any(_confirmed(plugin.analyze_string(line), line) for plugin in plugins):
+                found.append(number)
+                continue
+        if hit_keyword and _KEYWORD_HINT.search(line):
+            if _confirmed(keyword.analyze_string(line, denylist_regex_to_group=keyword_regexes), line):
+                found.append(number)
+    return found
+
+
+_EXTENSIONS = {"python": "py", "javascript": "js", "typescript": "ts", "go": "go", "java": "java", "rust": "rs",
+               "ruby": "rb", "php": "php", "c": "c", "cpp": "cpp", "yaml": "yaml", "shell": "sh"}
+
+
+def contains_secret(sample: Sample) -> bool:
+    return bool(find_secret_lines(sample.content, f"sample.{_EXTENSIONS.get(sample.language, 'txt')}"))
+
+
+# ------------------------------------------------------------------ licences
+
+HEADER_CHARS = 3000
+
+
+def license_pattern(families: list[str]) -> re.Pattern:
+    """SPDX identifiers (GPL-2.0-only, AGPL-3.0-or-later, LGPL-2.1+) and the usual header sentences."""
+    alternatives = []
+    for family in families:
+        family = family.strip().upper()
+        if not family:
+            continue
+        alternatives.append(rf"SPDX-License-Identifier:[^\n]*\b{re.escape(family)}-\d")
+        long_names = {
+            "GPL": r"GNU General Public License",
+            "AGPL": r"GNU Affero General Public License",
+            "LGPL": r"GNU (?:Lesser|Library) General Public License",
+        }
+        if family in long_names:
+            alternatives.append(long_names[family])
+        else:
+            alternatives.append(rf"\b{re.escape(family)}\b")
+    if not alternatives:
+        return re.compile(r"(?!x)x")
+    return re.compile("|".join(alternatives), re.IGNORECASE)
+
+
+# ------------------------------------------------------------------ malicious code
+
+DEFAULT_MALICIOUS_PATTERNS = (
+    r"bash\s+-i\s+>&\s*/dev/tcp/",                       # bash reverse shell
+    r"/dev/tcp/\d{1,3}(?:\.\d{1,3}){3}/\d+",
+    r"nc(?:at)?\s+(?:-\w+\s+)*-e\s+/bin/(?:ba)?sh",      # netcat reverse shell
+    r"socket\.socket\([^)]*\)[\s\S]{0,200}?os\.dup2\(",  # python reverse shell
+    r"pty\.spawn\(\s*['\"]/bin/(?:ba)?sh",
+    r"exec\(\s*(?:base64\.b64decode|zlib\.decompress|marshal\.loads)\(",  # obfuscated payload loaders
+    r"eval\(\s*(?:base64\.b64decode|atob)\(",
+    r"eval\(\s*compile\(\s*base64",
+    r"powershell(?:\.exe)?\s+[^\n]*-enc(?:odedcommand)?\s+[A-Za-z0-9+/=]{40,}",
+    r"(?:Login Data|Cookies|Local State)['\"][\s\S]{0,200}?(?:CryptUnprotectData|sqlite3\.connect)",  # browser credential stealers
+    r"\.ssh/id_(?:rsa|ed25519)['\"][\s\S]{0,300}?(?:requests\.post|urlopen|curl)",
+    r"curl\s+[^\n|]*\|\s*(?:sudo\s+)?(?:ba)?sh\b[^\n]*(?:\d{1,3}\.){3}\d{1,3}",
+)
+
+
+def malicious_pattern(extra_patterns: list[str]) -> re.Pattern:
+    return re.compile("|".join(f"(?:{pattern})" for pattern in (*DEFAULT_MALICIOUS_PATTERNS, *extra_patterns)), re.IGNORECASE)
+
+
+# ------------------------------------------------------------------ duplicates
+
+
+def content_hash(text: str) -> bytes:
+    """Hash of the content with line endings and trailing whitespace normalised; 16 bytes."""
+    normalized = "\n".join(line.rstrip() for line in text.strip().splitlines())
+    return hashlib.blake2b(normalized.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+class DuplicateStore:
+    """Hashes of everything trained before: a sorted file of 16-byte digests beside the state (16 MB per
+    million samples). New hashes are held in memory and appended only by commit(), after the adapter is saved,
+    so a failed run does not mark its samples as seen."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._known: set[bytes] = set()
+        self._pending: set[bytes] = set()
+        if path is not None and path.exists():
+            data = path.read_bytes()
+            self._known = {data[index : index + 16] for index in range(0, len(data) - len(data) % 16, 16)}
+
+    def seen(self, sample: Sample) -> bool:
+        digest = content_hash(sample.content)
+        if digest in self._known or digest in self._pending:
+            return True
+        self._pending.add(digest)
+        return False
+
+    def commit(self) -> None:
+        if self.path is None or not self._pending:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab") as handle:
+            handle.write(b"".join(sorted(self._pending)))
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._known |= self._pending
+        self._pending = set()
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+
+# ------------------------------------------------------------------ assembly
+
+
+def build_blockers(data: DataSettings, store_dir: Path | None) -> tuple[list[tuple[str, Blocker]], DuplicateStore]:
+    """The enabled filters, cheapest first; a duplicate is recorded only once every other filter passed it."""
+    blockers: list[tuple[str, Blocker]] = []
+    if data.block_license:
+        licence = license_pattern(data.blocked_licenses)
+        blockers.append(("license", lambda sample: licence.search(sample.content, 0, HEADER_CHARS) is not None))
+    if data.block_malicious:
+        malicious = malicious_pattern(data.malicious_patterns)
+        blockers.append(("malicious", lambda sample: malicious.search(sample.content) is not None))
+    if data.block_secrets:
+        blockers.append(("secrets", contains_secret))
+    store = DuplicateStore(store_dir / "trained-hashes.bin" if (store_dir is not None and data.block_duplicates) else None)
+    if data.block_duplicates:
+        blockers.append(("duplicates", store.seen))
+    return blockers, store
+
+
+BlockerFactory = Callable[[DataSettings, Path | None], tuple[list[tuple[str, Blocker]], DuplicateStore]]

@@ -1,0 +1,268 @@
+"""Every number the daemon reports goes through here, to two sinks that always agree:
+
+- a local JSON-lines file beside the state file (survives a W&B outage; read it with jq), and
+- a W&B run (online, offline or disabled), fed from a bounded queue by one worker thread, so a stalled
+  upload never blocks a training step.
+
+Only this module imports wandb, psutil and pynvml. Only metrics leave the machine: no artifacts, code,
+console output, git state, argv or data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@dataclass
+class WandbOptions:
+    mode: str  # online | offline | disabled
+    project: str
+    entity: str | None
+    group: str
+    directory: Path
+    init_timeout_s: float
+    finish_timeout_s: float
+
+
+def effective_wandb_mode(requested: str, enabled: bool) -> str:
+    """`online` with no API key degrades to `offline` (upload later with `wandb sync`), with one warning."""
+    if not enabled or requested == "disabled":
+        return "disabled"
+    if requested == "online" and not _have_wandb_credentials():
+        log.warning("W&B mode is online but no API key is configured: logging offline instead (upload later with `wandb sync`)")
+        return "offline"
+    return requested
+
+
+def _have_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text() or "wandb" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def wandb_settings_kwargs(options: WandbOptions) -> dict[str, Any]:
+    """Settings that keep everything but metrics on this machine."""
+    return {
+        "save_code": False,
+        "disable_code": True,
+        "disable_git": True,
+        "disable_job_creation": True,
+        "console": "off",
+        "x_save_requirements": False,
+        "x_disable_meta": True,  # no argv, hostname, program path
+        "x_disable_machine_info": True,
+        "x_disable_stats": True,  # system metrics are ours, under system/*
+        "init_timeout": options.init_timeout_s,
+        "silent": True,
+    }
+
+
+class MetricsRun:
+    """One training cycle's metrics: one JSON-lines stream plus one W&B run named run-<n>."""
+
+    def __init__(self, run_number: int, jsonl_path: Path, options: WandbOptions, config: dict[str, Any], queue_size: int = 10_000):
+        self.run_number = run_number
+        self.jsonl_path = jsonl_path
+        self.options = options
+        self.mode = options.mode
+        self.dropped = 0
+        self.last_step = 0
+        self.wandb_run = None
+        self.wandb_dir: Path | None = None
+        jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(jsonl_path, "a", encoding="utf-8")
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._worker: threading.Thread | None = None
+        if self.mode != "disabled":
+            self._start_wandb(config)
+        self._write_jsonl({"event": "start", "run": run_number, "wandb_mode": self.mode})
+
+    # -- W&B side
+
+    def _start_wandb(self, config: dict[str, Any]) -> None:
+        try:
+            import wandb
+
+            self.options.directory.mkdir(parents=True, exist_ok=True)
+            self.wandb_run = wandb.init(
+                project=self.options.project,
+                entity=self.options.entity,
+                group=self.options.group,
+                name=f"run-{self.run_number}",
+                job_type="continuous-training",
+                config=config,
+                mode=self.mode,
+                dir=str(self.options.directory),
+                reinit="create_new",
+                settings=wandb.Settings(**wandb_settings_kwargs(self.options)),
+            )
+            self.wandb_dir = Path(self.wandb_run.dir).parent
+        except Exception as error:  # W&B must never fail a training run
+            log.warning("W&B could not start (%s: %s); metrics go to %s only",
+                        type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "", self.jsonl_path)
+            self.mode = "disabled"
+            self.wandb_run = None
+            return
+        self._worker = threading.Thread(target=self._drain, name="wandb-log", daemon=True)
+        self._worker.start()
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            step, metrics = item
+            try:
+                self.wandb_run.log(metrics, step=step)
+            except Exception as error:
+                log.warning("W&B log failed (%s); continuing with the local file", type(error).__name__)
+
+    # -- the one entry point
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record metrics at a step of the trainer's global-step axis. Steps never go backwards."""
+        if not metrics:
+            return
+        step = max(int(step), self.last_step)
+        self.last_step = step
+        clean = {key: _plain_number(value) for key, value in metrics.items()}
+        self._write_jsonl({"run": self.run_number, "step": step, "time": time.time(), **clean})
+        if self._worker is not None:
+            try:
+                self._queue.put_nowait((step, clean))
+            except queue.Full:
+                self.dropped += 1
+
+    def update_config(self, values: dict[str, Any]) -> None:
+        self._write_jsonl({"event": "config", "run": self.run_number, **values})
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.config.update(values, allow_val_change=True)
+            except Exception as error:
+                log.warning("W&B config update failed (%s)", type(error).__name__)
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Flush and close; never blocks longer than the finish timeout."""
+        self._write_jsonl({"event": "finish", "run": self.run_number, "exit_code": exit_code, "dropped": self.dropped})
+        self._jsonl.close()
+        if self._worker is None:
+            return
+        self._queue.put(_STOP)
+        self._worker.join(self.options.finish_timeout_s)
+        closer = threading.Thread(target=self._close_wandb, args=(exit_code,), daemon=True)
+        closer.start()
+        closer.join(self.options.finish_timeout_s)
+        if closer.is_alive():
+            log.warning("W&B did not finish within %.0f s; the local metrics file is complete", self.options.finish_timeout_s)
+
+    def _close_wandb(self, exit_code: int) -> None:
+        try:
+            self.wandb_run.finish(exit_code=exit_code)
+        except Exception as error:
+            log.warning("W&B finish failed (%s)", type(error).__name__)
+
+    def _write_jsonl(self, record: dict[str, Any]) -> None:
+        try:
+            self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
+            self._jsonl.flush()
+        except (OSError, ValueError) as error:
+            log.warning("could not write the metrics file %s (%s)", self.jsonl_path, error)
+
+
+def _plain_number(value: Any) -> float | int:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    return float(value)
+
+
+# ---------------------------------------------------------------- system collector
+
+
+class SystemMonitor:
+    """CPU, RAM, disk and NVML GPU readings. Never blocks: cpu_percent is measured since the previous call."""
+
+    def __init__(self, disk_path: Path):
+        self.disk_path = disk_path
+        self._nvml_handles: list[Any] = []
+        self._nvml = None
+        psutil.cpu_percent(interval=None)  # primes the counter; the first real reading covers the interval since
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._nvml_handles = [pynvml.nvmlDeviceGetHandleByIndex(index) for index in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:  # no driver, no GPU: the GPU keys are simply absent
+            self._nvml = None
+
+    def read(self) -> dict[str, float]:
+        memory = psutil.virtual_memory()
+        metrics: dict[str, float] = {
+            "system/cpu_percent": psutil.cpu_percent(interval=None),
+            "system/cpu_count": psutil.cpu_count() or 0,
+            "system/memory_used_gb": (memory.total - memory.available) / 1e9,
+            "system/memory_available_gb": memory.available / 1e9,
+            "system/memory_percent": memory.percent,
+            "system/process_rss_gb": psutil.Process().memory_info().rss / 1e9,
+        }
+        disk_path = self.disk_path
+        while not disk_path.exists() and disk_path != disk_path.parent:
+            disk_path = disk_path.parent
+        disk = psutil.disk_usage(str(disk_path))
+        metrics.update({
+            "system/disk_used_gb": disk.used / 1e9,
+            "system/disk_free_gb": disk.free / 1e9,
+            "system/disk_percent": disk.percent,
+        })
+        if self._nvml is not None:
+            metrics.update(self._read_gpus())
+        return metrics
+
+    def _read_gpus(self) -> dict[str, float]:
+        nvml = self._nvml
+        metrics = {}
+        for index, handle in enumerate(self._nvml_handles):
+            prefix = f"system/gpu_{index}_"
+            try:
+                utilization = nvml.nvmlDeviceGetUtilizationRates(handle)
+                metrics[prefix + "utilization"] = utilization.gpu
+                metrics[prefix + "memory_utilization"] = utilization.memory
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                metrics[prefix + "memory_used_gb"] = memory.used / 1e9
+                metrics[prefix + "temperature_c"] = nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
+                metrics[prefix + "power_watts"] = nvml.nvmlDeviceGetPowerUsage(handle) / 1000
+            except Exception:
+                continue
+        return metrics
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:
+                pass
+
+
+def finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None

@@ -1,0 +1,30 @@
+"""Plain data that crosses module boundaries: a row as read from the table, and why rows were skipped."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One eligible row: only the columns the daemon is configured to read."""
+
+    id: int
+    content: str
+    language: str
+    quality: int
+
+
+@dataclass
+class FetchResult:
+    """What one fetch produced besides the samples themselves."""
+
+    # The highest id whose row was read and either yielded or skipped; the candidate watermark.
+    last_examined_id: int
+    skipped: Counter = field(default_factory=Counter)
+    # Ids that were missing below last_examined_id: possibly a transaction that has not committed yet.
+    new_gaps: list[int] = field(default_factory=list)
+    # Pending gap ids that have now appeared (they were read in this fetch).
+    filled_gaps: list[int] = field(default_factory=list)
+    rows_examined: int = 0

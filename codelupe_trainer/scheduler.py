@@ -1,0 +1,154 @@
+"""The daemon: an APScheduler interval job that runs each cycle in a child process.
+
+A child per cycle means a crash, a CUDA out-of-memory error or leaked GPU memory cannot take the daemon
+down, and every run starts with a clean GPU. The main thread is the liveness loop: it pings the systemd
+watchdog and writes the live status; if it is stuck, the pings stop and systemd restarts the service.
+Only this module installs signal handlers.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import threading
+
+from datetime import datetime, timedelta
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from .config import Settings
+from .state import load_state, record_failure
+from .status import write_live_status
+
+log = logging.getLogger(__name__)
+
+JOB_ID = "training-cycle"
+CHILD_EXIT_INTERRUPTED = 4
+BACKOFF_BASE_S = 30.0
+
+
+def _child_main(settings: Settings, force: bool) -> None:
+    """Runs in the child: honour SIGTERM at the next step boundary, report the outcome by exit code."""
+    import sys
+
+    from .cli import setup_logging
+    from .cycle import AlreadyRunning, run_cycle
+
+    setup_logging(settings)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        outcome = run_cycle(settings, force=force, should_stop=stop.is_set)
+    except AlreadyRunning as busy:
+        log.warning("%s", busy)
+        sys.exit(3)
+    except Exception as error:
+        log.error("cycle failed: %s: %s", type(error).__name__, error)
+        sys.exit(1)
+    log.info("cycle: %s: %s", outcome.status, outcome.message)
+    sys.exit(CHILD_EXIT_INTERRUPTED if outcome.status == "interrupted" else 0)
+
+
+def backoff_seconds(consecutive_failures: int, interval_s: float) -> float:
+    """30 s, 60 s, 120 s ... capped at the interval."""
+    if consecutive_failures <= 0:
+        return interval_s
+    return min(interval_s, BACKOFF_BASE_S * 2 ** (consecutive_failures - 1))
+
+
+class Daemon:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.stopping = threading.Event()
+        self.child: multiprocessing.Process | None = None
+        self.phase = "idle"
+        self.context = multiprocessing.get_context("spawn")
+        self.scheduler = BackgroundScheduler(job_defaults={
+            "max_instances": 1,
+            "coalesce": True,
+            "misfire_grace_time": int(settings.schedule.misfire_grace_minutes * 60),
+        })
+
+    @property
+    def interval_s(self) -> float:
+        return self.settings.schedule.interval_minutes * 60
+
+    def run_one_cycle(self) -> None:
+        if self.stopping.is_set():
+            return
+        self.phase = "training"
+        self.child = self.context.Process(target=_child_main, args=(self.settings, False), name="codelupe-cycle")
+        self.child.start()
+        self.child.join()
+        code = self.child.exitcode
+        self.child = None
+        self.phase = "idle"
+        if code == 0:
+            self._reschedule(self.interval_s)
+            return
+        if code == CHILD_EXIT_INTERRUPTED or self.stopping.is_set():
+            return
+        if code not in (1, 3):
+            # Killed by a signal or died without reporting (OOM killer, segfault): record it here.
+            record_failure(self.settings.paths.state_file, f"cycle process died with exit code {code}")
+        failures = load_state(self.settings.paths.state_file).consecutive_failures
+        delay = backoff_seconds(max(failures, 1), self.interval_s)
+        log.warning("cycle failed (exit %s, %d in a row); retrying in %.0f s", code, failures, delay)
+        self._reschedule(delay)
+
+    def _reschedule(self, delay_s: float) -> None:
+        job = self.scheduler.get_job(JOB_ID)
+        if job is not None and not self.stopping.is_set():
+            job.modify(next_run_time=datetime.now(job.next_run_time.tzinfo if job.next_run_time else None) + timedelta(seconds=delay_s))
+
+    def next_run(self) -> str | None:
+        job = self.scheduler.get_job(JOB_ID)
+        return job.next_run_time.isoformat() if job is not None and job.next_run_time else None
+
+    def request_stop(self, *_: object) -> None:
+        self.stopping.set()
+        child = self.child
+        if child is not None and child.is_alive():
+            child.terminate()  # SIGTERM: the child stops at the next step boundary
+
+    def serve(self, notify=None) -> int:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        self.scheduler.add_job(
+            self.run_one_cycle, IntervalTrigger(seconds=self.interval_s), id=JOB_ID,
+            next_run_time=datetime.now().astimezone(),
+        )
+        self.scheduler.start()
+        if notify:
+            notify("READY=1")
+        log.info("daemon started: a cycle every %.1f min", self.settings.schedule.interval_minutes)
+        while not self.stopping.wait(1.0):
+            if notify:
+                notify("WATCHDOG=1")
+            write_live_status(self.settings.paths.state_file, phase=self.phase, next_run=self.next_run())
+        if notify:
+            notify("STOPPING=1")
+        log.info("stopping: waiting for the running cycle to reach a step boundary")
+        self.scheduler.shutdown(wait=True)
+        write_live_status(self.settings.paths.state_file, phase="stopped", next_run=None)
+        return 0
+
+
+def systemd_notifier():
+    """A function sending sd_notify messages when run under systemd (NOTIFY_SOCKET set), else None."""
+    import os
+
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return None
+    import sdnotify
+
+    notifier = sdnotify.SystemdNotifier()
+    return notifier.notify
+
+
+def run_daemon(settings: Settings, config_path: str | None = None) -> int:
+    return Daemon(settings).serve(systemd_notifier())
+

@@ -1,0 +1,193 @@
+"""The PostgreSQL reader: checking the table, counting and streaming new samples. Never writes.
+
+Rows are read in keyset pages (`WHERE id > last ORDER BY id LIMIT n`) on an autocommit connection, so
+memory does not grow with the table and no transaction stays open between pages. The eligibility test
+runs on the server and only eligible rows carry their content over the wire; the others come back as
+(id, reason) so they can be counted as skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from psycopg import sql
+
+from .config import DataSettings, DatabaseSettings
+from .records import FetchResult, Sample
+
+# A hole in the ids wider than this is a deletion or a sequence jump, not a transaction in flight.
+MAX_GAP_WIDTH = 1000
+MAX_TRACKED_GAPS = 100_000
+
+
+class SourceError(Exception):
+    """The database cannot be read as configured; the message never contains the password."""
+
+
+@contextmanager
+def open_connection(database: DatabaseSettings) -> Iterator[psycopg.Connection]:
+    try:
+        connection = psycopg.connect(
+            database.url.get_secret_value(),
+            autocommit=True,
+            connect_timeout=database.connect_timeout_s,
+            application_name="codelupe-trainer",
+        )
+    except psycopg.Error as error:
+        raise SourceError(f"cannot connect to the database: {describe_database_error(error)}") from None
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+def describe_database_error(error: BaseException) -> str:
+    """The server's reason without the DSN (libpq messages can echo the connection string)."""
+    diagnostic = getattr(error, "diag", None)
+    primary = getattr(diagnostic, "message_primary", None) if diagnostic else None
+    text = primary or str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "password" in text.lower() and "=" in text:
+        return "authentication or connection-string error (details withheld: they may contain the password)"
+    return text
+
+
+def check_table(connection: psycopg.Connection, database: DatabaseSettings) -> None:
+    """Raise SourceError naming the missing table or columns."""
+    rows = connection.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = %s "
+        "AND table_schema = ANY(current_schemas(false))",
+        (database.table,),
+    ).fetchall()
+    if not rows:
+        raise SourceError(f"table {database.table!r} does not exist (database.table)")
+    present = {row[0] for row in rows}
+    wanted = {
+        "database.id_column": database.id_column,
+        "database.content_column": database.content_column,
+        "database.language_column": database.language_column,
+        "database.quality_column": database.quality_column,
+    }
+    missing = [f"{key}={column!r}" for key, column in wanted.items() if column not in present]
+    if missing:
+        raise SourceError(f"table {database.table!r} has no column {', '.join(missing)}")
+
+
+def _names(database: DatabaseSettings) -> dict[str, sql.Composable]:
+    return {
+        "table": sql.Identifier(database.table),
+        "id": sql.Identifier(database.id_column),
+        "content": sql.Identifier(database.content_column),
+        "language": sql.Identifier(database.language_column),
+        "quality": sql.Identifier(database.quality_column),
+    }
+
+
+def _skip_reason_sql(data: DataSettings) -> tuple[sql.Composable, dict]:
+    """A CASE expression giving NULL for an eligible row and the skip reason otherwise."""
+    conditions = [
+        ("null_content", "{content} IS NULL"),
+        ("empty_content", "btrim({content}) = ''"),
+        ("null_quality", "{quality} IS NULL"),
+        ("bad_quality", "{quality} < 0 OR {quality} > 100"),
+        ("low_quality", "{quality} < %(min_quality)s"),
+        ("null_language", "{language} IS NULL OR btrim({language}) = ''"),
+        ("too_short", "char_length({content}) < %(min_chars)s"),
+        ("too_long", "char_length({content}) > %(max_chars)s"),
+    ]
+    if data.languages:
+        conditions.append(("language", "NOT (lower({language}) = ANY(%(languages)s))"))
+    branches = " ".join(f"WHEN {condition} THEN '{reason}'" for reason, condition in conditions)
+    parameters = {
+        "min_quality": data.min_quality,
+        "min_chars": data.min_chars,
+        "max_chars": data.max_chars,
+        "languages": [language.lower() for language in data.languages],
+    }
+    return sql.SQL(f"CASE {branches} END"), parameters
+
+
+def count_new_samples(
+    connection: psycopg.Connection, database: DatabaseSettings, data: DataSettings, after_id: int,
+    pending_gaps: list[int] | None = None,
+) -> int:
+    """How many eligible rows lie past the watermark (or fill a known gap). An index on the id makes it cheap."""
+    reason, parameters = _skip_reason_sql(data)
+    query = sql.SQL(
+        "SELECT count(*) FROM {table} WHERE ({id} > %(after_id)s OR {id} = ANY(%(gaps)s)) AND (" + "{reason}" + ") IS NULL"
+    ).format(reason=reason.format(**_names(database)), **_names(database))
+    parameters.update(after_id=after_id, gaps=list(pending_gaps or []))
+    return connection.execute(query, parameters).fetchone()[0]
+
+
+def fetch_new_samples(
+    connection: psycopg.Connection,
+    database: DatabaseSettings,
+    data: DataSettings,
+    after_id: int,
+    result: FetchResult,
+    pending_gaps: list[int] | None = None,
+    limit: int | None = None,
+) -> Iterator[Sample]:
+    """Yield eligible rows past `after_id` (and rows that filled a pending gap), in id order, page by page.
+
+    Skipped rows and the ids missing between the rows read are recorded in `result` as the stream goes.
+    At most `limit` samples are yielded (default: data.max_samples_per_run).
+    """
+    names = _names(database)
+    reason, parameters = _skip_reason_sql(data)
+    reason_sql = reason.format(**names)
+    select = sql.SQL(
+        "SELECT {id}, {reason} AS skip, CASE WHEN ({reason}) IS NULL THEN {content} END, {language}, {quality} "
+        "FROM {table} "
+    ).format(reason=reason_sql, **names)
+    remaining = data.max_samples_per_run if limit is None else limit
+    result.last_examined_id = after_id
+
+    if pending_gaps:
+        rows = connection.execute(
+            select + sql.SQL("WHERE {id} = ANY(%(gaps)s) ORDER BY {id}").format(**names),
+            {**parameters, "gaps": list(pending_gaps)},
+        ).fetchall()
+        for row in rows:
+            result.filled_gaps.append(row[0])
+            sample = _classify(row, result)
+            if sample is not None:
+                remaining -= 1
+                yield sample
+
+    page_query = select + sql.SQL("WHERE {id} > %(after_id)s ORDER BY {id} LIMIT %(page_size)s").format(**names)
+    last_id = after_id
+    while remaining > 0:
+        rows = connection.execute(
+            page_query, {**parameters, "after_id": last_id, "page_size": min(database.page_size, max(remaining, 1) * 2)}
+        ).fetchall()
+        if not rows:
+            return
+        for row in rows:
+            row_id = row[0]
+            _record_gap(last_id, row_id, result)
+            last_id = row_id
+            sample = _classify(row, result)
+            result.last_examined_id = row_id
+            if sample is not None:
+                remaining -= 1
+                yield sample
+                if remaining == 0:
+                    return
+
+
+def _record_gap(previous_id: int, row_id: int, result: FetchResult) -> None:
+    width = row_id - previous_id - 1
+    if 0 < width <= MAX_GAP_WIDTH and len(result.new_gaps) < MAX_TRACKED_GAPS:
+        result.new_gaps.extend(range(previous_id + 1, row_id))
+
+
+def _classify(row: tuple, result: FetchResult) -> Sample | None:
+    row_id, skip_reason, content, language, quality = row
+    result.rows_examined += 1
+    if skip_reason is not None:
+        result.skipped[skip_reason] += 1
+        return None
+    return Sample(id=row_id, content=content, language=str(language).strip().lower(), quality=int(quality))

@@ -1,0 +1,85 @@
+"""The persisted state file: what has been trained, by which run, and how the daemon is doing.
+
+The file is only ever replaced whole (temporary file, fsync, rename, fsync of the folder), so a crash
+at any moment leaves either the old or the new version, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrainerState:
+    total_training_runs: int = 0
+    last_trained_id: int = 0
+    total_samples_trained: int = 0
+    first_started_at: float = field(default_factory=time.time)
+    uptime_seconds: float = 0.0
+    consecutive_failures: int = 0
+    total_failures: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+    last_run: dict[str, Any] | None = None
+    latest_adapter: str | None = None
+    # Ids below last_trained_id that were missing when it advanced (a transaction still in flight),
+    # mapped to the time they were first seen missing; picked up when they commit, dropped after a while.
+    pending_gaps: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def uptime_hours(self) -> float:
+        return self.uptime_seconds / 3600.0
+
+
+def load_state(path: Path) -> TrainerState:
+    if not path.exists():
+        return TrainerState()
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    known = {name for name in TrainerState.__dataclass_fields__}
+    return TrainerState(**{key: value for key, value in raw.items() if key in known})
+
+
+def save_state(state: TrainerState, path: Path) -> None:
+    write_json_atomically(asdict(state), path)
+
+
+def write_json_atomically(value: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            json.dump(value, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def record_failure(path: Path, error: BaseException | str, uptime_seconds: float = 0.0) -> TrainerState:
+    """A failed cycle changes nothing but the failure counters and the last error."""
+    state = load_state(path)
+    state.consecutive_failures += 1
+    state.total_failures += 1
+    state.last_error = str(error)[:500]
+    state.last_error_at = time.time()
+    state.uptime_seconds += uptime_seconds
+    save_state(state, path)
+    return state

@@ -1,0 +1,36 @@
+"""The daemon's live status (phase, progress, next run) in a small JSON file beside the state.
+
+Separate from the state file on purpose: it changes every few seconds and may be lost at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .state import write_json_atomically
+
+
+def live_status_path(state_file: Path) -> Path:
+    return state_file.parent / "daemon-status.json"
+
+
+def write_live_status(state_file: Path, **fields: Any) -> None:
+    write_json_atomically({"pid": os.getpid(), "updated_at": time.time(), **fields}, live_status_path(state_file))
+
+
+def read_live_status(state_file: Path) -> dict[str, Any] | None:
+    """The daemon's last report, or None when no daemon is alive to have written it."""
+    path = live_status_path(state_file)
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(int(status.get("pid", -1)), 0)
+    except (OSError, ValueError):
+        return None
+    return status
