@@ -61,8 +61,10 @@ def setup_logging(settings: Settings | None, verbose: bool = False) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     if settings is not None:
         handler.addFilter(RedactingFilter(secrets_of(settings)))
+    handler._codelupe = True  # replaced, not stacked, when set up again in the same process
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [existing for existing in root.handlers if not getattr(existing, "_codelupe", False)]
+    root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("httpx", "urllib3", "wandb", "filelock", "apscheduler.executors.default"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -183,7 +183,7 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
                 model, tokenizer, dataset.train_blocks, dataset.eval_blocks, settings.training, Path(scratch),
                 metrics, Frequencies(settings.metrics.system_every_steps, settings.metrics.gradient_metrics_every_steps,
                                      settings.metrics.per_layer_sample),
-                should_stop, monitor.read, settings.data.seed, device,
+                should_stop, monitor.read, settings.data.seed, device, quantized=quantization != "none",
             )
         adapter_path = save_adapter(model, settings.paths.output_dir, run_number)
         duplicate_store.commit()

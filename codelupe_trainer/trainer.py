@@ -500,6 +500,7 @@ def train_adapter(
     system_metrics: Callable[[], dict[str, float]],
     seed: int,
     device: str,
+    quantized: bool = False,
 ) -> TrainingResult:
     """Train the adapter in place (fresh optimizer and schedule each cycle) and evaluate it."""
     collator = PackedCollator(tokenizer.pad_token_id)
@@ -516,7 +517,9 @@ def train_adapter(
     callback = ReportingCallback(reporter, trainer, collator, frequencies, should_stop, system_metrics)
     trainer.add_callback(callback)
     initial_eval_loss = None
-    if eval_blocks:
+    # bitsandbytes on CPU repacks 4-bit weights for inference the first time a layer runs in eval mode, and
+    # the repacked path cannot train afterwards; there the loss before training is not measured.
+    if eval_blocks and not (quantized and device == "cpu"):
         initial_eval_loss = float(trainer.evaluate(metric_key_prefix="initial")["initial_loss"])
     started = time.perf_counter()
     output = trainer.train()

@@ -1,0 +1,136 @@
+"""End to end: rows in a real PostgreSQL table -> run-once -> a saved, loadable, continued LoRA adapter."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import psycopg
+import pytest
+import torch
+from conftest import TEST_PASSWORD, insert_stdlib_rows
+from safetensors.torch import load_file
+
+from codelupe_trainer.cli import main
+from codelupe_trainer.config import load_settings
+from codelupe_trainer.state import load_state
+
+pytestmark = pytest.mark.slow
+
+
+def eligible_ids(url: str) -> list[int]:
+    with psycopg.connect(url) as connection:
+        return [row[0] for row in connection.execute(
+            "SELECT id FROM processed_files WHERE quality_score >= 70 AND char_length(content) BETWEEN 50 AND 8000 ORDER BY id"
+        )]
+
+
+def max_id(url: str) -> int:
+    with psycopg.connect(url) as connection:
+        return connection.execute("SELECT max(id) FROM processed_files").fetchone()[0]
+
+
+def adapter_tensors(path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_run_once_trains_then_continues_from_the_adapter(crawler_table, tmp_path, tiny_model, make_settings, capsys, caplog):
+    from transformers import AutoModelForCausalLM
+
+    url = crawler_table
+    insert_stdlib_rows(url, start=0, count=120)
+    settings = make_settings(url)
+    config = str(tmp_path / "codelupe.toml")
+    caplog.set_level(logging.INFO)
+
+    assert main(["run-once", "--config", config]) == 0
+    state = load_state(settings.paths.state_file)
+    ids = eligible_ids(url)
+    assert state.total_training_runs == 1
+    assert state.last_trained_id == ids[-1]
+    assert state.total_samples_trained == len(ids)
+    assert state.last_run["eval_loss"] is not None and state.last_run["eval_loss"] == pytest.approx(state.last_run["eval_loss"])
+    assert torch.isfinite(torch.tensor(state.last_run["eval_loss"]))
+    first_adapter = settings.paths.output_dir / "run-000001"
+    assert (settings.paths.output_dir / "latest").resolve() == first_adapter.resolve()
+
+    # LoRA weights changed from their initialisation (B starts at zero); base weights did not.
+    from peft import PeftModel
+
+    base_before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(first_adapter))
+    lora_b = [tensor for name, tensor in adapter_tensors(first_adapter).items() if "lora_B" in name]
+    assert lora_b and all(tensor.abs().sum() > 0 for tensor in lora_b)
+    for name, tensor in loaded.get_base_model().state_dict().items():
+        if "lora" not in name and "base_layer" not in name and name in base_before:
+            assert torch.equal(tensor, base_before[name]), name
+    for name, tensor in loaded.get_base_model().state_dict().items():
+        if "base_layer" in name:
+            assert torch.equal(tensor, base_before[name.replace(".base_layer", "")]), name
+
+    # A second run with no new rows trains nothing and changes nothing.
+    before = settings.paths.state_file.read_text()
+    assert main(["run-once", "--config", config, "--force"]) == 0
+    assert "0 eligible new samples" in capsys.readouterr().out
+    assert json.loads(settings.paths.state_file.read_text()) == json.loads(before)
+
+    # New rows: the next run trains only those, starting from the previous adapter.
+    insert_stdlib_rows(url, start=300, count=60, repo="more")
+    new_ids = [row_id for row_id in eligible_ids(url) if row_id > state.last_trained_id]
+    assert main(["run-once", "--config", config]) == 0
+    second = load_state(settings.paths.state_file)
+    assert second.total_training_runs == 2
+    assert second.last_run["samples_trained"] == len(new_ids)
+    assert second.total_samples_trained == len(ids) + len(new_ids)
+    # Every new row was examined: trained, or skipped and counted; the watermark covers them all.
+    assert second.last_trained_id == max_id(url) >= new_ids[-1]
+    assert sum(second.last_run["skipped"].values()) + second.last_run["samples_trained"] == 60
+    assert second.last_run["continued_from"] == str(first_adapter)
+    assert (settings.paths.output_dir / "latest").resolve() == (settings.paths.output_dir / "run-000002").resolve()
+    # Continuing means starting from run 1's weights: run 2's adapter moved away from them, not from zero.
+    first, second_tensors = adapter_tensors(first_adapter), adapter_tensors(settings.paths.output_dir / "run-000002")
+    lora_a_first = {name: tensor for name, tensor in first.items() if "lora_A" in name}
+    distance_from_first = sum((second_tensors[name] - tensor).norm() for name, tensor in lora_a_first.items())
+    assert 0 < distance_from_first < sum(tensor.norm() for tensor in lora_a_first.values())
+
+    # The password never reaches the logs, the state file or show-config.
+    assert main(["show-config", "--config", config]) == 0
+    shown = capsys.readouterr().out
+    assert TEST_PASSWORD not in shown and "***" in shown
+    assert TEST_PASSWORD not in caplog.text
+    assert TEST_PASSWORD not in settings.paths.state_file.read_text()
+    assert TEST_PASSWORD not in (tmp_path / "metrics.jsonl").read_text()
+
+
+def test_run_once_waits_for_enough_rows(crawler_table, make_settings, tmp_path, capsys):
+    insert_stdlib_rows(crawler_table, start=0, count=5)
+    settings = make_settings(crawler_table, extra="[schedule]\nmin_new_samples = 1000")
+    assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 0
+    assert "waiting for 1000" in capsys.readouterr().out
+    assert not settings.paths.state_file.exists()
+
+
+def test_missing_table_is_one_clear_error(db_url, make_settings, tmp_path, caplog):
+    make_settings(db_url)
+    assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 1
+    messages = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert any("table 'processed_files' does not exist" in message for message in messages)
+    assert TEST_PASSWORD not in caplog.text
+    state = load_state(load_settings(tmp_path / "codelupe.toml").paths.state_file)
+    assert state.consecutive_failures == 1 and "does not exist" in state.last_error
+    assert state.last_trained_id == 0
+
+
+def test_four_bit_quantized_training_runs_on_cpu(crawler_table, make_settings, tmp_path, tiny_model):
+    """bitsandbytes 0.50 runs NF4 layers on the CPU: the quantized path really trains here."""
+    insert_stdlib_rows(crawler_table, start=0, count=40)
+    settings = make_settings(crawler_table, extra=(
+        f'[model]\nbase_model = "{tiny_model}"\n'
+        'quantization = "4bit"\nlora_r = 4\nlora_alpha = 8\nlora_dropout = 0.0\n'
+        '[training]\nbatch_size = 4\nmax_steps = 2\nlogging_steps = 1\ngradient_checkpointing = false\n'
+    ))
+    assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 0
+    state = load_state(settings.paths.state_file)
+    assert state.last_run["quantization"] == "4bit"
+    assert state.total_training_runs == 1
+    assert (settings.paths.output_dir / "run-000001" / "adapter_model.safetensors").exists()
