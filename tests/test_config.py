@@ -1,0 +1,97 @@
+"""Configuration: every shipped file loads, the environment wins, bad input is one line naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from codelupe_trainer.cli import main
+from codelupe_trainer.config import ConfigError, load_settings, public_settings, redact_url
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.toml")), ids=lambda path: path.name)
+def test_every_shipped_config_loads_and_env_overrides_apply(path, monkeypatch):
+    settings = load_settings(path)
+    assert settings.model.lora_alpha >= settings.model.lora_r
+    monkeypatch.setenv("CODELUPE_DATABASE__URL", "postgresql://trainer:pw123@db.internal:5432/code")
+    monkeypatch.setenv("CODELUPE_SCHEDULE__MIN_NEW_SAMPLES", "7")
+    monkeypatch.setenv("CODELUPE_DATA__LANGUAGES", '["python", "go"]')
+    overridden = load_settings(path)
+    assert overridden.schedule.min_new_samples == 7
+    assert overridden.data.languages == ["python", "go"]
+    assert overridden.database.url.get_secret_value().endswith("db.internal:5432/code")
+    assert overridden.schedule.interval_minutes == settings.schedule.interval_minutes
+
+
+def test_production_config_matches_the_5090_plan():
+    settings = load_settings(CONFIG_DIR / "codelupe.toml")
+    assert settings.model.base_model == "Qwen/Qwen2.5-Coder-7B-Instruct"
+    assert settings.model.quantization == "auto"
+    assert settings.data.max_length == 2048
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ("[data]\nmin_qualty = 70\n", "data.min_qualty: unknown key"),
+        ("[training]\nbatch_size = \"four\"\n", "training.batch_size: Input should be a valid integer"),
+        ("[data]\nmin_quality = 170\n", "data.min_quality: Input should be less than or equal to 100"),
+        ("[databse]\nurl = \"x\"\n", "unknown section [databse]"),
+        ("[wandb]\nmode = \"sometimes\"\n", "wandb.mode: Input should be 'online', 'offline' or 'disabled'"),
+        ("[data\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_is_one_line_that_names_the_key(tmp_path, toml, expected):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+    message = str(raised.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_bad_config_exits_2_with_the_key_named(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text("[schedule]\ninterval_minutes = -5\n")
+    assert main(["status", "--config", str(path)]) == 2
+    assert "schedule.interval_minutes" in capsys.readouterr().err
+
+
+def test_wrong_type_for_the_url_never_echoes_it(tmp_path, monkeypatch):
+    path = tmp_path / "c.toml"
+    path.write_text('[database]\nurl = 12345\n')
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+    assert "database.url" in str(raised.value) and "12345" not in str(raised.value)
+
+
+def test_wandb_log_model_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_LOG_MODEL", "checkpoint")
+    with pytest.raises(ConfigError, match="WANDB_LOG_MODEL"):
+        load_settings(None)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u:hunter22@h:5432/d", "postgresql://u:***@h:5432/d"),
+        ("postgresql://u@h/d?password=hunter22&sslmode=require", "postgresql://u@h/d?password=***&sslmode=require"),
+        ("postgresql://u@h/d", "postgresql://u@h/d"),
+    ],
+)
+def test_redact_url(url, shown):
+    assert redact_url(url) == shown
+
+
+def test_show_config_redacts_every_secret(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CODELUPE_DATABASE__URL", "postgresql://trainer:hunter22@db:5432/code")
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-key-abcdef123456")
+    assert main(["show-config", "--config", str(CONFIG_DIR / "codelupe.toml")]) == 0
+    output = capsys.readouterr().out
+    assert "hunter22" not in output and "wandb-key-abcdef123456" not in output
+    assert "postgresql://trainer:***@db:5432/code" in output
+    assert public_settings(load_settings(CONFIG_DIR / "codelupe.toml"))["database"]["url"].startswith("postgresql://")

