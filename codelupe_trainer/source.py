@@ -88,11 +88,11 @@ def _skip_reason_sql(data: DataSettings) -> tuple[sql.Composable, dict]:
     """A CASE expression giving NULL for an eligible row and the skip reason otherwise."""
     conditions = [
         ("null_content", "{content} IS NULL"),
-        ("empty_content", "btrim({content}) = ''"),
+        ("empty_content", "{content} !~ '[^[:space:]]'"),
         ("null_quality", "{quality} IS NULL"),
         ("bad_quality", "{quality} < 0 OR {quality} > 100"),
         ("low_quality", "{quality} < %(min_quality)s"),
-        ("null_language", "{language} IS NULL OR btrim({language}) = ''"),
+        ("null_language", "{language} IS NULL OR {language} !~ '[^[:space:]]'"),
         ("too_short", "char_length({content}) < %(min_chars)s"),
         ("too_long", "char_length({content}) > %(max_chars)s"),
     ]

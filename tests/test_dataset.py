@@ -1,0 +1,129 @@
+"""The dataset phase as plain functions: splitting, packing, statistics, and arbitrary rows."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+
+from codelupe_trainer.dataset import (
+    IGNORE_INDEX,
+    Block,
+    TokenizedSample,
+    build_dataset,
+    is_eval_sample,
+    pack_best_fit,
+)
+from codelupe_trainer.filters import build_blockers
+from codelupe_trainer.config import DataSettings
+from codelupe_trainer.records import Sample
+
+
+class CharTokenizer:
+    """One token per character (ids 1..255), EOS 0: enough to test packing arithmetic exactly."""
+
+    eos_token_id = 0
+
+    def __call__(self, texts, **kwargs):
+        return {"input_ids": [[min(ord(char), 255) or 1 for char in text] for text in texts]}
+
+
+def sequence(sample_id: int, length: int) -> TokenizedSample:
+    ids = list(range(1, length + 1))
+    return TokenizedSample(sample_id, ids, ids)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "max_length", "expected_blocks"),
+    [
+        ([10, 10, 10], 30, 1),
+        ([20, 15, 10, 5], 25, 2),   # 20+5, 15+10
+        ([25, 25], 25, 2),
+        ([7] * 10, 16, 5),
+    ],
+)
+def test_best_fit_packs_every_token_into_few_blocks(lengths, max_length, expected_blocks):
+    blocks = pack_best_fit([sequence(index, length) for index, length in enumerate(lengths)], max_length)
+    assert len(blocks) == expected_blocks
+    assert sum(len(block) for block in blocks) == sum(lengths)
+    assert all(len(block) <= max_length for block in blocks)
+
+
+def test_block_positions_restart_and_boundaries_carry_no_label():
+    block = Block()
+    block.add(sequence(1, 3))
+    block.add(sequence(2, 2))
+    assert block.position_ids == [0, 1, 2, 0, 1]
+    assert block.labels == [IGNORE_INDEX, 2, 3, IGNORE_INDEX, 2]
+
+
+def test_split_is_stable_by_id_and_near_the_fraction():
+    flags = [is_eval_sample(sample_id, seed=7, eval_fraction=0.1) for sample_id in range(20_000)]
+    assert flags == [is_eval_sample(sample_id, seed=7, eval_fraction=0.1) for sample_id in range(20_000)]
+    assert 0.09 < sum(flags) / len(flags) < 0.11
+    assert not any(is_eval_sample(sample_id, seed=7, eval_fraction=0.0) for sample_id in range(100))
+
+
+def test_long_samples_are_split_not_dropped():
+    built = build_dataset([Sample(1, "x" * 100, "python", 80)], CharTokenizer(), max_length=32, eval_fraction=0.0, seed=0)
+    formatted_length = len("<|lang:python|>\n") + 100 + 1
+    assert built.token_counts == [formatted_length]
+    assert sum(len(block) for block in built.train_blocks) == formatted_length
+
+
+def test_statistics_come_from_the_one_tokenization():
+    samples = [Sample(index, "a" * (10 * index + 50), "python" if index % 2 else "go", 70 + index) for index in range(1, 9)]
+    built = build_dataset(samples, CharTokenizer(), max_length=256, eval_fraction=0.0, seed=0)
+    longest_header = len("<|lang:go|>\n") + 1  # sample 8 is the longest, and even ids are "go"
+    assert built.dataset_metrics["dataset/max_tokens"] == 10 * 8 + 50 + longest_header
+    assert built.data_metrics["data/language_go"] == 4
+    assert built.data_metrics["data/language_python_percent"] == 50.0
+    assert built.data_metrics["data/avg_quality_score"] == pytest.approx(74.5)
+    assert built.dataset_metrics["dataset/real_token_fraction"] == pytest.approx(sum(built.token_counts) / (256 * len(built.train_blocks)))
+
+
+rows = st.builds(
+    Sample,
+    id=st.integers(min_value=1, max_value=10**9),
+    content=st.text(min_size=0, max_size=400),
+    language=st.sampled_from(["python", "go", "", "ünïcode", "x" * 50]),
+    quality=st.integers(min_value=-5, max_value=200),
+)
+
+
+@hypothesis_settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(rows, max_size=30, unique_by=lambda sample: sample.id))
+def test_arbitrary_rows_never_raise_and_every_row_is_accounted_for(samples):
+    blockers, _ = build_blockers(DataSettings(), None)
+    built = build_dataset(samples, CharTokenizer(), max_length=64, eval_fraction=0.2, seed=1, blockers=blockers)
+    blocked = built.data_metrics["data/blocked_total"]
+    assert built.total_samples + blocked == len(samples)
+    assert set(built.sample_ids) <= {sample.id for sample in samples}
+    for block in built.train_blocks + built.eval_blocks:
+        assert len(block) <= 64
+        assert len(block.input_ids) == len(block.labels) == len(block.position_ids)
+
+
+def test_packed_samples_do_not_attend_to_each_other(tiny_model):
+    """The logits of a sample packed after another equal those of the same sample alone."""
+    from transformers import AutoModelForCausalLM
+
+    from codelupe_trainer.trainer import PackedCollator
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa").eval()
+    model.config.use_cache = False
+    first, second = sequence(1, 40), TokenizedSample(2, [5, 9, 13, 200, 77, 31, 8, 2, 99, 14], [5, 9, 13, 200, 77, 31, 8, 2, 99, 14])
+    block = Block()
+    block.add(first)
+    block.add(second)
+    alone = Block()
+    alone.add(second)
+    collate = PackedCollator(pad_token_id=0)
+    with torch.no_grad():
+        packed_logits = model(**{k: v for k, v in collate([block.as_features()]).items() if k != "labels"}).logits[0, 40:]
+        alone_logits = model(**{k: v for k, v in collate([alone.as_features()]).items() if k != "labels"}).logits[0]
+        leaked = model(input_ids=torch.tensor([block.input_ids])).logits[0, 40:]
+    assert torch.allclose(packed_logits, alone_logits, atol=1e-5)
+    assert not torch.allclose(leaked, alone_logits, atol=1e-3), "control: without restarting positions they differ"

@@ -1,0 +1,123 @@
+"""The PostgreSQL reader against a real server: skipped rows counted, keyset pages, late commits not skipped."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from codelupe_trainer.config import DatabaseSettings, DataSettings
+from codelupe_trainer.cycle import advance_state, expire_gaps
+from codelupe_trainer.records import FetchResult
+from codelupe_trainer.source import SourceError, check_table, count_new_samples, fetch_new_samples, open_connection
+from codelupe_trainer.state import TrainerState
+
+GOOD = "def f(x):\n    return x + 1\n" * 4
+
+# A user table with other column names, and the NULLs the crawler's NOT NULLs would not allow.
+CREATE_LOOSE = "CREATE TABLE snippets (sid bigserial PRIMARY KEY, body text, lang text, score int)"
+LOOSE_ROWS = [
+    (GOOD, "Python", 90),            # passes (language is lower-cased)
+    (None, "python", 90),            # null_content
+    ("   \n\t  ", "python", 90),     # empty_content
+    (GOOD, "python", None),          # null_quality
+    (GOOD, "python", 250),           # bad_quality
+    (GOOD, "python", 10),            # low_quality
+    (GOOD, None, 90),                # null_language
+    ("x = 1", "python", 90),         # too_short
+    ("y" * 9000, "python", 90),      # too_long
+    (GOOD + "# \u202e\u0000\U0001f600 tail", "python", 90),  # unicode oddities, NUL is stripped below
+    ("a" * 50, "python", 90),        # exactly min_chars: passes
+    ("b" * 8000, "python", 90),      # exactly max_chars: passes
+    (("z" * 3000 + "\n") * 2, "python", 90),  # very long lines: passes
+]
+
+
+@pytest.fixture
+def loose_table(db_url):
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        connection.execute(CREATE_LOOSE)
+        for body, lang, score in LOOSE_ROWS:
+            connection.execute("INSERT INTO snippets (body, lang, score) VALUES (%s, %s, %s)",
+                               (body.replace("\u0000", "") if body else body, lang, score))
+    return DatabaseSettings(url=db_url, table="snippets", id_column="sid", content_column="body",
+                            language_column="lang", quality_column="score", page_size=3)
+
+
+def fetch_all(database, data, after_id=0, gaps=None, limit=None):
+    result = FetchResult(last_examined_id=after_id)
+    with open_connection(database) as connection:
+        samples = list(fetch_new_samples(connection, database, data, after_id, result, gaps, limit))
+    return samples, result
+
+
+def test_bad_rows_are_skipped_and_counted_by_reason(loose_table):
+    samples, result = fetch_all(loose_table, DataSettings())
+    assert [sample.id for sample in samples] == [1, 10, 11, 12, 13]
+    assert samples[0].language == "python"
+    assert dict(result.skipped) == {
+        "null_content": 1, "empty_content": 1, "null_quality": 1, "bad_quality": 1, "low_quality": 1,
+        "null_language": 1, "too_short": 1, "too_long": 1,
+    }
+    assert result.rows_examined == len(LOOSE_ROWS)
+    assert result.last_examined_id == len(LOOSE_ROWS)
+    with open_connection(loose_table) as connection:
+        assert count_new_samples(connection, loose_table, DataSettings(), 0) == 5
+
+
+def test_language_filter_and_limit(loose_table):
+    samples, _ = fetch_all(loose_table, DataSettings(languages=["go"]))
+    assert samples == []
+    samples, result = fetch_all(loose_table, DataSettings(), limit=2)
+    assert [sample.id for sample in samples] == [1, 10]
+    assert result.last_examined_id == 10  # rows past the limit stay for the next run
+
+
+def test_missing_columns_are_named(loose_table):
+    broken = loose_table.model_copy(update={"quality_column": "quality_score"})
+    with open_connection(broken) as connection, pytest.raises(SourceError, match="database.quality_column='quality_score'"):
+        check_table(connection, broken)
+
+
+def test_unreachable_database_error_hides_the_password():
+    database = DatabaseSettings(url="postgresql://u:TopSecret99@127.0.0.1:1/d", connect_timeout_s=1)
+    with pytest.raises(SourceError) as raised:
+        with open_connection(database):
+            pass
+    assert "TopSecret99" not in str(raised.value)
+    assert "cannot connect" in str(raised.value)
+
+
+def test_a_row_committed_late_below_the_watermark_is_not_skipped(crawler_table):
+    """Transaction A takes id 2 and stays open while B commits ids 3 and 4: the watermark passes 2,
+    but 2 is remembered as a gap and trained once A commits."""
+    database = DatabaseSettings(url=crawler_table, page_size=100)
+    data = DataSettings(min_quality=0)
+    insert = ("INSERT INTO processed_files (relative_path, content, language, lines, size, hash, repo_name, quality_score)"
+              " VALUES (%s, %s, 'python', 4, 100, %s, 'r', 80)")
+    with psycopg.connect(crawler_table, autocommit=True) as committed:
+        committed.execute(insert, ("a.py", GOOD + "#1", "h1"))
+    slow = psycopg.connect(crawler_table)  # not autocommit: its transaction stays open
+    slow.execute(insert, ("b.py", GOOD + "#2", "h2"))
+    with psycopg.connect(crawler_table, autocommit=True) as committed:
+        committed.execute(insert, ("c.py", GOOD + "#3", "h3"))
+        committed.execute(insert, ("d.py", GOOD + "#4", "h4"))
+
+    samples, result = fetch_all(database, data)
+    assert [sample.id for sample in samples] == [1, 3, 4]
+    state = advance_state(TrainerState(), result, len(samples), adapter_path=None, summary=None)
+    assert state.last_trained_id == 4 and list(state.pending_gaps) == ["2"]
+
+    slow.commit()
+    slow.close()
+    gaps = [int(gap) for gap in state.pending_gaps]
+    with open_connection(database) as connection:
+        assert count_new_samples(connection, database, data, state.last_trained_id, gaps) == 1
+    samples, result = fetch_all(database, data, after_id=state.last_trained_id, gaps=gaps)
+    assert [sample.id for sample in samples] == [2]
+    state = advance_state(state, result, len(samples), adapter_path=None, summary=None)
+    assert state.pending_gaps == {} and state.last_trained_id == 4
+
+
+def test_gaps_expire_after_the_commit_lag_window():
+    state = TrainerState(pending_gaps={"5": 1000.0, "6": 5000.0})
+    assert list(expire_gaps(state, max_age_minutes=60, now=5000.0 + 60).pending_gaps) == ["6"]
