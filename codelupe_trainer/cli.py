@@ -122,7 +122,7 @@ def command_show_config(settings: Settings, arguments) -> int:
 
 def command_status(settings: Settings, arguments) -> int:
     from .state import load_state
-    from .status import read_live_status
+    from .status import read_cycle_progress, read_live_status
 
     state = load_state(settings.paths.state_file)
     view = {
@@ -140,6 +140,7 @@ def command_status(settings: Settings, arguments) -> int:
         "last_run": state.last_run,
         "pending_gaps": len(state.pending_gaps),
         "live": read_live_status(settings.paths.state_file),
+        "cycle": read_cycle_progress(settings.paths.state_file),
     }
     if arguments.json:
         print(json.dumps(view, indent=2))
@@ -156,11 +157,14 @@ def command_status(settings: Settings, arguments) -> int:
     if state.last_run:
         print(f"last run:              run {state.last_run.get('run_number')}, {state.last_run.get('samples_trained')} samples, "
               f"eval loss {state.last_run.get('eval_loss')}")
-    live = view["live"]
+    live, cycle = view["live"], view["cycle"]
     if live:
         print(f"daemon:                {live.get('phase')} (pid {live.get('pid')}), next run {live.get('next_run') or '-'}")
-        if live.get("progress") is not None:
-            print(f"progress:              {live['progress']}")
+    else:
+        print("daemon:                not running")
+    if cycle:
+        details = ", ".join(f"{key} {value}" for key, value in cycle.items() if key not in ("pid", "phase", "updated_at"))
+        print(f"running cycle:         {cycle['phase']} ({details})")
     return EXIT_OK
 
 

@@ -113,6 +113,7 @@ class WandbSettings(Section):
     group: str = Field("codelupe-continuous", description="All runs of one daemon share this W&B group.")
     init_timeout_s: float = Field(30.0, gt=0)
     finish_timeout_s: float = Field(30.0, gt=0)
+    keep_offline_days: float = Field(14.0, gt=0, description="Offline run folders older than this (or synced) are removed.")
 
 
 class PathsSettings(Section):

@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from . import filters
+from .faults import crash_point
 from .config import Settings
 from .dataset import BuiltDataset, build_dataset
 from .metrics import MetricsRun, SystemMonitor, WandbOptions, effective_wandb_mode
 from .records import FetchResult
+from .retention import prune_adapters, prune_wandb_runs
 from .source import check_table, count_new_samples, fetch_new_samples, open_connection
 from .state import TrainerState, load_state, record_failure, save_state
+from .status import write_cycle_progress
 from .trainer import (
     Frequencies,
     TrainingInterrupted,
@@ -133,12 +136,13 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
                 new_samples=available,
             )
         log.info("%d eligible new samples past id %d", available, state.last_trained_id)
+        write_cycle_progress(settings.paths.state_file, "dataset", new_samples=available)
         tokenizer = load_tokenizer(settings.model.base_model)
         fetched = FetchResult(last_examined_id=state.last_trained_id)
         blockers, duplicate_store = filters.build_blockers(settings.data, settings.paths.state_file.parent)
         phase_started = time.perf_counter()
         dataset = build_dataset(
-            fetch_new_samples(connection, settings.database, settings.data, state.last_trained_id, fetched, gaps),
+            _announce_first(fetch_new_samples(connection, settings.database, settings.data, state.last_trained_id, fetched, gaps)),
             tokenizer,
             max_length=settings.data.max_length,
             eval_fraction=settings.data.eval_fraction,
@@ -147,6 +151,9 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
             skipped_upstream=fetched.skipped,
         )
         dataset_seconds = time.perf_counter() - phase_started
+        crash_point("tokenize")
+    if should_stop():
+        raise TrainingInterrupted("stop requested before training")
     if not dataset.train_blocks:
         # Everything was skipped or blocked: nothing to train, but those rows are done with.
         advance_past_rejected(settings, state, fetched, duplicate_store)
@@ -169,10 +176,12 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
     )
     config = run_config(settings) | {"packing": dataset.packing, "device": device}
     metrics = MetricsRun(run_number, metrics_file(settings), options, config, settings.metrics.queue_size)
+    reporter = ProgressReporter(metrics, settings.paths.state_file, run_number)
     monitor = SystemMonitor(settings.paths.output_dir)
     exit_code = 1
     try:
         metrics.log(0, dataset.data_metrics | dataset.dataset_metrics | {"performance/dataset_build_seconds": dataset_seconds})
+        write_cycle_progress(settings.paths.state_file, "loading model", run=run_number)
         base, quantization = load_base_model(settings.model, device)
         previous = Path(state.latest_adapter) if state.latest_adapter and Path(state.latest_adapter).exists() else None
         model = attach_adapter(base, settings.model, previous)
@@ -181,12 +190,13 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
         with tempfile.TemporaryDirectory(prefix="codelupe-trainer-") as scratch:
             result = train_adapter(
                 model, tokenizer, dataset.train_blocks, dataset.eval_blocks, settings.training, Path(scratch),
-                metrics, Frequencies(settings.metrics.system_every_steps, settings.metrics.gradient_metrics_every_steps,
+                reporter, Frequencies(settings.metrics.system_every_steps, settings.metrics.gradient_metrics_every_steps,
                                      settings.metrics.per_layer_sample),
                 should_stop, monitor.read, settings.data.seed, device, quantized=quantization != "none",
             )
+        write_cycle_progress(settings.paths.state_file, "saving adapter", run=run_number)
         adapter_path = save_adapter(model, settings.paths.output_dir, run_number)
-        duplicate_store.commit()
+        crash_point("save")
         summary = {
             "run_number": run_number,
             "adapter": str(adapter_path),
@@ -209,13 +219,33 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
         }
         new_state = advance_state(state, fetched, dataset.total_samples, adapter_path, summary)
         save_state(new_state, settings.paths.state_file)
+        # After the state: a crash in between can at worst let a duplicate through later, never lose a sample.
+        duplicate_store.commit()
         metrics.log(result.global_step, final_metrics(new_state, run_number, result, dataset, dataset_seconds))
         exit_code = 0
+        prune_adapters(settings.paths.output_dir, settings.paths.keep_adapters, [adapter_path])
+        prune_wandb_runs(wandb_directory(settings), settings.wandb.keep_offline_days)
         return CycleOutcome("trained", f"run {run_number} trained {dataset.total_samples} samples",
                             new_samples=dataset.total_samples, run_number=run_number, summary=summary)
     finally:
         monitor.close()
         metrics.finish(exit_code)
+
+
+class ProgressReporter:
+    """Forwards training metrics to the metrics run and keeps `status` informed of the progress."""
+
+    def __init__(self, metrics: MetricsRun, state_file: Path, run_number: int):
+        self.metrics = metrics
+        self.state_file = state_file
+        self.run_number = run_number
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        self.metrics.log(step, values)
+        if "progress/step_percent" in values:
+            write_cycle_progress(self.state_file, "training", run=self.run_number, step=step,
+                                 percent=round(values["progress/step_percent"], 1),
+                                 eta_minutes=round(values["progress/eta_minutes"], 1))
 
 
 def advance_state(state: TrainerState, fetched: FetchResult, samples_trained: int, adapter_path: Path | None,
@@ -239,8 +269,16 @@ def advance_state(state: TrainerState, fetched: FetchResult, samples_trained: in
 
 
 def advance_past_rejected(settings: Settings, state: TrainerState, fetched: FetchResult, duplicate_store) -> None:
-    duplicate_store.commit()
     save_state(advance_state(state, fetched, 0, None, None), settings.paths.state_file)
+    duplicate_store.commit()
+
+
+def _announce_first(samples: Iterator) -> Iterator:
+    """Passes samples through; marks the moment the first row has been read (a fault-injection point)."""
+    for index, sample in enumerate(samples):
+        if index == 0:
+            crash_point("fetch")
+        yield sample
 
 
 def expire_gaps(state: TrainerState, max_age_minutes: float, now: float | None = None) -> TrainerState:

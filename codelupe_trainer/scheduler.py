@@ -122,6 +122,11 @@ class Daemon:
             next_run_time=datetime.now().astimezone(),
         )
         self.scheduler.start()
+        health = None
+        if self.settings.service.metrics_port:
+            from .health import start_health_server
+
+            health = start_health_server(self.settings.service.metrics_port, self.settings.paths.state_file, lambda: self.phase)
         if notify:
             notify("READY=1")
         log.info("daemon started: a cycle every %.1f min", self.settings.schedule.interval_minutes)
@@ -133,6 +138,8 @@ class Daemon:
             notify("STOPPING=1")
         log.info("stopping: waiting for the running cycle to reach a step boundary")
         self.scheduler.shutdown(wait=True)
+        if health is not None:
+            health.shutdown()
         write_live_status(self.settings.paths.state_file, phase="stopped", next_run=None)
         return 0
 

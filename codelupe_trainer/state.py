@@ -12,7 +12,10 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
+
+from .faults import crash_point
 
 
 @dataclass
@@ -46,10 +49,10 @@ def load_state(path: Path) -> TrainerState:
 
 
 def save_state(state: TrainerState, path: Path) -> None:
-    write_json_atomically(asdict(state), path)
+    write_json_atomically(asdict(state), path, before_replace=lambda: crash_point("state"))
 
 
-def write_json_atomically(value: Any, path: Path) -> None:
+def write_json_atomically(value: Any, path: Path, before_replace: Callable[[], None] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -58,6 +61,8 @@ def write_json_atomically(value: Any, path: Path) -> None:
             handle.write("\n")
             handle.flush()
             os.fsync(handle.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -24,7 +24,10 @@ def write_live_status(state_file: Path, **fields: Any) -> None:
 
 def read_live_status(state_file: Path) -> dict[str, Any] | None:
     """The daemon's last report, or None when no daemon is alive to have written it."""
-    path = live_status_path(state_file)
+    return _read_if_alive(live_status_path(state_file))
+
+
+def _read_if_alive(path: Path) -> dict[str, Any] | None:
     try:
         status = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -34,3 +37,20 @@ def read_live_status(state_file: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return status
+
+
+def cycle_progress_path(state_file: Path) -> Path:
+    return state_file.parent / "cycle-progress.json"
+
+
+def write_cycle_progress(state_file: Path, phase: str, **fields: Any) -> None:
+    """What the running cycle is doing; written by the cycle's own process, read by `status`."""
+    try:
+        write_json_atomically({"pid": os.getpid(), "phase": phase, "updated_at": time.time(), **fields},
+                              cycle_progress_path(state_file))
+    except OSError:
+        pass  # progress is a courtesy; a full disk must not fail the cycle here
+
+
+def read_cycle_progress(state_file: Path) -> dict[str, Any] | None:
+    return _read_if_alive(cycle_progress_path(state_file))

@@ -31,6 +31,7 @@ from transformers import (
 
 from .config import ModelSettings, TrainingSettings
 from .dataset import IGNORE_INDEX, Block
+from .faults import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +359,8 @@ class ReportingCallback(TrainerCallback):
             self.reporter.log(step, metrics)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            crash_point("train")
         self._window_steps += 1
         step = state.global_step
         every = self.frequencies.system_every_steps

@@ -1,0 +1,212 @@
+"""The daemon and its faults, each with real child processes and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import insert_stdlib_rows, write_config
+
+from codelupe_trainer.demo import create_table
+from codelupe_trainer.pgserver import start_throwaway_postgres, wait_for_postgres
+from codelupe_trainer.state import load_state
+
+pytestmark = pytest.mark.slow
+
+CLI = [sys.executable, "-m", "codelupe_trainer.cli"]
+LONG_TRAINING = "[training]\nbatch_size = 2\ngradient_accumulation_steps = 1\nlearning_rate = 1e-3\nmax_steps = 100000\nlogging_steps = 1\ngradient_checkpointing = false\n"
+
+
+def environment(url: str, **extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("CODELUPE_", "PYTEST"))}
+    env.update(CODELUPE_DATABASE__URL=url, PYTHONPATH=str(Path(__file__).resolve().parent.parent), **extra)
+    return env
+
+
+def eligible_count(url: str) -> tuple[int, int]:
+    with psycopg.connect(url) as connection:
+        count = connection.execute(
+            "SELECT count(*) FROM processed_files WHERE quality_score >= 70 AND char_length(content) BETWEEN 50 AND 8000"
+        ).fetchone()[0]
+        top = connection.execute("SELECT max(id) FROM processed_files").fetchone()[0]
+    return count, top
+
+
+def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"process exited ({process.returncode}) while waiting for {what}:\n{process.stderr.read() if process.stderr else ''}")
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def start_daemon(config: Path, env: dict[str, str], log_file: Path) -> subprocess.Popen:
+    return subprocess.Popen(CLI + ["run", "--config", str(config)], env=env, stdout=log_file.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_sigterm_mid_training_changes_nothing_and_the_next_run_trains_those_rows(crawler_table, tiny_model, tmp_path):
+    insert_stdlib_rows(crawler_table, start=0, count=60)
+    config = write_config(tmp_path, tiny_model, LONG_TRAINING + "[schedule]\ninterval_minutes = 60\nmin_new_samples = 10\n")
+    env = environment(crawler_table)
+    daemon = start_daemon(config, env, tmp_path / "daemon.log")
+    try:
+        progress = tmp_path / "cycle-progress.json"
+        wait_for(lambda: (read_json(progress) or {}).get("step", 0) >= 3, 120, "training to start", daemon)
+
+        # One trainer at a time: a hand-run cycle is refused while the daemon trains.
+        refused = subprocess.run(CLI + ["run-once", "--config", str(config), "--force"], env=env, capture_output=True, text=True)
+        assert refused.returncode == 3, refused.stderr
+        assert "another codelupe-trainer cycle is running" in refused.stderr
+
+        status = subprocess.run(CLI + ["status", "--config", str(config), "--json"], env=env, capture_output=True, text=True)
+        view = json.loads(status.stdout)
+        assert view["live"]["phase"] == "training" and view["cycle"]["phase"] == "training"
+
+        stopped_at = time.monotonic()
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=90) == 0
+        assert time.monotonic() - stopped_at < 60
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    log = (tmp_path / "daemon.log").read_text()
+    assert "stopped at step" in log
+    state = load_state(tmp_path / "state.json")
+    assert state.total_training_runs == 0 and state.last_trained_id == 0 and state.total_samples_trained == 0
+    finish = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"finish"' in line]
+    assert finish[-1]["exit_code"] != 0  # the W&B run was closed as not successful
+
+    env["CODELUPE_TRAINING__MAX_STEPS"] = "3"
+    done = subprocess.run(CLI + ["run-once", "--config", str(config)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    count, top = eligible_count(crawler_table)
+    state = load_state(tmp_path / "state.json")
+    assert state.total_samples_trained == count and state.last_trained_id == top
+
+
+@pytest.mark.parametrize("phase", ["fetch", "tokenize", "train", "save", "state"])
+def test_kill_9_in_any_phase_loses_no_row_and_counts_none_twice(phase, crawler_table, tiny_model, tmp_path):
+    insert_stdlib_rows(crawler_table, start=0, count=50)
+    config = write_config(tmp_path, tiny_model)
+    env = environment(crawler_table)
+    first = subprocess.run(CLI + ["run-once", "--config", str(config)], env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    before = load_state(tmp_path / "state.json")
+
+    insert_stdlib_rows(crawler_table, start=200, count=40, repo="second")
+    killed = subprocess.run(CLI + ["run-once", "--config", str(config)], env={**env, "CODELUPE_FAULT": f"{phase}:kill"},
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+
+    state = load_state(tmp_path / "state.json")  # valid JSON, old or new
+    latest = (tmp_path / "adapters" / "latest").resolve()
+    assert (latest / "adapter_model.safetensors").exists() and (latest / "adapter_config.json").exists()
+    if phase != "state":
+        assert state == before or phase == "state"
+
+    again = subprocess.run(CLI + ["run-once", "--config", str(config)], env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    count, top = eligible_count(crawler_table)
+    final = load_state(tmp_path / "state.json")
+    assert final.total_samples_trained == count
+    assert final.last_trained_id == top
+    assert final.total_training_runs == 2
+    assert Path(final.latest_adapter).resolve() == (tmp_path / "adapters" / "latest").resolve()
+
+
+def test_a_full_disk_while_saving_fails_cleanly(crawler_table, tiny_model, tmp_path):
+    insert_stdlib_rows(crawler_table, start=0, count=50)
+    config = write_config(tmp_path, tiny_model, "[wandb]\nmode = \"disabled\"\n")
+    env = environment(crawler_table)
+    assert subprocess.run(CLI + ["run-once", "--config", str(config)], env=env, capture_output=True).returncode == 0
+    before = load_state(tmp_path / "state.json")
+    insert_stdlib_rows(crawler_table, start=200, count=40, repo="second")
+
+    def small_disk():
+        # Files may not grow past 16 KB: the adapter (~40 KB) cannot be written, like a full disk.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16_000, 16_000))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    failed = subprocess.run(CLI + ["run-once", "--config", str(config)], env=env, capture_output=True, text=True,
+                            preexec_fn=small_disk)
+    assert failed.returncode == 1, failed.stderr
+    assert "File too large" in failed.stderr
+    after = load_state(tmp_path / "state.json")
+    assert (after.last_trained_id, after.total_samples_trained, after.total_training_runs, after.latest_adapter) == \
+        (before.last_trained_id, before.total_samples_trained, before.total_training_runs, before.latest_adapter)
+    assert after.consecutive_failures == 1 and "File too large" in after.last_error
+    assert (tmp_path / "adapters" / "latest").resolve().name == "run-000001"
+    assert sorted(path.name for path in (tmp_path / "adapters").iterdir()) == ["latest", "run-000001"]
+
+
+@pytest.fixture
+def own_server():
+    """A server this test may stop and start (never the shared one)."""
+    server = start_throwaway_postgres()
+    wait_for_postgres(server.url)
+    yield server
+    server.destroy()
+
+
+def test_daemon_survives_a_database_outage_and_resumes(own_server, tiny_model, tmp_path):
+    with psycopg.connect(own_server.url, autocommit=True) as connection:
+        create_table(connection)
+    own_server.stop()
+    config = write_config(tmp_path, tiny_model, "[schedule]\ninterval_minutes = 0.05\nmin_new_samples = 10\n")
+    env = environment(own_server.url)
+    daemon = start_daemon(config, env, tmp_path / "daemon.log")
+    try:
+        state_file = tmp_path / "state.json"
+        wait_for(lambda: load_state(state_file).consecutive_failures >= 2, 120, "two failed cycles", daemon)
+        assert "cannot connect" in load_state(state_file).last_error
+        assert daemon.poll() is None
+        status = subprocess.run(CLI + ["status", "--config", str(config)], env=env, capture_output=True, text=True)
+        assert "cannot connect" in status.stdout
+
+        own_server.start()
+        insert_stdlib_rows(own_server.url, start=0, count=40)
+        wait_for(lambda: load_state(state_file).total_training_runs == 1, 180, "training after the outage", daemon)
+        assert load_state(state_file).consecutive_failures == 0
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+
+
+def test_a_cycle_that_raises_cuda_oom_leaves_the_daemon_running(crawler_table, tiny_model, tmp_path):
+    insert_stdlib_rows(crawler_table, start=0, count=40)
+    config = write_config(tmp_path, tiny_model, "[schedule]\ninterval_minutes = 0.05\nmin_new_samples = 10\n")
+    daemon = start_daemon(config, environment(crawler_table, CODELUPE_FAULT="train:oom"), tmp_path / "daemon.log")
+    try:
+        state_file = tmp_path / "state.json"
+        wait_for(lambda: load_state(state_file).consecutive_failures >= 2, 180, "two failed cycles", daemon)
+        state = load_state(state_file)
+        assert "OutOfMemoryError" in state.last_error
+        assert state.last_trained_id == 0 and state.total_training_runs == 0
+        assert daemon.poll() is None
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
