@@ -1,0 +1,119 @@
+"""Operating the daemon: the systemd unit, the health endpoint, retention, doctor and status."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from codelupe_trainer.cli import main
+from codelupe_trainer.health import start_health_server
+from codelupe_trainer.pgserver import free_port
+from codelupe_trainer.retention import prune_adapters, prune_wandb_runs
+from codelupe_trainer.state import TrainerState, save_state
+
+REPO = Path(__file__).resolve().parent.parent
+UNIT = REPO / "systemd" / "codelupe-trainer.service"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_unit_file_passes_systemd_analyze_verify(tmp_path):
+    executable = shutil.which("codelupe-trainer") or str(REPO / ".venv" / "bin" / "codelupe-trainer")
+    unit = tmp_path / "codelupe-trainer.service"
+    # verify checks that ExecStart exists: point it at this checkout's console script.
+    unit.write_text(UNIT.read_text().replace("/opt/codelupe-trainer/.venv/bin/codelupe-trainer", executable))
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stderr
+
+
+def test_unit_file_keeps_the_gpu_reachable_and_the_service_hardened():
+    text = UNIT.read_text()
+    for required in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "StartLimitBurst=", "User=codelupe",
+                     "StateDirectory=codelupe-trainer", "LogsDirectory=codelupe-trainer", "EnvironmentFile=",
+                     "NoNewPrivileges=yes", "ProtectSystem=strict", "ReadWritePaths=", "ProtectHome=yes", "PrivateTmp=yes"):
+        assert required in text, required
+    assert not [line for line in text.splitlines() if line.startswith("PrivateDevices")], "it would hide /dev/nvidia*"
+
+
+def test_health_endpoint_serves_state_as_json_and_prometheus(tmp_path):
+    state_file = tmp_path / "state.json"
+    save_state(TrainerState(total_training_runs=3, total_samples_trained=1234, total_failures=2, last_trained_id=99,
+                            last_run={"finished_at": 1700000000.0}), state_file)
+    port = free_port()
+    server = start_health_server(port, state_file, lambda: "idle")
+    try:
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read())
+        assert health["status"] == "ok" and health["total_training_runs"] == 3 and health["phase"] == "idle"
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "codelupe_training_runs_total 3.0" in scrape
+        assert "codelupe_samples_trained_total 1234.0" in scrape
+        assert "codelupe_training_failures_total 2.0" in scrape
+        assert "codelupe_last_success_timestamp_seconds 1.7e+09" in scrape
+        save_state(TrainerState(consecutive_failures=5, last_error="boom"), state_file)
+        with pytest.raises(urllib.error.HTTPError) as failing:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+        assert failing.value.code == 503
+    finally:
+        server.shutdown()
+
+
+def test_retention_keeps_latest_and_the_state_adapter(tmp_path):
+    output = tmp_path / "adapters"
+    for number in range(1, 8):
+        (output / f"run-{number:06d}").mkdir(parents=True)
+    (output / ".staging-run-000008-abc").mkdir()
+    os.symlink("run-000007", output / "latest")
+    removed = prune_adapters(output, keep=2, protected=[output / "run-000002"])
+    assert sorted(path.name for path in output.iterdir()) == ["latest", "run-000002", "run-000006", "run-000007"]
+    assert len(removed) == 5
+
+    runs = tmp_path / "wandb"
+    old, synced, fresh = (runs / "offline-run-1-a", runs / "offline-run-2-b", runs / "offline-run-3-c")
+    for folder in (old, synced, fresh):
+        folder.mkdir(parents=True)
+    (synced / "run-b.wandb.synced").touch()
+    os.utime(old, (time.time() - 30 * 86400,) * 2)
+    prune_wandb_runs(tmp_path, max_age_days=14)
+    assert sorted(path.name for path in runs.iterdir()) == ["offline-run-3-c"]
+
+
+def test_doctor_names_each_problem(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CODELUPE_DATABASE__URL", "postgresql://u:NotShown1@127.0.0.1:1/none?connect_timeout=1")
+    monkeypatch.setenv("CODELUPE_MODEL__BASE_MODEL", str(tmp_path / "no-such-model"))
+    monkeypatch.setenv("CODELUPE_PATHS__STATE_FILE", str(tmp_path / "state.json"))
+    monkeypatch.setenv("CODELUPE_PATHS__OUTPUT_DIR", str(tmp_path / "adapters"))
+    monkeypatch.setenv("CODELUPE_DATABASE__CONNECT_TIMEOUT_S", "1")
+    assert main(["doctor", "--config", str(REPO / "config" / "codelupe.toml")]) == 1
+    output = capsys.readouterr().out
+    assert "FAIL database: cannot connect" in output
+    assert "FAIL model:" in output and "no-such-model" in output
+    assert "ok   output_dir" in output
+    assert "wandb: mode offline (no API key" in output
+    assert "NotShown1" not in output
+
+
+def test_doctor_passes_on_a_good_setup(crawler_table, make_settings, tmp_path, capsys):
+    make_settings(crawler_table)
+    assert main(["doctor", "--config", str(tmp_path / "codelupe.toml")]) == 0
+    assert "FAIL" not in capsys.readouterr().out
+
+
+def test_status_shows_the_persisted_state(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CODELUPE_PATHS__STATE_FILE", str(tmp_path / "state.json"))
+    save_state(TrainerState(total_training_runs=4, last_trained_id=77, total_samples_trained=500, uptime_seconds=7200,
+                            last_error="cannot connect to the database: refused", last_error_at=1.0,
+                            consecutive_failures=1), tmp_path / "state.json")
+    assert main(["status", "--config", str(REPO / "config" / "codelupe.toml"), "--json"]) == 0
+    view = json.loads(capsys.readouterr().out)
+    assert (view["total_training_runs"], view["last_trained_id"], view["total_samples_trained"], view["uptime_hours"]) == (4, 77, 500, 2.0)
+    assert view["live"] is None
+    assert main(["status", "--config", str(REPO / "config" / "codelupe.toml")]) == 0
+    text = capsys.readouterr().out
+    assert "last trained id:       77" in text and "cannot connect" in text and "daemon:                not running" in text
