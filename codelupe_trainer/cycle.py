@@ -23,7 +23,7 @@ from typing import Any
 from . import filters
 from .faults import crash_point
 from .config import Settings
-from .dataset import BuiltDataset, build_dataset
+from .dataset import BuiltDataset, build_dataset, format_raw, make_completion_formatter
 from .metrics import MetricsRun, SystemMonitor, WandbOptions, effective_wandb_mode
 from .records import FetchResult
 from .retention import prune_adapters, prune_wandb_runs
@@ -149,6 +149,7 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
             seed=settings.data.seed,
             blockers=blockers,
             skipped_upstream=fetched.skipped,
+            format_text=make_completion_formatter(tokenizer) if settings.data.format == "completion" else format_raw,
         )
         dataset_seconds = time.perf_counter() - phase_started
         crash_point("tokenize")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Protocol
 
+from .codestats import measure_code, summarize_code
 from .records import Sample
 
 IGNORE_INDEX = -100
@@ -26,6 +27,8 @@ TOKENIZE_CHUNK = 1000
 
 # A blocker returns the name of the filter that blocks the sample, or None to let it pass.
 Blocker = Callable[[Sample], "str | None"]
+# A formatter turns a sample into (prompt, completion); only the completion's tokens carry loss.
+Formatter = Callable[[Sample], "tuple[str, str]"]
 
 
 class Tokenizer(Protocol):
@@ -80,9 +83,33 @@ class BuiltDataset:
         return len(self.sample_ids)
 
 
-def format_raw(sample: Sample) -> str:
-    """Training text for causal-LM: a language tag line, then the code (EOS is appended as a token id)."""
-    return f"<|lang:{sample.language}|>\n{sample.content}"
+def format_raw(sample: Sample) -> tuple[str, str]:
+    """Plain causal-LM text: a language tag line, then the code (EOS is appended as a token id); all of it trains."""
+    return "", f"<|lang:{sample.language}|>\n{sample.content}"
+
+
+def completion_split_line(sample: Sample, line_count: int) -> int:
+    """A line boundary between 30 % and 70 % of the file, fixed per sample id so reruns agree."""
+    fraction = 0.3 + 0.4 * (int.from_bytes(hashlib.blake2b(str(sample.id).encode(), digest_size=4).digest(), "little") / 2**32)
+    return max(1, min(line_count - 1, round(line_count * fraction)))
+
+
+def make_completion_formatter(tokenizer) -> Formatter:
+    """Prompt: the start of the file as a user message in the tokenizer's chat template; completion: the rest."""
+
+    def format_completion(sample: Sample) -> tuple[str, str]:
+        lines = sample.content.splitlines(keepends=True)
+        if len(lines) < 2:
+            return format_raw(sample)
+        split = completion_split_line(sample, len(lines))
+        head, tail = "".join(lines[:split]), "".join(lines[split:])
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Continue this {sample.language} code:\n{head}"}],
+            tokenize=False, add_generation_prompt=True,
+        )
+        return prompt, tail
+
+    return format_completion
 
 
 def is_eval_sample(sample_id: int, seed: int, eval_fraction: float) -> bool:
@@ -100,21 +127,26 @@ def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 
 def tokenize_samples(
-    samples: list[Sample], tokenizer: Tokenizer, max_length: int, format_text: Callable[[Sample], str] = format_raw
+    samples: list[Sample], tokenizer: Tokenizer, max_length: int, format_text: Formatter = format_raw
 ) -> list[TokenizedSample]:
-    """One batched tokenizer call per chunk; samples longer than max_length are split into pieces."""
-    encoded = tokenizer(
-        [format_text(sample) for sample in samples], add_special_tokens=False, return_attention_mask=False
-    )["input_ids"]
+    """Batched tokenizer calls per chunk; samples longer than max_length are split into pieces."""
+    pairs = [format_text(sample) for sample in samples]
+    completions = _encode(tokenizer, [completion for _, completion in pairs])
+    prompts = _encode(tokenizer, [prompt for prompt, _ in pairs]) if any(prompt for prompt, _ in pairs) else [[]] * len(pairs)
     eos = tokenizer.eos_token_id
     tokenized = []
-    for sample, ids in zip(samples, encoded):
-        ids = list(ids) + [eos]
+    for sample, prompt_ids, completion_ids in zip(samples, prompts, completions):
+        ids = list(prompt_ids) + list(completion_ids) + [eos]
+        labels = [IGNORE_INDEX] * len(prompt_ids) + list(completion_ids) + [eos]
         for start in range(0, len(ids), max_length):
             piece = ids[start : start + max_length]
             if len(piece) > 1:
-                tokenized.append(TokenizedSample(sample.id, piece, piece))
+                tokenized.append(TokenizedSample(sample.id, piece, labels[start : start + max_length]))
     return tokenized
+
+
+def _encode(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
 
 
 def pack_best_fit(sequences: list[TokenizedSample], max_length: int) -> list[Block]:
@@ -144,7 +176,7 @@ def build_dataset(
     seed: int,
     blockers: list[tuple[str, Blocker]] = (),
     skipped_upstream: Counter | None = None,
-    format_text: Callable[[Sample], str] = format_raw,
+    format_text: Formatter = format_raw,
 ) -> BuiltDataset:
     """Run every sample through the blockers, tokenize the survivors once, split by id and pack."""
     train_sequences: list[TokenizedSample] = []
@@ -154,6 +186,7 @@ def build_dataset(
     blocked: Counter = Counter()
     skipped: Counter = Counter(skipped_upstream or {})
     languages: Counter = Counter()
+    code_stats = []
     quality_sum = 0
     chars_sum = 0
     seen = 0
@@ -168,7 +201,7 @@ def build_dataset(
             passed.append(sample)
         if not passed:
             continue
-        for tokenized in tokenize_samples(passed, tokenizer, max_length, format_text):
+        for tokenized in tokenize_samples(passed, tokenizer, max_length, format_text=format_text):
             token_counts[tokenized.sample_id] += len(tokenized.input_ids)
             target = eval_sequences if is_eval_sample(tokenized.sample_id, seed, eval_fraction) else train_sequences
             target.append(tokenized)
@@ -177,6 +210,7 @@ def build_dataset(
             languages[sample.language] += 1
             quality_sum += sample.quality
             chars_sum += len(sample.content)
+            code_stats.append(measure_code(sample.content, sample.language))
     counts = [token_counts[sample_id] for sample_id in sample_ids]
     eval_ids = {sequence.sample_id for sequence in eval_sequences}
     train_blocks = pack_best_fit(train_sequences, max_length)
@@ -184,7 +218,7 @@ def build_dataset(
     data_metrics = summarize_data(
         seen=seen, passed=len(sample_ids), languages=languages, quality_sum=quality_sum, chars_sum=chars_sum,
         blocked=blocked, skipped=skipped,
-    )
+    ) | summarize_code(code_stats)
     dataset_metrics = summarize_dataset(
         train_samples=len(sample_ids) - len(eval_ids), eval_samples=len(eval_ids), token_counts=counts,
         blocks=train_blocks + eval_blocks, max_length=max_length,

@@ -127,3 +127,39 @@ def test_packed_samples_do_not_attend_to_each_other(tiny_model):
         leaked = model(input_ids=torch.tensor([block.input_ids])).logits[0, 40:]
     assert torch.allclose(packed_logits, alone_logits, atol=1e-5)
     assert not torch.allclose(leaked, alone_logits, atol=1e-3), "control: without restarting positions they differ"
+
+
+def test_completion_format_puts_no_loss_on_the_prompt(tiny_model):
+    from transformers import AutoTokenizer
+
+    from codelupe_trainer.dataset import make_completion_formatter
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    content = "".join(f"def step_{index}(x):\n    return x + {index}\n" for index in range(10))
+    sample = Sample(42, content, "python", 80)
+    formatter = make_completion_formatter(tokenizer)
+    prompt, completion = formatter(sample)
+    assert prompt.startswith("<|im_start|>user\nContinue this python code:\n") and prompt.endswith("<|im_start|>assistant\n")
+    assert content.startswith(prompt.split("code:\n", 1)[1].split("<|im_end|>")[0]) and content.endswith(completion)
+
+    built = build_dataset([sample], tokenizer, max_length=1024, eval_fraction=0.0, seed=0, format_text=formatter)
+    [block] = built.train_blocks
+    prompt_length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert all(label == IGNORE_INDEX for label in block.labels[:prompt_length])
+    assert block.labels[prompt_length:] == block.input_ids[prompt_length:]
+    assert tokenizer.decode(block.input_ids[prompt_length:-1]) == completion
+
+
+@pytest.mark.parametrize(
+    ("content", "language", "expected"),
+    [
+        ('def f(x):\n    """Doc."""\n    # note\n    if x:\n        return 1\n    return 2\n', "python",
+         {"code/avg_lines": 6, "code/comments_percent": 100 / 6, "code/docstrings_percent": 100, "code/avg_complexity": 2}),
+        ("// add\nfunc add(a, b int) int {\n\tif a > 0 && b > 0 {\n\t\treturn a + b\n\t}\n\treturn 0\n}\n", "go",
+         {"code/avg_lines": 7, "code/comments_percent": 100 / 7, "code/docstrings_percent": 0, "code/avg_complexity": 3}),
+    ],
+)
+def test_code_metrics(content, language, expected):
+    from codelupe_trainer.codestats import measure_code, summarize_code
+
+    assert summarize_code([measure_code(content, language)]) == pytest.approx(expected)

@@ -134,3 +134,13 @@ def test_four_bit_quantized_training_runs_on_cpu(crawler_table, make_settings, t
     assert state.last_run["quantization"] == "4bit"
     assert state.total_training_runs == 1
     assert (settings.paths.output_dir / "run-000001" / "adapter_model.safetensors").exists()
+
+
+def test_completion_format_trains_end_to_end(crawler_table, make_settings, tmp_path):
+    insert_stdlib_rows(crawler_table, start=0, count=40)
+    settings = make_settings(crawler_table, extra=(
+        "[data]\nformat = \"completion\"\nmax_length = 256\neval_fraction = 0.1\n"
+    ))
+    assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 0
+    state = load_state(settings.paths.state_file)
+    assert state.total_training_runs == 1 and state.last_run["train_loss"] > 0

@@ -36,6 +36,8 @@ SEED_KEYS = [
     "continuous/total_samples_trained", "continuous/uptime_hours",
     "progress/step", "progress/step_percent", "progress/epoch", "progress/epoch_percent",
     "progress/eta_minutes", "progress/eta_hours",
+    "code/avg_lines", "code/comments_percent", "code/docstrings_percent", "code/avg_complexity",
+    "dataset/real_token_fraction", "data/blocked_duplicates",
 ]
 CONFIG_KEYS = ["model/name", "model/total_params", "model/trainable_params", "model/trainable_percent", "model/lora_r",
                "model/lora_alpha", "hyperparams/batch_size", "hyperparams/learning_rate", "hyperparams/max_length"]
