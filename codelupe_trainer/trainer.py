@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
@@ -137,21 +138,24 @@ class PackedCollator:
         self.samples_collated = 0
         self.tokens_collated = 0
 
-    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        longest = max(len(feature["input_ids"]) for feature in features)
-        input_ids, labels, position_ids = [], [], []
-        for feature in features:
-            length = len(feature["input_ids"])
-            padding = longest - length
-            input_ids.append(feature["input_ids"] + [self.pad_token_id] * padding)
-            labels.append(feature["labels"] + [IGNORE_INDEX] * padding)
-            position_ids.append(feature["position_ids"] + list(range(padding)))
+    def __call__(self, blocks: list[Block]) -> dict[str, torch.Tensor]:
+        longest = max(len(block) for block in blocks)
+        input_ids = np.full((len(blocks), longest), self.pad_token_id, dtype=np.int64)
+        labels = np.full((len(blocks), longest), IGNORE_INDEX, dtype=np.int64)
+        # Padding continues as its own sequence (0, 1, 2, ...), so the mask keeps it apart too.
+        position_ids = np.tile(np.arange(longest, dtype=np.int64), (len(blocks), 1))
+        for row, block in enumerate(blocks):
+            length = len(block)
+            input_ids[row, :length] = block.input_ids
+            labels[row, :length] = block.labels
+            position_ids[row, :length] = block.position_ids
+            position_ids[row, length:] -= length
             self.tokens_collated += length
-            self.samples_collated += feature["position_ids"].count(0)
+            self.samples_collated += len(block.lengths)
         return {
-            "input_ids": torch.tensor(input_ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "position_ids": torch.tensor(position_ids, dtype=torch.long),
+            "input_ids": torch.from_numpy(input_ids),
+            "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(position_ids),
         }
 
 
@@ -511,8 +515,8 @@ def train_adapter(
     trainer = TimedTrainer(
         model=model,
         args=arguments,
-        train_dataset=[block.as_features() for block in train_blocks],
-        eval_dataset=[block.as_features() for block in eval_blocks] or None,
+        train_dataset=train_blocks,
+        eval_dataset=eval_blocks or None,
         data_collator=collator,
     )
     trainer.phase_clock = PhaseClock(device)

@@ -31,8 +31,7 @@ class CharTokenizer:
 
 
 def sequence(sample_id: int, length: int) -> TokenizedSample:
-    ids = list(range(1, length + 1))
-    return TokenizedSample(sample_id, ids, ids)
+    return TokenizedSample.of(sample_id, list(range(1, length + 1)))
 
 
 @pytest.mark.parametrize(
@@ -55,8 +54,8 @@ def test_block_positions_restart_and_boundaries_carry_no_label():
     block = Block()
     block.add(sequence(1, 3))
     block.add(sequence(2, 2))
-    assert block.position_ids == [0, 1, 2, 0, 1]
-    assert block.labels == [IGNORE_INDEX, 2, 3, IGNORE_INDEX, 2]
+    assert block.position_ids.tolist() == [0, 1, 2, 0, 1]
+    assert block.labels.tolist() == [IGNORE_INDEX, 2, 3, IGNORE_INDEX, 2]
 
 
 def test_split_is_stable_by_id_and_near_the_fraction():
@@ -114,7 +113,7 @@ def test_packed_samples_do_not_attend_to_each_other(tiny_model):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa").eval()
     model.config.use_cache = False
-    first, second = sequence(1, 40), TokenizedSample(2, [5, 9, 13, 200, 77, 31, 8, 2, 99, 14], [5, 9, 13, 200, 77, 31, 8, 2, 99, 14])
+    first, second = sequence(1, 40), TokenizedSample.of(2, [5, 9, 13, 200, 77, 31, 8, 2, 99, 14])
     block = Block()
     block.add(first)
     block.add(second)
@@ -122,9 +121,9 @@ def test_packed_samples_do_not_attend_to_each_other(tiny_model):
     alone.add(second)
     collate = PackedCollator(pad_token_id=0)
     with torch.no_grad():
-        packed_logits = model(**{k: v for k, v in collate([block.as_features()]).items() if k != "labels"}).logits[0, 40:]
-        alone_logits = model(**{k: v for k, v in collate([alone.as_features()]).items() if k != "labels"}).logits[0]
-        leaked = model(input_ids=torch.tensor([block.input_ids])).logits[0, 40:]
+        packed_logits = model(**{k: v for k, v in collate([block]).items() if k != "labels"}).logits[0, 40:]
+        alone_logits = model(**{k: v for k, v in collate([alone]).items() if k != "labels"}).logits[0]
+        leaked = model(input_ids=torch.tensor(block.input_ids[None], dtype=torch.long)).logits[0, 40:]
     assert torch.allclose(packed_logits, alone_logits, atol=1e-5)
     assert not torch.allclose(leaked, alone_logits, atol=1e-3), "control: without restarting positions they differ"
 
@@ -146,8 +145,8 @@ def test_completion_format_puts_no_loss_on_the_prompt(tiny_model):
     [block] = built.train_blocks
     prompt_length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     assert all(label == IGNORE_INDEX for label in block.labels[:prompt_length])
-    assert block.labels[prompt_length:] == block.input_ids[prompt_length:]
-    assert tokenizer.decode(block.input_ids[prompt_length:-1]) == completion
+    assert block.labels[prompt_length:].tolist() == block.input_ids[prompt_length:].tolist()
+    assert tokenizer.decode(block.input_ids[prompt_length:-1].tolist()) == completion
 
 
 @pytest.mark.parametrize(
