@@ -15,6 +15,7 @@ import bisect
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Protocol
@@ -220,61 +221,84 @@ def build_dataset(
     skipped_upstream: Counter | None = None,
     format_text: Formatter = format_raw,
 ) -> BuiltDataset:
-    """Run every sample through the blockers, tokenize the survivors once, split by id and pack."""
+    """Run every sample through the blockers, tokenize the survivors once, split by id and pack.
+
+    The tokenizer (Rust, releases the GIL) works on one chunk in a worker thread while this thread reads
+    and filters the next one, so fetching, filtering and tokenizing overlap.
+    `skipped_upstream` is read at the end: the source fills it while the stream is consumed.
+    """
     train_sequences: list[TokenizedSample] = []
     eval_sequences: list[TokenizedSample] = []
-    sample_ids: list[int] = []
-    token_counts: Counter = Counter()
-    blocked: Counter = Counter()
-    skipped: Counter = Counter(skipped_upstream or {})
-    languages: Counter = Counter()
-    code_stats = []
-    quality_sum = 0
-    chars_sum = 0
-    seen = 0
-    for chunk in chunked(samples, TOKENIZE_CHUNK):
-        passed = []
-        for sample in chunk:
-            seen += 1
-            reason = _first_block_reason(sample, blockers)
-            if reason is not None:
-                blocked[reason] += 1
-                continue
-            passed.append(sample)
-        if not passed:
-            continue
-        for tokenized in tokenize_samples(passed, tokenizer, max_length, format_text=format_text):
-            token_counts[tokenized.sample_id] += len(tokenized.input_ids)
+    tally = _Tally()
+
+    def collect(tokenized_chunk: list[TokenizedSample]) -> None:
+        for tokenized in tokenized_chunk:
+            tally.token_counts[tokenized.sample_id] += len(tokenized.input_ids)
             target = eval_sequences if is_eval_sample(tokenized.sample_id, seed, eval_fraction) else train_sequences
             target.append(tokenized)
-        for sample in passed:
-            sample_ids.append(sample.id)
-            languages[sample.language] += 1
-            quality_sum += sample.quality
-            chars_sum += len(sample.content)
-            code_stats.append(measure_code(sample.content, sample.language))
-    counts = [token_counts[sample_id] for sample_id in sample_ids]
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer") as tokenizer_thread:
+        in_flight: Future | None = None
+        for chunk in chunked(samples, TOKENIZE_CHUNK):
+            passed = [sample for sample in chunk if tally.admit(sample, blockers)]
+            if in_flight is not None:
+                collect(in_flight.result())
+                in_flight = None
+            if passed:
+                in_flight = tokenizer_thread.submit(tokenize_samples, passed, tokenizer, max_length, format_text)
+        if in_flight is not None:
+            collect(in_flight.result())
+
+    counts = [tally.token_counts[sample_id] for sample_id in tally.sample_ids]
     eval_ids = {sequence.sample_id for sequence in eval_sequences}
     train_blocks = pack_best_fit(train_sequences, max_length)
     eval_blocks = pack_best_fit(eval_sequences, max_length)
+    passed_count = len(tally.sample_ids)
     data_metrics = summarize_data(
-        seen=seen, passed=len(sample_ids), languages=languages, quality_sum=quality_sum, chars_sum=chars_sum,
-        blocked=blocked, skipped=skipped,
-    ) | summarize_code(code_stats)
+        seen=tally.seen, passed=passed_count, languages=tally.languages, quality_sum=tally.quality_sum,
+        chars_sum=tally.chars_sum, blocked=tally.blocked, skipped=Counter(skipped_upstream or {}),
+    ) | summarize_code(tally.code_stats)
     dataset_metrics = summarize_dataset(
-        train_samples=len(sample_ids) - len(eval_ids), eval_samples=len(eval_ids), token_counts=counts,
+        train_samples=passed_count - len(eval_ids), eval_samples=len(eval_ids), token_counts=counts,
         blocks=train_blocks + eval_blocks, max_length=max_length,
     )
     return BuiltDataset(
         train_blocks=train_blocks,
         eval_blocks=eval_blocks,
-        sample_ids=sample_ids,
-        train_samples=len(sample_ids) - len(eval_ids),
+        sample_ids=tally.sample_ids,
+        train_samples=passed_count - len(eval_ids),
         eval_samples=len(eval_ids),
         token_counts=counts,
         data_metrics=data_metrics,
         dataset_metrics=dataset_metrics,
     )
+
+
+@dataclass
+class _Tally:
+    """Running counts over the samples as they stream past."""
+
+    seen: int = 0
+    quality_sum: int = 0
+    chars_sum: int = 0
+    sample_ids: list[int] = field(default_factory=list)
+    token_counts: Counter = field(default_factory=Counter)
+    blocked: Counter = field(default_factory=Counter)
+    languages: Counter = field(default_factory=Counter)
+    code_stats: list = field(default_factory=list)
+
+    def admit(self, sample: Sample, blockers: Iterable[tuple[str, Blocker]]) -> bool:
+        self.seen += 1
+        reason = _first_block_reason(sample, blockers)
+        if reason is not None:
+            self.blocked[reason] += 1
+            return False
+        self.sample_ids.append(sample.id)
+        self.languages[sample.language] += 1
+        self.quality_sum += sample.quality
+        self.chars_sum += len(sample.content)
+        self.code_stats.append(measure_code(sample.content, sample.language))
+        return True
 
 
 def _first_block_reason(sample: Sample, blockers: Iterable[tuple[str, Blocker]]) -> str | None:

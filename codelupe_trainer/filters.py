@@ -2,8 +2,8 @@
 
 Secrets use detect-secrets' own detectors (pattern plugins only: its entropy plugins flag ordinary code).
 Calling the library line by line is far too slow for 100,000 samples, so each text first goes through one
-fast pass (each detector's own denylist regexes over the whole text, plus a keyword pre-check); only the
-few lines that pass it are confirmed by the library.
+fast pass (all the detectors' own denylist regexes plus a keyword-assignment pre-check, as one PatternSet);
+only the few lines of the few texts that pass it are confirmed by the library.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .config import DataSettings
 from .dataset import Blocker
+from .patternset import PatternSet
 from .records import Sample
 
 # ------------------------------------------------------------------ secrets
@@ -45,6 +46,10 @@ _REGEX_PLUGINS = (
 
 # Names a KeywordDetector hit needs nearby; lines without one of them are not worth the library's time.
 _KEYWORD_HINT = re.compile(r"pass(?:wd|word)?|pwd|secret|token|api_?key|apikey|private_?key|credential|auth", re.IGNORECASE)
+# Every KeywordDetector hit assigns or compares a value: the keyword, then ':', '=' or a quote on that line.
+_KEYWORD_ASSIGNMENT = re.compile(
+    r"(?:pass(?:wd|word)?|pwd|secret|token|api_?key|apikey|private_?key|credential|auth)[^\n]*[:='\"]", re.IGNORECASE
+)
 
 
 @lru_cache(maxsize=1)
@@ -59,7 +64,7 @@ def _secret_detectors():
         module = importlib.import_module(f"detect_secrets.plugins.{module_name}")
         plugins.append(getattr(module, class_name)())
     denylist = [pattern for plugin in plugins for pattern in plugin.denylist]
-    return plugins, denylist, KeywordDetector()
+    return plugins, denylist, KeywordDetector(), PatternSet(denylist + [_KEYWORD_ASSIGNMENT])
 
 
 def _is_placeholder(secret: str, line: str) -> bool:
@@ -84,19 +89,17 @@ def find_secret_lines(text: str, filename: str = "sample.py") -> list[int]:
     from detect_secrets.plugins.keyword import QUOTES_REQUIRED_DENYLIST_REGEX_TO_GROUP, REGEX_BY_FILETYPE
     from detect_secrets.util.filetype import determine_file_type
 
-    plugins, denylist, keyword = _secret_detectors()
-    hit_regex = any(pattern.search(text) for pattern in denylist)
-    hit_keyword = _KEYWORD_HINT.search(text) is not None
-    if not (hit_regex or hit_keyword):
+    plugins, denylist, keyword, first_pass = _secret_detectors()
+    if not first_pass.may_match(text):
         return []
     keyword_regexes = REGEX_BY_FILETYPE.get(determine_file_type(filename), QUOTES_REQUIRED_DENYLIST_REGEX_TO_GROUP)
     found = []
     for number, line in enumerate(text.splitlines()):
-        if hit_regex and any(pattern.search(line) for pattern in denylist):
+        if any(pattern.search(line) for pattern in denylist):
             if any(_confirmed(plugin.analyze_string(line), line) for plugin in plugins):
                 found.append(number)
                 continue
-        if hit_keyword and _KEYWORD_HINT.search(line):
+        if _KEYWORD_HINT.search(line):
             if _confirmed(keyword.analyze_string(line, denylist_regex_to_group=keyword_regexes), line):
                 found.append(number)
     return found
@@ -159,6 +162,17 @@ def malicious_pattern(extra_patterns: list[str]) -> re.Pattern:
     return re.compile("|".join(f"(?:{pattern})" for pattern in (*DEFAULT_MALICIOUS_PATTERNS, *extra_patterns)), re.IGNORECASE)
 
 
+def prefiltered(pattern: re.Pattern, window: int | None = None) -> Callable[[Sample], bool]:
+    """A blocker: one fast PatternSet pass, confirmed by `re` (within the first `window` characters)."""
+    first_pass = PatternSet([pattern])
+
+    def blocks(sample: Sample) -> bool:
+        text = sample.content if window is None else sample.content[:window]
+        return first_pass.may_match(text) and pattern.search(text) is not None
+
+    return blocks
+
+
 # ------------------------------------------------------------------ duplicates
 
 
@@ -210,11 +224,9 @@ def build_blockers(data: DataSettings, store_dir: Path | None) -> tuple[list[tup
     """The enabled filters, cheapest first; a duplicate is recorded only once every other filter passed it."""
     blockers: list[tuple[str, Blocker]] = []
     if data.block_license:
-        licence = license_pattern(data.blocked_licenses)
-        blockers.append(("license", lambda sample: licence.search(sample.content, 0, HEADER_CHARS) is not None))
+        blockers.append(("license", prefiltered(license_pattern(data.blocked_licenses), HEADER_CHARS)))
     if data.block_malicious:
-        malicious = malicious_pattern(data.malicious_patterns)
-        blockers.append(("malicious", lambda sample: malicious.search(sample.content) is not None))
+        blockers.append(("malicious", prefiltered(malicious_pattern(data.malicious_patterns))))
     if data.block_secrets:
         blockers.append(("secrets", contains_secret))
     store = DuplicateStore(store_dir / "trained-hashes.bin" if (store_dir is not None and data.block_duplicates) else None)
@@ -222,5 +234,3 @@ def build_blockers(data: DataSettings, store_dir: Path | None) -> tuple[list[tup
         blockers.append(("duplicates", store.seen))
     return blockers, store
 
-
-BlockerFactory = Callable[[DataSettings, Path | None], tuple[list[tuple[str, Blocker]], DuplicateStore]]
