@@ -76,7 +76,6 @@ def _is_placeholder(secret: str, line: str) -> bool:
         or heuristic.is_potential_uuid(secret)
         or heuristic.is_prefixed_with_dollar_sign(secret)
         or heuristic.is_not_alphanumeric_string(secret)
-        or heuristic.is_indirect_reference(line)
     )
 
 
@@ -86,6 +85,7 @@ def _confirmed(secrets, line: str) -> bool:
 
 def find_secret_lines(text: str, filename: str = "sample.py") -> list[int]:
     """Line numbers (0-based) where detect-secrets confirms a credential."""
+    from detect_secrets.filters import heuristic
     from detect_secrets.plugins.keyword import QUOTES_REQUIRED_DENYLIST_REGEX_TO_GROUP, REGEX_BY_FILETYPE
     from detect_secrets.util.filetype import determine_file_type
 
@@ -100,7 +100,10 @@ def find_secret_lines(text: str, filename: str = "sample.py") -> list[int]:
                 found.append(number)
                 continue
         if _KEYWORD_HINT.search(line):
-            if _confirmed(keyword.analyze_string(line, denylist_regex_to_group=keyword_regexes), line):
+            # `password = get_password()` names a secret but holds none; only keyword hits can be such references.
+            if not heuristic.is_indirect_reference(line) and _confirmed(
+                keyword.analyze_string(line, denylist_regex_to_group=keyword_regexes), line
+            ):
                 found.append(number)
     return found
 
