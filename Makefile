@@ -24,6 +24,7 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/metrics_overhead.py
+	$(BIN)/python benchmarks/ingest.py --rows 100000 1000000
 
 install-service: install
 	bash systemd/install.sh

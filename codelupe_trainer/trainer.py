@@ -273,22 +273,30 @@ def gradient_statistics(named_parameters: list[tuple[str, torch.nn.Parameter]], 
 
 
 def weight_statistics(named_parameters: list[tuple[str, torch.nn.Parameter]], sampled: set[str]) -> dict[str, float]:
-    """Mean and standard deviation of the trainable weights, globally and for the sampled layers."""
-    tensors = [parameter.detach().float().flatten() for _, parameter in named_parameters]
-    if not tensors:
+    """Mean and standard deviation of the trainable weights, globally and for the sampled layers.
+
+    Built from per-tensor sums and sums of squares (no concatenated copy of every weight), all on the
+    device, then moved to the host in one transfer.
+    """
+    if not named_parameters:
         return {}
-    everything = torch.cat(tensors)
-    pieces = [everything.mean(), everything.std()]
-    sampled_names = [name for name, _ in named_parameters if name in sampled]
-    for name, parameter in named_parameters:
-        if name in sampled:
-            flat = parameter.detach().float()
-            pieces.extend([flat.mean(), flat.std()])
-    values = torch.stack(pieces).tolist()
+    weights = [parameter.detach().float() for _, parameter in named_parameters]
+    sums = torch.stack([weight.sum() for weight in weights])
+    squares = torch.stack(torch._foreach_norm(weights)) ** 2
+    counts = torch.tensor([weight.numel() for weight in weights], dtype=torch.float32, device=sums.device)
+    total = counts.sum()
+    global_mean = sums.sum() / total
+    global_variance = (squares.sum() - total * global_mean**2) / (total - 1).clamp(min=1)
+    positions = [index for index, (name, _) in enumerate(named_parameters) if name in sampled]
+    layer_means = sums[positions] / counts[positions]
+    layer_variances = (squares[positions] - counts[positions] * layer_means**2) / (counts[positions] - 1).clamp(min=1)
+    values = torch.cat([torch.stack([global_mean, global_variance.clamp(min=0).sqrt()]), layer_means,
+                        layer_variances.clamp(min=0).sqrt()]).tolist()
     metrics = {"weights/global_mean": values[0], "weights/global_std": values[1]}
-    for index, name in enumerate(sampled_names):
-        metrics[f"weights/{metric_name(name)}/mean"] = values[2 + 2 * index]
-        metrics[f"weights/{metric_name(name)}/std"] = values[3 + 2 * index]
+    for offset, index in enumerate(positions):
+        name = metric_name(named_parameters[index][0])
+        metrics[f"weights/{name}/mean"] = values[2 + offset]
+        metrics[f"weights/{name}/std"] = values[2 + len(positions) + offset]
     return metrics
 
 

@@ -188,3 +188,22 @@ def test_online_without_api_key_falls_back_to_offline(crawler_table, make_settin
     assert run_file.parent.name.startswith("offline-run-")
     assert "train/loss" in read_run(run_file).keys()
     assert load_state(settings.paths.state_file).total_training_runs == 1
+
+
+def test_weight_statistics_match_torch(tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from codelupe_trainer.trainer import metric_name, weight_statistics
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"))
+    trainable = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+    chosen = trainable[1][0]
+    metrics = weight_statistics(trainable, {chosen})
+    everything = torch.cat([parameter.detach().flatten() for _, parameter in trainable])
+    assert metrics["weights/global_mean"] == pytest.approx(everything.mean().item(), abs=1e-6)
+    assert metrics["weights/global_std"] == pytest.approx(everything.std().item(), rel=1e-4)
+    layer = dict(trainable)[chosen].detach()
+    assert metrics[f"weights/{metric_name(chosen)}/mean"] == pytest.approx(layer.mean().item(), abs=1e-6)
+    assert metrics[f"weights/{metric_name(chosen)}/std"] == pytest.approx(layer.std().item(), rel=1e-4)
