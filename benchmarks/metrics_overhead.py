@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from codelupe_trainer.config import DataSettings, ModelSettings, TrainingSettings  # noqa: E402
+from codelupe_trainer.config import ModelSettings, TrainingSettings  # noqa: E402
 from codelupe_trainer.dataset import build_dataset  # noqa: E402
 from codelupe_trainer.demo import crawler_rows, standard_library_files  # noqa: E402
 from codelupe_trainer.metrics import MetricsRun, SystemMonitor, WandbOptions  # noqa: E402

@@ -50,15 +50,37 @@ def measure_code(content: str, language: str) -> CodeStats:
     return CodeStats(len(lines), comment_lines, docstrings, functions, len(BRANCHES.findall(content)))
 
 
+@dataclass
+class CodeTotals:
+    """Running sums over a stream of samples, so the statistics cost no memory per sample."""
+
+    samples: int = 0
+    lines: int = 0
+    comment_lines: int = 0
+    with_docstring: int = 0
+    complexity: float = 0.0
+
+    def add(self, stats: CodeStats) -> None:
+        self.samples += 1
+        self.lines += stats.lines
+        self.comment_lines += stats.comment_lines
+        self.with_docstring += bool(stats.docstrings)
+        # McCabe's estimate: 1 + branches per function; a file with no function counts as one.
+        self.complexity += 1 + stats.branches / max(stats.functions, 1)
+
+    def summary(self) -> dict[str, float]:
+        if not self.samples:
+            return {"code/avg_lines": 0.0, "code/comments_percent": 0.0, "code/docstrings_percent": 0.0, "code/avg_complexity": 0.0}
+        return {
+            "code/avg_lines": self.lines / self.samples,
+            "code/comments_percent": 100.0 * self.comment_lines / max(self.lines, 1),
+            "code/docstrings_percent": 100.0 * self.with_docstring / self.samples,
+            "code/avg_complexity": self.complexity / self.samples,
+        }
+
+
 def summarize_code(stats: list[CodeStats]) -> dict[str, float]:
-    if not stats:
-        return {"code/avg_lines": 0.0, "code/comments_percent": 0.0, "code/docstrings_percent": 0.0, "code/avg_complexity": 0.0}
-    total_lines = sum(item.lines for item in stats)
-    # Complexity: 1 + branches per function (McCabe's estimate); a file with no function counts as one.
-    complexity = [1 + item.branches / max(item.functions, 1) for item in stats]
-    return {
-        "code/avg_lines": total_lines / len(stats),
-        "code/comments_percent": 100.0 * sum(item.comment_lines for item in stats) / max(total_lines, 1),
-        "code/docstrings_percent": 100.0 * sum(1 for item in stats if item.docstrings) / len(stats),
-        "code/avg_complexity": sum(complexity) / len(complexity),
-    }
+    totals = CodeTotals()
+    for item in stats:
+        totals.add(item)
+    return totals.summary()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +27,7 @@ from .metrics import MetricsRun, SystemMonitor, WandbOptions, effective_wandb_mo
 from .records import FetchResult
 from .retention import prune_adapters, prune_wandb_runs
 from .source import check_table, count_new_samples, fetch_new_samples, open_connection
-from .state import TrainerState, load_state, record_failure, save_state
+from .state import TrainerState, account_uptime, load_state, record_failure, save_state
 from .status import write_cycle_progress
 from .trainer import (
     Frequencies,
@@ -38,7 +37,6 @@ from .trainer import (
     load_base_model,
     load_tokenizer,
     pick_device,
-    resolve_quantization,
     safe_perplexity,
     save_adapter,
     train_adapter,
@@ -46,8 +44,8 @@ from .trainer import (
 
 log = logging.getLogger(__name__)
 
-PROCESS_STARTED = time.time()
-_uptime_accounted_until = PROCESS_STARTED
+# When the trainer process started: the daemon's start for cycles it runs, else this process's own.
+_process_started = time.time()
 
 
 class AlreadyRunning(Exception):
@@ -95,12 +93,10 @@ def trainer_lock(settings: Settings) -> Iterator[None]:
         handle.close()
 
 
-def take_uptime() -> float:
-    """Seconds this process has been up since the last time its uptime was added to the state."""
-    global _uptime_accounted_until
-    now = time.time()
-    elapsed, _uptime_accounted_until = now - _uptime_accounted_until, now
-    return elapsed
+def set_process_started(started: float) -> None:
+    """Called in a daemon's cycle process, so uptime counts the daemon's time, not just the cycle's."""
+    global _process_started
+    _process_started = started
 
 
 def run_config(settings: Settings) -> dict[str, Any]:
@@ -119,7 +115,7 @@ def run_cycle(settings: Settings, force: bool = False, should_stop: Callable[[],
         except TrainingInterrupted as interruption:
             return CycleOutcome("interrupted", str(interruption))
         except Exception as error:
-            record_failure(settings.paths.state_file, f"{type(error).__name__}: {error}", take_uptime())
+            record_failure(settings.paths.state_file, f"{type(error).__name__}: {error}", _process_started)
             raise
 
 
@@ -259,7 +255,7 @@ def advance_state(state: TrainerState, fetched: FetchResult, samples_trained: in
     new_state = TrainerState(**asdict(state))
     new_state.pending_gaps = gaps
     new_state.last_trained_id = max(state.last_trained_id, fetched.last_examined_id)
-    new_state.uptime_seconds = state.uptime_seconds + take_uptime()
+    account_uptime(new_state, _process_started, now)
     if adapter_path is not None:
         new_state.total_training_runs += 1
         new_state.total_samples_trained += samples_trained

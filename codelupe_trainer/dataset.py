@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .codestats import measure_code, summarize_code
+from .codestats import CodeTotals, measure_code
 from .records import Sample
 
 IGNORE_INDEX = -100
@@ -42,24 +42,28 @@ class Tokenizer(Protocol):
 
 @dataclass
 class TokenizedSample:
-    """One sample's tokens (int32) and which of them carry loss (False on a completion's prompt)."""
+    """One sample's tokens (int32) and which of them carry loss: None when all do (raw format), else a
+    bool mask that is False on a completion's prompt."""
 
     sample_id: int
     input_ids: np.ndarray
-    loss_mask: np.ndarray
+    loss_mask: np.ndarray | None = None
 
     @classmethod
     def of(cls, sample_id: int, input_ids: list[int], prompt_length: int = 0) -> TokenizedSample:
-        mask = np.ones(len(input_ids), dtype=bool)
-        mask[:prompt_length] = False
+        mask = None
+        if prompt_length:
+            mask = np.ones(len(input_ids), dtype=bool)
+            mask[:prompt_length] = False
         return cls(sample_id, np.asarray(input_ids, dtype=np.int32), mask)
 
 
 class Block:
     """One packed row: several samples' tokens side by side, positions restarting per sample.
 
-    Stored compactly (int32 ids, a bool loss mask and the sample lengths: 5 bytes a token), so 100,000
-    samples of code fit in a few hundred MB; labels and position ids are derived when a batch is built.
+    Stored compactly (int32 ids, plus a bool loss mask only when some tokens carry no loss: 4-5 bytes a
+    token), so 100,000 samples of code take a few hundred MB; labels and position ids are derived when a
+    batch is built.
     """
 
     def __init__(self) -> None:
@@ -77,7 +81,11 @@ class Block:
     def _assembled(self) -> None:
         if self._input_ids is None:
             self._input_ids = np.concatenate([piece.input_ids for piece in self._pieces]) if self._pieces else np.zeros(0, np.int32)
-            self._loss_mask = np.concatenate([piece.loss_mask for piece in self._pieces]) if self._pieces else np.zeros(0, bool)
+            if any(piece.loss_mask is not None for piece in self._pieces):
+                self._loss_mask = np.concatenate([
+                    piece.loss_mask if piece.loss_mask is not None else np.ones(len(piece.input_ids), dtype=bool)
+                    for piece in self._pieces
+                ])
             self.lengths = np.fromiter((len(piece.input_ids) for piece in self._pieces), dtype=np.int32)
 
     def seal(self) -> Block:
@@ -105,7 +113,10 @@ class Block:
         """Token ids where loss is taken, IGNORE_INDEX elsewhere. The first token of each sample is ignored:
         it would be predicted from the end of the previous sample."""
         self._assembled()
-        labels = np.where(self._loss_mask, self._input_ids, IGNORE_INDEX).astype(np.int64)
+        if self._loss_mask is None:
+            labels = self._input_ids.astype(np.int64)
+        else:
+            labels = np.where(self._loss_mask, self._input_ids, IGNORE_INDEX).astype(np.int64)
         labels[np.cumsum(self.lengths) - self.lengths] = IGNORE_INDEX
         return labels
 
@@ -117,7 +128,6 @@ class BuiltDataset:
     sample_ids: list[int]
     train_samples: int
     eval_samples: int
-    token_counts: list[int]
     data_metrics: dict[str, float]
     dataset_metrics: dict[str, float]
     packing: str = "position_ids"
@@ -183,8 +193,8 @@ def tokenize_samples(
         whole = TokenizedSample.of(sample.id, [*prompt_ids, *completion_ids, eos], prompt_length=len(prompt_ids))
         for start in range(0, len(whole.input_ids), max_length):
             if len(whole.input_ids) - start > 1:
-                tokenized.append(TokenizedSample(sample.id, whole.input_ids[start : start + max_length],
-                                                 whole.loss_mask[start : start + max_length]))
+                mask = None if whole.loss_mask is None else whole.loss_mask[start : start + max_length]
+                tokenized.append(TokenizedSample(sample.id, whole.input_ids[start : start + max_length], mask))
     return tokenized
 
 
@@ -192,23 +202,65 @@ def _encode(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
 
 
-def pack_best_fit(sequences: list[TokenizedSample], max_length: int) -> list[Block]:
-    """Best-fit-decreasing bin packing: longest first, each into the fullest block it still fits."""
-    blocks: list[Block] = []
-    # Sorted (free space, block index) pairs; bisect finds the tightest block that still fits.
-    free_space: list[tuple[int, int]] = []
-    for sequence in sorted(sequences, key=lambda item: len(item.input_ids), reverse=True):
+class Packer:
+    """Online best fit: each sequence goes into the open block with the least room that still holds it.
+
+    A block with less than `seal_below` tokens of room left is sealed (its pieces assembled into arrays
+    and released), and at most `max_open` blocks stay open, so memory holds the packed arrays plus a
+    bounded working set, whatever the number of samples.
+    """
+
+    def __init__(self, max_length: int, seal_below: int | None = None, max_open: int = 4096):
+        self.max_length = max_length
+        self.seal_below = seal_below if seal_below is not None else max(2, max_length // 64)
+        self.max_open = max_open
+        self.blocks: list[Block] = []
+        # Sorted (free space, block index) of the open blocks; bisect finds the tightest fit.
+        self._free_space: list[tuple[int, int]] = []
+
+    def add(self, sequence: TokenizedSample) -> None:
         length = len(sequence.input_ids)
-        position = bisect.bisect_left(free_space, (length, -1))
-        if position < len(free_space):
-            space, index = free_space.pop(position)
+        position = bisect.bisect_left(self._free_space, (length, -1))
+        if position < len(self._free_space):
+            space, index = self._free_space.pop(position)
         else:
-            blocks.append(Block())
-            space, index = max_length, len(blocks) - 1
-        blocks[index].add(sequence)
-        if space - length > 1:
-            bisect.insort(free_space, (space - length, index))
-    return [block.seal() for block in blocks]
+            self.blocks.append(Block())
+            space, index = self.max_length, len(self.blocks) - 1
+        self.blocks[index].add(sequence)
+        if space - length < self.seal_below:
+            self.blocks[index].seal()
+        else:
+            bisect.insort(self._free_space, (space - length, index))
+        if len(self._free_space) > self.max_open:
+            _, fullest = self._free_space.pop(0)
+            self.blocks[fullest].seal()
+
+    def finish(self) -> list[Block]:
+        return [block.seal() for block in self.blocks]
+
+
+def pack_best_fit(sequences: list[TokenizedSample], max_length: int) -> list[Block]:
+    """Best-fit decreasing over a list already in memory: longest first."""
+    packer = Packer(max_length)
+    for sequence in sorted(sequences, key=lambda item: len(item.input_ids), reverse=True):
+        packer.add(sequence)
+    return packer.finish()
+
+
+@dataclass
+class TokenStats:
+    """Tokens per sample (all pieces of a sample together), as running figures."""
+
+    samples: int = 0
+    total: int = 0
+    largest: int = 0
+    smallest: int = 0
+
+    def add(self, count: int) -> None:
+        self.smallest = count if self.samples == 0 else min(self.smallest, count)
+        self.largest = max(self.largest, count)
+        self.samples += 1
+        self.total += count
 
 
 def build_dataset(
@@ -227,15 +279,27 @@ def build_dataset(
     and filters the next one, so fetching, filtering and tokenizing overlap.
     `skipped_upstream` is read at the end: the source fills it while the stream is consumed.
     """
-    train_sequences: list[TokenizedSample] = []
-    eval_sequences: list[TokenizedSample] = []
+    train_packer, eval_packer = Packer(max_length), Packer(max_length)
+    eval_ids: set[int] = set()
+    token_stats = TokenStats()
     tally = _Tally()
 
     def collect(tokenized_chunk: list[TokenizedSample]) -> None:
+        # The pieces of one sample are adjacent: sum them before counting the sample.
+        current_id, current_tokens = None, 0
         for tokenized in tokenized_chunk:
-            tally.token_counts[tokenized.sample_id] += len(tokenized.input_ids)
-            target = eval_sequences if is_eval_sample(tokenized.sample_id, seed, eval_fraction) else train_sequences
-            target.append(tokenized)
+            if tokenized.sample_id != current_id:
+                if current_id is not None:
+                    token_stats.add(current_tokens)
+                current_id, current_tokens = tokenized.sample_id, 0
+            current_tokens += len(tokenized.input_ids)
+            if is_eval_sample(tokenized.sample_id, seed, eval_fraction):
+                eval_ids.add(tokenized.sample_id)
+                eval_packer.add(tokenized)
+            else:
+                train_packer.add(tokenized)
+        if current_id is not None:
+            token_stats.add(current_tokens)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer") as tokenizer_thread:
         in_flight: Future | None = None
@@ -249,17 +313,14 @@ def build_dataset(
         if in_flight is not None:
             collect(in_flight.result())
 
-    counts = [tally.token_counts[sample_id] for sample_id in tally.sample_ids]
-    eval_ids = {sequence.sample_id for sequence in eval_sequences}
-    train_blocks = pack_best_fit(train_sequences, max_length)
-    eval_blocks = pack_best_fit(eval_sequences, max_length)
+    train_blocks, eval_blocks = train_packer.finish(), eval_packer.finish()
     passed_count = len(tally.sample_ids)
     data_metrics = summarize_data(
         seen=tally.seen, passed=passed_count, languages=tally.languages, quality_sum=tally.quality_sum,
         chars_sum=tally.chars_sum, blocked=tally.blocked, skipped=Counter(skipped_upstream or {}),
-    ) | summarize_code(tally.code_stats)
+    ) | tally.code.summary()
     dataset_metrics = summarize_dataset(
-        train_samples=passed_count - len(eval_ids), eval_samples=len(eval_ids), token_counts=counts,
+        train_samples=passed_count - len(eval_ids), eval_samples=len(eval_ids), token_stats=token_stats,
         blocks=train_blocks + eval_blocks, max_length=max_length,
     )
     return BuiltDataset(
@@ -268,7 +329,6 @@ def build_dataset(
         sample_ids=tally.sample_ids,
         train_samples=passed_count - len(eval_ids),
         eval_samples=len(eval_ids),
-        token_counts=counts,
         data_metrics=data_metrics,
         dataset_metrics=dataset_metrics,
     )
@@ -282,10 +342,9 @@ class _Tally:
     quality_sum: int = 0
     chars_sum: int = 0
     sample_ids: list[int] = field(default_factory=list)
-    token_counts: Counter = field(default_factory=Counter)
     blocked: Counter = field(default_factory=Counter)
     languages: Counter = field(default_factory=Counter)
-    code_stats: list = field(default_factory=list)
+    code: CodeTotals = field(default_factory=CodeTotals)
 
     def admit(self, sample: Sample, blockers: Iterable[tuple[str, Blocker]]) -> bool:
         self.seen += 1
@@ -297,7 +356,7 @@ class _Tally:
         self.languages[sample.language] += 1
         self.quality_sum += sample.quality
         self.chars_sum += len(sample.content)
-        self.code_stats.append(measure_code(sample.content, sample.language))
+        self.code.add(measure_code(sample.content, sample.language))
         return True
 
 
@@ -336,7 +395,7 @@ def summarize_data(
 
 
 def summarize_dataset(
-    train_samples: int, eval_samples: int, token_counts: list[int], blocks: list[Block], max_length: int
+    train_samples: int, eval_samples: int, token_stats: TokenStats, blocks: list[Block], max_length: int
 ) -> dict[str, float]:
     total = train_samples + eval_samples
     real_tokens = sum(len(block) for block in blocks)
@@ -345,9 +404,9 @@ def summarize_dataset(
         "dataset/eval_size": eval_samples,
         "dataset/total_size": total,
         "dataset/train_eval_ratio": train_samples / eval_samples if eval_samples else float(train_samples),
-        "dataset/avg_tokens_per_sample": sum(token_counts) / len(token_counts) if token_counts else 0.0,
-        "dataset/max_tokens": max(token_counts, default=0),
-        "dataset/min_tokens": min(token_counts, default=0),
+        "dataset/avg_tokens_per_sample": token_stats.total / token_stats.samples if token_stats.samples else 0.0,
+        "dataset/max_tokens": token_stats.largest,
+        "dataset/min_tokens": token_stats.smallest,
         "dataset/total_tokens": real_tokens,
         "dataset/packed_blocks": len(blocks),
         "dataset/real_token_fraction": real_tokens / (len(blocks) * max_length) if blocks else 0.0,

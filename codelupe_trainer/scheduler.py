@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import signal
 import threading
+import time
 
 from datetime import datetime, timedelta
 
@@ -29,14 +30,15 @@ CHILD_EXIT_INTERRUPTED = 4
 BACKOFF_BASE_S = 30.0
 
 
-def _child_main(settings: Settings, force: bool) -> None:
+def _child_main(settings: Settings, force: bool, daemon_started: float) -> None:
     """Runs in the child: honour SIGTERM at the next step boundary, report the outcome by exit code."""
     import sys
 
     from .cli import setup_logging
-    from .cycle import AlreadyRunning, run_cycle
+    from .cycle import AlreadyRunning, run_cycle, set_process_started
 
     setup_logging(settings)
+    set_process_started(daemon_started)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -65,6 +67,7 @@ class Daemon:
         self.stopping = threading.Event()
         self.child: multiprocessing.Process | None = None
         self.phase = "idle"
+        self.started_at = time.time()
         self.context = multiprocessing.get_context("spawn")
         self.scheduler = BackgroundScheduler(job_defaults={
             "max_instances": 1,
@@ -80,7 +83,7 @@ class Daemon:
         if self.stopping.is_set():
             return
         self.phase = "training"
-        self.child = self.context.Process(target=_child_main, args=(self.settings, False), name="codelupe-cycle")
+        self.child = self.context.Process(target=_child_main, args=(self.settings, False, self.started_at), name="codelupe-cycle")
         self.child.start()
         self.child.join()
         code = self.child.exitcode
@@ -93,7 +96,7 @@ class Daemon:
             return
         if code not in (1, 3):
             # Killed by a signal or died without reporting (OOM killer, segfault): record it here.
-            record_failure(self.settings.paths.state_file, f"cycle process died with exit code {code}")
+            record_failure(self.settings.paths.state_file, f"cycle process died with exit code {code}", self.started_at)
         failures = load_state(self.settings.paths.state_file).consecutive_failures
         delay = backoff_seconds(max(failures, 1), self.interval_s)
         log.warning("cycle failed (exit %s, %d in a row); retrying in %.0f s", code, failures, delay)

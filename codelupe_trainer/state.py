@@ -25,6 +25,8 @@ class TrainerState:
     total_samples_trained: int = 0
     first_started_at: float = field(default_factory=time.time)
     uptime_seconds: float = 0.0
+    # When uptime was last added; time before it (or before the process started) is never counted twice.
+    uptime_accounted_at: float | None = None
     consecutive_failures: int = 0
     total_failures: int = 0
     last_error: str | None = None
@@ -78,13 +80,21 @@ def fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
-def record_failure(path: Path, error: BaseException | str, uptime_seconds: float = 0.0) -> TrainerState:
-    """A failed cycle changes nothing but the failure counters and the last error."""
+def account_uptime(state: TrainerState, process_started: float, now: float) -> None:
+    """Add the time this process has been up since the later of its start and the last accounting."""
+    since = max(state.uptime_accounted_at or 0.0, process_started)
+    state.uptime_seconds += max(0.0, now - since)
+    state.uptime_accounted_at = now
+
+
+def record_failure(path: Path, error: BaseException | str, process_started: float | None = None) -> TrainerState:
+    """A failed cycle changes nothing but the failure counters, the last error and the uptime."""
     state = load_state(path)
     state.consecutive_failures += 1
     state.total_failures += 1
     state.last_error = str(error)[:500]
     state.last_error_at = time.time()
-    state.uptime_seconds += uptime_seconds
+    if process_started is not None:
+        account_uptime(state, process_started, state.last_error_at)
     save_state(state, path)
     return state

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 
 import pytest
 import torch
@@ -68,7 +67,7 @@ def test_split_is_stable_by_id_and_near_the_fraction():
 def test_long_samples_are_split_not_dropped():
     built = build_dataset([Sample(1, "x" * 100, "python", 80)], CharTokenizer(), max_length=32, eval_fraction=0.0, seed=0)
     formatted_length = len("<|lang:python|>\n") + 100 + 1
-    assert built.token_counts == [formatted_length]
+    assert built.dataset_metrics["dataset/max_tokens"] == built.dataset_metrics["dataset/min_tokens"] == formatted_length
     assert sum(len(block) for block in built.train_blocks) == formatted_length
 
 
@@ -80,7 +79,8 @@ def test_statistics_come_from_the_one_tokenization():
     assert built.data_metrics["data/language_go"] == 4
     assert built.data_metrics["data/language_python_percent"] == 50.0
     assert built.data_metrics["data/avg_quality_score"] == pytest.approx(74.5)
-    assert built.dataset_metrics["dataset/real_token_fraction"] == pytest.approx(sum(built.token_counts) / (256 * len(built.train_blocks)))
+    assert built.dataset_metrics["dataset/real_token_fraction"] == pytest.approx(
+        built.dataset_metrics["dataset/avg_tokens_per_sample"] * 8 / (256 * len(built.train_blocks)))
 
 
 rows = st.builds(
@@ -162,3 +162,20 @@ def test_code_metrics(content, language, expected):
     from codelupe_trainer.codestats import measure_code, summarize_code
 
     assert summarize_code([measure_code(content, language)]) == pytest.approx(expected)
+
+
+def test_online_packer_keeps_a_bounded_working_set_and_packs_densely():
+    import random
+
+    from codelupe_trainer.dataset import Packer
+
+    generator = random.Random(3)
+    packer = Packer(max_length=512, max_open=16)
+    lengths = [generator.randint(20, 400) for _ in range(3000)]
+    for index, length in enumerate(lengths):
+        packer.add(sequence(index, length))
+        assert len(packer._free_space) <= 16
+    blocks = packer.finish()
+    assert sum(len(block) for block in blocks) == sum(lengths)
+    assert sum(lengths) / (512 * len(blocks)) > 0.95
+    assert all(block._pieces == [] for block in blocks), "sealed blocks keep arrays only"

@@ -121,3 +121,13 @@ def test_a_row_committed_late_below_the_watermark_is_not_skipped(crawler_table):
 def test_gaps_expire_after_the_commit_lag_window():
     state = TrainerState(pending_gaps={"5": 1000.0, "6": 5000.0})
     assert list(expire_gaps(state, max_age_minutes=60, now=5000.0 + 60).pending_gaps) == ["6"]
+
+
+def test_uptime_counts_each_second_once_across_processes():
+    from codelupe_trainer.state import account_uptime
+
+    state = TrainerState()
+    account_uptime(state, process_started=100.0, now=160.0)       # first process: 60 s
+    account_uptime(state, process_started=100.0, now=190.0)       # same process, later: +30 s
+    account_uptime(state, process_started=1000.0, now=1010.0)     # a later process: only its own 10 s
+    assert state.uptime_seconds == 100.0 and state.uptime_accounted_at == 1010.0
