@@ -131,3 +131,19 @@ def test_uptime_counts_each_second_once_across_processes():
     account_uptime(state, process_started=100.0, now=190.0)       # same process, later: +30 s
     account_uptime(state, process_started=1000.0, now=1010.0)     # a later process: only its own 10 s
     assert state.uptime_seconds == 100.0 and state.uptime_accounted_at == 1010.0
+
+
+def test_a_connection_dropped_mid_fetch_raises_without_the_password(crawler_table, server_url):
+    from conftest import insert_stdlib_rows
+
+    insert_stdlib_rows(crawler_table, start=0, count=30)
+    database = DatabaseSettings(url=crawler_table, page_size=5)
+    result = FetchResult(last_examined_id=0)
+    with open_connection(database) as connection:
+        stream = fetch_new_samples(connection, database, DataSettings(min_quality=0, max_chars=10**6), 0, result)
+        next(stream)
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (connection.info.backend_pid,))
+        with pytest.raises(psycopg.OperationalError) as raised:
+            list(stream)
+    assert "Sup3rSecretPw" not in str(raised.value)

@@ -207,3 +207,35 @@ def test_weight_statistics_match_torch(tiny_model):
     layer = dict(trainable)[chosen].detach()
     assert metrics[f"weights/{metric_name(chosen)}/mean"] == pytest.approx(layer.mean().item(), abs=1e-6)
     assert metrics[f"weights/{metric_name(chosen)}/std"] == pytest.approx(layer.std().item(), rel=1e-4)
+
+
+def test_steps_never_go_backwards(tmp_path):
+    from codelupe_trainer.metrics import MetricsRun, WandbOptions
+
+    run = MetricsRun(7, tmp_path / "metrics.jsonl", WandbOptions("offline", "p", None, "g", tmp_path, 60, 60), {})
+    run.log(5, {"a/x": 1.0})
+    run.log(3, {"a/y": 2.0})  # a late report is filed under the current step, not an older one
+    run.finish(0)
+    [run_file] = find_run_files(tmp_path)
+    assert [row["_step"] for row in read_run(run_file).history] == [5]
+    steps = [json.loads(line).get("step") for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [step for step in steps if step is not None] == [5, 5]
+    debug_logs = "".join(path.read_text(errors="replace") for path in run_file.parent.glob("logs/*.log"))
+    assert "less than the current step" not in debug_logs
+
+
+def test_unreachable_wandb_server_degrades_to_the_local_file(crawler_table, make_settings, tmp_path, monkeypatch, caplog):
+    api_key = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("WANDB_API_KEY", api_key)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    insert_stdlib_rows(crawler_table, start=0, count=40)
+    settings = make_settings(crawler_table, extra=f'[wandb]\nmode = "online"\ndir = "{tmp_path}"\ninit_timeout_s = 5\nfinish_timeout_s = 5\n')
+    caplog.set_level(logging.INFO)
+    assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 0
+    assert "W&B could not start" in caplog.text
+    assert api_key not in caplog.text
+    state = load_state(settings.paths.state_file)
+    assert state.total_training_runs == 1
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in record for record in records)
+    assert records[0]["wandb_mode"] == "disabled"
