@@ -179,3 +179,13 @@ def test_online_packer_keeps_a_bounded_working_set_and_packs_densely():
     assert sum(len(block) for block in blocks) == sum(lengths)
     assert sum(lengths) / (512 * len(blocks)) > 0.95
     assert all(block._pieces == [] for block in blocks), "sealed blocks keep arrays only"
+
+
+def test_fast_path_tokenizes_exactly_like_the_transformers_call(tiny_model):
+    from transformers import AutoTokenizer
+
+    from codelupe_trainer.dataset import _encode
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    texts = ["def f(x):\n    return x  # ünïcode\n", "<|im_start|>user\nhi<|im_end|>\n", "\t\n  "]
+    assert _encode(tokenizer, texts) == tokenizer(texts, add_special_tokens=False)["input_ids"]
