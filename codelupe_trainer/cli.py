@@ -189,8 +189,15 @@ def command_run_once(settings: Settings, arguments) -> int:
 
 
 def command_run(settings: Settings, arguments) -> int:
+    from .doctor import fatal_startup_problems
     from .scheduler import run_daemon
 
+    problems = fatal_startup_problems(settings)
+    if problems:
+        # Exit 2 is listed in the unit's RestartPreventExitStatus: systemd does not restart into the same error.
+        for problem in problems:
+            print(f"codelupe-trainer: cannot start: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     return run_daemon(settings, arguments.config)
 
 

@@ -82,6 +82,11 @@ class ModelSettings(Section):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    packing: Literal["auto", "position_ids", "length_grouped"] = Field(
+        "auto",
+        description="auto: pack samples with restarting position ids if a probe shows the attention backend keeps "
+        "them apart, else one sample per row in length-grouped batches.",
+    )
 
 
 class TrainingSettings(Section):

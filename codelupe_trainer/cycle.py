@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from . import filters
+from .doctor import check_model_path
 from .faults import crash_point
 from .config import Settings
-from .dataset import BuiltDataset, build_dataset, format_raw, make_completion_formatter
+from .dataset import BLOCK_FILTERS, BuiltDataset, build_dataset, format_raw, make_completion_formatter, one_sample_per_block
 from .metrics import MetricsRun, SystemMonitor, WandbOptions, effective_wandb_mode
 from .records import FetchResult
 from .retention import prune_adapters, prune_wandb_runs
@@ -31,11 +32,13 @@ from .state import TrainerState, account_uptime, load_state, record_failure, sav
 from .status import write_cycle_progress
 from .trainer import (
     Frequencies,
+    TrainingError,
     TrainingInterrupted,
     attach_adapter,
     count_parameters,
     load_base_model,
     load_tokenizer,
+    packing_is_isolated,
     pick_device,
     safe_perplexity,
     save_adapter,
@@ -131,6 +134,9 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
                 f"{available} eligible new samples; waiting for {settings.schedule.min_new_samples} (use --force to train anyway)",
                 new_samples=available,
             )
+        _, model_found, model_problem = check_model_path(settings.model.base_model)
+        if not model_found:
+            raise TrainingError(model_problem)
         log.info("%d eligible new samples past id %d", available, state.last_trained_id)
         write_cycle_progress(settings.paths.state_file, "dataset", new_samples=available)
         tokenizer = load_tokenizer(settings.model.base_model)
@@ -171,7 +177,7 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
         init_timeout_s=settings.wandb.init_timeout_s,
         finish_timeout_s=settings.wandb.finish_timeout_s,
     )
-    config = run_config(settings) | {"packing": dataset.packing, "device": device}
+    config = run_config(settings) | {"device": device}
     metrics = MetricsRun(run_number, metrics_file(settings), options, config, settings.metrics.queue_size)
     reporter = ProgressReporter(metrics, settings.paths.state_file, run_number)
     monitor = SystemMonitor(settings.paths.output_dir)
@@ -181,15 +187,20 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
         write_cycle_progress(settings.paths.state_file, "loading model", run=run_number)
         base, quantization = load_base_model(settings.model, device)
         previous = Path(state.latest_adapter) if state.latest_adapter and Path(state.latest_adapter).exists() else None
+        packing = choose_packing(settings.model.packing, base)
+        if packing != "position_ids":
+            dataset.train_blocks = one_sample_per_block(dataset.train_blocks)
+            dataset.eval_blocks = one_sample_per_block(dataset.eval_blocks)
         model = attach_adapter(base, settings.model, previous)
         trainable, total = count_parameters(model)
-        metrics.update_config(model_config(settings, trainable, total, quantization, previous))
+        metrics.update_config(model_config(settings, trainable, total, quantization, previous) | {"packing": packing})
         with tempfile.TemporaryDirectory(prefix="codelupe-trainer-") as scratch:
             result = train_adapter(
                 model, tokenizer, dataset.train_blocks, dataset.eval_blocks, settings.training, Path(scratch),
                 reporter, Frequencies(settings.metrics.system_every_steps, settings.metrics.gradient_metrics_every_steps,
                                      settings.metrics.per_layer_sample),
                 should_stop, monitor.read, settings.data.seed, device, quantized=quantization != "none",
+                packed=packing == "position_ids",
             )
         write_cycle_progress(settings.paths.state_file, "saving adapter", run=run_number)
         adapter_path = save_adapter(model, settings.paths.output_dir, run_number)
@@ -203,8 +214,7 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
             "eval_samples": dataset.eval_samples,
             "rows_examined": fetched.rows_examined,
             "skipped": dict(fetched.skipped),
-            "blocked": {key.removeprefix("data/blocked_"): value for key, value in dataset.data_metrics.items()
-                        if key.startswith("data/blocked_") and key != "data/blocked_total"},
+            "blocked": {name: dataset.data_metrics[f"data/blocked_{name}"] for name in BLOCK_FILTERS},
             "steps": result.global_step,
             "train_loss": result.train_loss,
             "eval_loss_before": result.initial_eval_loss,
@@ -212,6 +222,7 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
             "train_seconds": round(result.train_seconds, 3),
             "device": device,
             "quantization": quantization,
+            "packing": packing,
             "finished_at": time.time(),
         }
         new_state = advance_state(state, fetched, dataset.total_samples, adapter_path, summary)
@@ -243,6 +254,16 @@ class ProgressReporter:
             write_cycle_progress(self.state_file, "training", run=self.run_number, step=step,
                                  percent=round(values["progress/step_percent"], 1),
                                  eta_minutes=round(values["progress/eta_minutes"], 1))
+
+
+def choose_packing(setting: str, base_model) -> str:
+    """`auto` packs only if the probe shows this model's attention keeps packed samples apart."""
+    if setting != "auto":
+        return setting
+    if packing_is_isolated(base_model):
+        return "position_ids"
+    log.warning("this attention backend does not keep packed samples apart: one sample per row, length-grouped")
+    return "length_grouped"
 
 
 def advance_state(state: TrainerState, fetched: FetchResult, samples_trained: int, adapter_path: Path | None,

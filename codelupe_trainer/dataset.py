@@ -130,7 +130,6 @@ class BuiltDataset:
     eval_samples: int
     data_metrics: dict[str, float]
     dataset_metrics: dict[str, float]
-    packing: str = "position_ids"
 
     @property
     def total_samples(self) -> int:
@@ -205,6 +204,20 @@ def _encode(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     if backend is not None and hasattr(backend, "encode_batch_fast"):
         return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
     return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+
+
+def one_sample_per_block(blocks: list[Block]) -> list[Block]:
+    """Undo packing: each sample piece in a row of its own (for backends that cannot isolate packed samples)."""
+    single = []
+    for block in blocks:
+        offset = 0
+        for length in block.lengths.tolist():
+            mask = None if block._loss_mask is None else block._loss_mask[offset : offset + length]
+            piece = Block()
+            piece.add(TokenizedSample(-1, block.input_ids[offset : offset + length], mask))
+            single.append(piece.seal())
+            offset += length
+    return single
 
 
 class Packer:
@@ -323,6 +336,7 @@ def build_dataset(
     data_metrics = summarize_data(
         seen=tally.seen, passed=passed_count, languages=tally.languages, quality_sum=tally.quality_sum,
         chars_sum=tally.chars_sum, blocked=tally.blocked, skipped=Counter(skipped_upstream or {}),
+        blocked_by_language=tally.blocked_by_language,
     ) | tally.code.summary()
     dataset_metrics = summarize_dataset(
         train_samples=passed_count - len(eval_ids), eval_samples=len(eval_ids), token_stats=token_stats,
@@ -348,6 +362,7 @@ class _Tally:
     chars_sum: int = 0
     sample_ids: list[int] = field(default_factory=list)
     blocked: Counter = field(default_factory=Counter)
+    blocked_by_language: Counter = field(default_factory=Counter)
     languages: Counter = field(default_factory=Counter)
     code: CodeTotals = field(default_factory=CodeTotals)
 
@@ -356,6 +371,7 @@ class _Tally:
         reason = _first_block_reason(sample, blockers)
         if reason is not None:
             self.blocked[reason] += 1
+            self.blocked_by_language[reason, sample.language] += 1
             return False
         self.sample_ids.append(sample.id)
         self.languages[sample.language] += 1
@@ -376,9 +392,12 @@ BLOCK_FILTERS = ("secrets", "license", "malicious", "duplicates")
 
 
 def summarize_data(
-    seen: int, passed: int, languages: Counter, quality_sum: int, chars_sum: int, blocked: Counter, skipped: Counter
+    seen: int, passed: int, languages: Counter, quality_sum: int, chars_sum: int, blocked: Counter, skipped: Counter,
+    blocked_by_language: Counter | None = None,
 ) -> dict[str, float]:
-    """The data/* group: what came in, what passed, what each filter blocked and why rows were skipped."""
+    """The data/* group: what came in, what passed, what each filter blocked (in all and per language)
+    and why rows were skipped."""
+    blocked_by_language = blocked_by_language or Counter()
     examined = seen + sum(skipped.values())
     metrics: dict[str, float] = {
         "data/total_samples": passed,
@@ -390,6 +409,13 @@ def summarize_data(
     for language, count in sorted(languages.items()):
         metrics[f"data/language_{language}"] = count
         metrics[f"data/language_{language}_percent"] = 100.0 * count / passed
+    blocked_per_language: Counter = Counter()
+    for (name, language), count in sorted(blocked_by_language.items()):
+        metrics[f"data/blocked_{name}_{language}"] = count
+        blocked_per_language[language] += count
+    for language in sorted(set(languages) | set(blocked_per_language)):
+        reached = languages.get(language, 0) + blocked_per_language[language]
+        metrics[f"data/language_{language}_pass_rate"] = 100.0 * languages.get(language, 0) / reached
     for name in BLOCK_FILTERS:
         metrics[f"data/blocked_{name}"] = blocked.get(name, 0)
     metrics["data/blocked_total"] = sum(blocked.values())

@@ -28,6 +28,24 @@ def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
     return results
 
 
+def fatal_startup_problems(settings: Settings) -> list[str]:
+    """Problems no retry can fix: a missing model directory, a missing table or column.
+
+    An unreachable database is not among them: the daemon retries it with backoff.
+    """
+    problems = []
+    name, ok, detail = check_model_path(settings.model.base_model)
+    if not ok:
+        problems.append(detail)
+    try:
+        with open_connection(settings.database) as connection:
+            check_table(connection, settings.database)
+    except SourceError as error:
+        if not str(error).startswith("cannot connect"):
+            problems.append(str(error))
+    return problems
+
+
 def check_model_path(base_model: str) -> tuple[str, bool, str]:
     path = Path(base_model)
     looks_local = base_model.startswith((".", "/", "~")) or path.exists()

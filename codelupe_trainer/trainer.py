@@ -116,6 +116,31 @@ def attach_adapter(base_model, model_settings: ModelSettings, previous_adapter: 
     return model
 
 
+def packing_is_isolated(model) -> bool:
+    """Probe the loaded model: do restarting position ids keep packed samples apart on its attention backend?
+
+    The logits of a short sequence packed after another must match those of it alone, far more closely than
+    the same sequence read as a continuation (the leak we are guarding against). Run in train mode without
+    gradients: the base model has no dropout, and eval mode would make bitsandbytes repack 4-bit weights.
+    """
+    device = next(model.parameters()).device
+    first, second = [11, 12, 13, 14, 15, 16], [21, 22, 23, 24]
+    packed = torch.tensor([first + second], device=device)
+    positions = torch.tensor([list(range(len(first))) + list(range(len(second)))], device=device)
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([second], device=device)).logits[0].float()
+            isolated = model(input_ids=packed, position_ids=positions).logits[0, len(first):].float()
+            leaked = model(input_ids=packed).logits[0, len(first):].float()
+    finally:
+        model.train(was_training)
+    isolation_error = (isolated - alone).abs().max().item()
+    leak = (leaked - alone).abs().max().item()
+    return isolation_error <= 0.1 * leak or isolation_error < 1e-4
+
+
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     total = sum(parameter.numel() for parameter in model.parameters())
@@ -211,10 +236,20 @@ class PhaseClock:
 
 
 class TimedTrainer(Trainer):
-    """The stock Trainer, with data loading, forward and backward timed per micro-batch."""
+    """The stock Trainer, with data loading, forward and backward timed per micro-batch, and optionally
+    length-grouped batches (when samples are not packed)."""
 
     phase_clock: PhaseClock
     last_loss: torch.Tensor | None = None
+    group_lengths: list[int] | None = None
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.group_lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                    lengths=self.group_lengths)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         started = time.perf_counter()
@@ -516,6 +551,7 @@ def train_adapter(
     seed: int,
     device: str,
     quantized: bool = False,
+    packed: bool = True,
 ) -> TrainingResult:
     """Train the adapter in place (fresh optimizer and schedule each cycle) and evaluate it."""
     collator = PackedCollator(tokenizer.pad_token_id)
@@ -528,6 +564,8 @@ def train_adapter(
         data_collator=collator,
     )
     trainer.phase_clock = PhaseClock(device)
+    if not packed:
+        trainer.group_lengths = [len(block) for block in train_blocks]
     trainer.remove_callback(PrinterCallback)  # our reporter is the only voice
     callback = ReportingCallback(reporter, trainer, collator, frequencies, should_stop, system_metrics)
     trainer.add_callback(callback)

@@ -189,3 +189,29 @@ def test_fast_path_tokenizes_exactly_like_the_transformers_call(tiny_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     texts = ["def f(x):\n    return x  # ünïcode\n", "<|im_start|>user\nhi<|im_end|>\n", "\t\n  "]
     assert _encode(tokenizer, texts) == tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def test_one_sample_per_block_undoes_packing():
+    from codelupe_trainer.dataset import one_sample_per_block
+
+    block = Block()
+    block.add(sequence(1, 3))
+    block.add(TokenizedSample.of(2, [7, 8, 9, 10], prompt_length=2))
+    block.seal()
+    first, second = one_sample_per_block([block])
+    assert first.input_ids.tolist() == [1, 2, 3] and first.labels.tolist() == [IGNORE_INDEX, 2, 3]
+    assert second.input_ids.tolist() == [7, 8, 9, 10] and second.labels.tolist() == [IGNORE_INDEX, IGNORE_INDEX, 9, 10]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packing_probe_finds_isolation_on_real_backends(tiny_model, attention):
+    from transformers import AutoModelForCausalLM
+
+    from codelupe_trainer.trainer import packing_is_isolated
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attention)
+    model.config.use_cache = False
+    assert packing_is_isolated(model)
+    # With a KV cache in play the packed layout is not detected: the probe must notice the leak.
+    model.config.use_cache = True
+    assert not packing_is_isolated(model)

@@ -117,3 +117,57 @@ def test_status_shows_the_persisted_state(tmp_path, monkeypatch, capsys):
     assert main(["status", "--config", str(REPO / "config" / "codelupe.toml")]) == 0
     text = capsys.readouterr().out
     assert "last trained id:       77" in text and "cannot connect" in text and "daemon:                not running" in text
+
+
+def test_daemon_refuses_to_start_on_a_missing_table_or_model(db_url, make_settings, tmp_path, capsys, monkeypatch):
+    make_settings(db_url)
+    monkeypatch.setenv("CODELUPE_MODEL__BASE_MODEL", str(tmp_path / "missing-model"))
+    assert main(["run", "--config", str(tmp_path / "codelupe.toml")]) == 2
+    errors = capsys.readouterr().err
+    assert "cannot start: table 'processed_files' does not exist" in errors
+    assert "missing-model" in errors and "not a directory with a config.json" in errors
+
+
+def test_run_once_names_a_missing_model_path(crawler_table, make_settings, tmp_path, monkeypatch, caplog):
+    from conftest import insert_stdlib_rows
+
+    insert_stdlib_rows(crawler_table, start=0, count=20)
+    settings = make_settings(crawler_table)
+    monkeypatch.setenv("CODELUPE_MODEL__BASE_MODEL", str(tmp_path / "gone"))
+    assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 1
+    assert f"model.base_model '{tmp_path / 'gone'}' is not a directory with a config.json" in caplog.text
+    from codelupe_trainer.state import load_state
+
+    assert load_state(settings.paths.state_file).last_trained_id == 0
+
+
+@pytest.mark.parametrize(("failures", "interval", "expected"), [(0, 300, 300), (1, 300, 30), (2, 300, 60), (4, 300, 240), (5, 300, 300), (3, 3, 3)])
+def test_backoff_doubles_and_is_capped_at_the_interval(failures, interval, expected):
+    from codelupe_trainer.scheduler import backoff_seconds
+
+    assert backoff_seconds(failures, interval) == expected
+
+
+def test_a_non_finite_adapter_is_never_saved(tiny_model, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from codelupe_trainer.trainer import TrainingError, save_adapter
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=2, target_modules=["q_proj"]))
+    with torch.no_grad():
+        next(parameter for parameter in model.parameters() if parameter.requires_grad).fill_(float("nan"))
+    with pytest.raises(TrainingError, match="NaN or infinite"):
+        save_adapter(model, tmp_path / "adapters", 1)
+    assert not (tmp_path / "adapters").exists() or list((tmp_path / "adapters").iterdir()) == []
+
+
+def test_training_arguments_never_hide_nan_and_never_report_to_wandb(tmp_path):
+    from codelupe_trainer.config import TrainingSettings
+    from codelupe_trainer.trainer import build_training_arguments
+
+    arguments = build_training_arguments(TrainingSettings(), tmp_path, "cpu", seed=1, has_eval=True)
+    assert arguments.logging_nan_inf_filter is False
+    assert arguments.report_to in ([], "none", ["none"]) or not arguments.report_to
+    assert arguments.save_strategy == "no"

@@ -144,3 +144,23 @@ def test_completion_format_trains_end_to_end(crawler_table, make_settings, tmp_p
     assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 0
     state = load_state(settings.paths.state_file)
     assert state.total_training_runs == 1 and state.last_run["train_loss"] > 0
+
+
+def test_length_grouped_fallback_trains_and_is_recorded(crawler_table, make_settings, tmp_path, monkeypatch):
+    from wandb_reader import find_run_files, read_run
+
+    insert_stdlib_rows(crawler_table, start=0, count=40)
+    monkeypatch.setenv("CODELUPE_MODEL__PACKING", "length_grouped")
+    settings = make_settings(crawler_table)
+    assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 0
+    state = load_state(settings.paths.state_file)
+    assert state.last_run["packing"] == "length_grouped" and state.total_training_runs == 1
+    [run_file] = find_run_files(tmp_path)
+    assert read_run(run_file).config["packing"] == "length_grouped"
+
+
+def test_auto_packing_is_position_ids_on_sdpa(crawler_table, make_settings, tmp_path):
+    insert_stdlib_rows(crawler_table, start=0, count=30)
+    settings = make_settings(crawler_table)
+    assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 0
+    assert load_state(settings.paths.state_file).last_run["packing"] == "position_ids"
