@@ -2,9 +2,11 @@
 
     .venv/bin/python benchmarks/metrics_overhead.py [--trials 5] [--steps 100]
 
-"on":  W&B offline + the JSON-lines file, train/batch/performance/progress every 10 steps, system metrics
-       every 10 steps, gradient and weight statistics every 10 steps.
-"off": W&B disabled, no system or gradient collection, reports dropped.
+"on":         W&B offline + the JSON-lines file, train/batch/performance/progress every 10 steps, system
+              metrics every 10 steps, gradient and weight statistics every 10 steps.
+"collectors": the same collectors and the JSON-lines file, W&B disabled (attributes the cost of wandb's
+              own background process, which competes for this machine's two cores).
+"off":        W&B disabled, no system or gradient collection, reports dropped.
 
 On this machine's tiny model a step takes tens of milliseconds, so the ratio overstates what a 7B step
 (seconds) would see. It therefore also prints each collector's own cost in milliseconds, including the
@@ -48,7 +50,7 @@ class DiscardingReporter:
         pass
 
 
-def train_once(model_dir: Path, blocks, metrics_on: bool, steps: int, work: Path) -> float:
+def train_once(model_dir: Path, blocks, mode: str, steps: int, work: Path) -> float:
     tokenizer = load_tokenizer(str(model_dir))
     model_settings = ModelSettings(base_model=str(model_dir), quantization="none", lora_r=8, lora_alpha=16)
     base, _ = load_base_model(model_settings, "cpu")
@@ -56,8 +58,8 @@ def train_once(model_dir: Path, blocks, metrics_on: bool, steps: int, work: Path
     model = attach_adapter(base, model_settings, None)
     training = TrainingSettings(batch_size=8, gradient_accumulation_steps=1, max_steps=steps, logging_steps=10,
                                 gradient_checkpointing=False, learning_rate=1e-3)
-    if metrics_on:
-        options = WandbOptions("offline", "bench", None, "bench", work, 60, 60)
+    if mode != "off":
+        options = WandbOptions("offline" if mode == "on" else "disabled", "bench", None, "bench", work, 60, 60)
         reporter = MetricsRun(1, work / "metrics.jsonl", options, {"bench": True})
         monitor = SystemMonitor(work)
         frequencies, system = Frequencies(10, 10, 8), monitor.read
@@ -67,7 +69,7 @@ def train_once(model_dir: Path, blocks, metrics_on: bool, steps: int, work: Path
     train_adapter(model, tokenizer, blocks, [], training, work / "scratch", reporter, frequencies,
                   lambda: False, system, seed=0, device="cpu")
     elapsed = time.perf_counter() - started
-    if metrics_on:
+    if mode != "off":
         reporter.finish(0)
     return elapsed
 
@@ -106,15 +108,20 @@ def main() -> None:
     samples = [Sample(index, row[3], "python", 70) for index, row in enumerate(crawler_rows(standard_library_files(2000)))]
     blocks = build_dataset(samples, tokenizer, max_length=256, eval_fraction=0.0, seed=0).train_blocks
 
-    timings = {True: [], False: []}
+    modes = ["on", "collectors", "off"]
+    timings = {mode: [] for mode in modes}
     for trial in range(arguments.trials):
-        for metrics_on in (trial % 2 == 0, trial % 2 != 0):  # alternate which goes first
-            work = work_root / f"trial-{trial}-{'on' if metrics_on else 'off'}"
+        for mode in modes[trial % 3:] + modes[:trial % 3]:  # rotate which goes first
+            work = work_root / f"trial-{trial}-{mode}"
             (work / "scratch").mkdir(parents=True)
-            timings[metrics_on].append(train_once(model_dir, blocks, metrics_on, arguments.steps, work))
-    on, off = statistics.median(timings[True]), statistics.median(timings[False])
-    print(f"training {arguments.steps} steps, median of {arguments.trials}: metrics on {on:.2f} s, off {off:.2f} s, "
-          f"ratio {on / off:.3f} ({(on / off - 1) * 100:+.1f} %), {off / arguments.steps * 1000:.0f} ms a step")
+            timings[mode].append(train_once(model_dir, blocks, mode, arguments.steps, work))
+    median = {mode: statistics.median(values) for mode, values in timings.items()}
+    off = median["off"]
+    print(f"training {arguments.steps} steps, median of {arguments.trials}, {off / arguments.steps * 1000:.0f} ms a step with metrics off:")
+    for mode in ("on", "collectors"):
+        extra_ms = (median[mode] - off) / arguments.steps * 1000
+        print(f"  {mode:>10}: {median[mode]:.2f} s vs off {off:.2f} s, ratio {median[mode] / off:.3f} "
+              f"({extra_ms:+.1f} ms a step = {extra_ms / 10:+.2f} % of a 1 s step)")
 
     monitor = SystemMonitor(work_root)
     system_ms = time_call(monitor.read, 50)
