@@ -231,13 +231,21 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
         duplicate_store.commit()
         metrics.log(result.global_step, final_metrics(new_state, run_number, result, dataset, dataset_seconds))
         exit_code = 0
-        prune_adapters(settings.paths.output_dir, settings.paths.keep_adapters, [adapter_path])
-        prune_wandb_runs(wandb_directory(settings), settings.wandb.keep_offline_days)
+        prune_old_outputs(settings, adapter_path)
         return CycleOutcome("trained", f"run {run_number} trained {dataset.total_samples} samples",
                             new_samples=dataset.total_samples, run_number=run_number, summary=summary)
     finally:
         monitor.close()
         metrics.finish(exit_code)
+
+
+def prune_old_outputs(settings: Settings, adapter_path: Path) -> None:
+    """Retention runs after the state is saved; a failure here is logged, never a failed run."""
+    try:
+        prune_adapters(settings.paths.output_dir, settings.paths.keep_adapters, [adapter_path])
+        prune_wandb_runs(wandb_directory(settings), settings.wandb.keep_offline_days)
+    except OSError as error:
+        log.warning("could not remove old adapters or W&B runs: %s", error)
 
 
 class ProgressReporter:
