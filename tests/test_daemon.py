@@ -121,8 +121,8 @@ def test_kill_9_in_any_phase_loses_no_row_and_counts_none_twice(phase, crawler_t
     state = load_state(tmp_path / "state.json")  # valid JSON, old or new
     latest = (tmp_path / "adapters" / "latest").resolve()
     assert (latest / "adapter_model.safetensors").exists() and (latest / "adapter_config.json").exists()
-    if phase != "state":
-        assert state == before or phase == "state"
+    assert state == before, "nothing is written before the new state's rename"
+    assert not list((tmp_path / "adapters").glob(".staging-*"))
 
     again = subprocess.run(CLI + ["run-once", "--config", str(config)], env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
