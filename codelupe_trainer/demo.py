@@ -104,6 +104,15 @@ output_dir = "{directory / 'adapters'}"
 """
 
 
+def forget_previous_demo(directory: Path) -> None:
+    import shutil
+
+    for name in ("state.json", "metrics.jsonl", "trained-hashes.bin", "daemon-status.json", "cycle-progress.json"):
+        (directory / name).unlink(missing_ok=True)
+    for name in ("adapters", "wandb"):
+        shutil.rmtree(directory / name, ignore_errors=True)
+
+
 def run_demo(directory: Path = DEMO_DIR) -> int:
     import psycopg
 
@@ -117,6 +126,8 @@ def run_demo(directory: Path = DEMO_DIR) -> int:
     url = os.environ.get("CODELUPE_DATABASE__URL")
     if not url:
         print("starting a throwaway PostgreSQL ...", flush=True)
+        # A new server holds new rows with the same ids: the previous demo's state would skip them all.
+        forget_previous_demo(directory)
         server = start_throwaway_postgres()
         url = server.url
         os.environ["CODELUPE_DATABASE__URL"] = url
