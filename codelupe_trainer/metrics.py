@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import queue
 import threading
@@ -262,7 +261,3 @@ class SystemMonitor:
                 self._nvml.nvmlShutdown()
             except Exception:
                 pass
-
-
-def finite_or_none(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None

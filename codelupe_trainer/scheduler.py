@@ -65,6 +65,8 @@ class Daemon:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.stopping = threading.Event()
+        self.cycle_done = threading.Event()
+        self.cycle_done.set()
         self.child: multiprocessing.Process | None = None
         self.phase = "idle"
         self.started_at = time.time()
@@ -82,17 +84,16 @@ class Daemon:
     def run_one_cycle(self) -> None:
         if self.stopping.is_set():
             return
-        self.phase = "training"
-        self.child = self.context.Process(target=_child_main, args=(self.settings, False, self.started_at), name="codelupe-cycle")
-        self.child.start()
-        self.child.join()
-        code = self.child.exitcode
-        self.child = None
-        self.phase = "idle"
+        self.cycle_done.clear()
+        try:
+            code = self._run_child()
+        finally:
+            self.phase = "idle"
+            self.cycle_done.set()
+        if self.stopping.is_set() or code == CHILD_EXIT_INTERRUPTED:
+            return
         if code == 0:
             self._reschedule(self.interval_s)
-            return
-        if code == CHILD_EXIT_INTERRUPTED or self.stopping.is_set():
             return
         if code not in (1, 3):
             # Killed by a signal or died without reporting (OOM killer, segfault): record it here.
@@ -102,9 +103,22 @@ class Daemon:
         log.warning("cycle failed (exit %s, %d in a row); retrying in %.0f s", code, failures, delay)
         self._reschedule(delay)
 
+    def _run_child(self) -> int | None:
+        self.phase = "training"
+        self.child = self.context.Process(target=_child_main, args=(self.settings, False, self.started_at), name="codelupe-cycle")
+        self.child.start()
+        if self.stopping.is_set():  # the stop arrived while the child was being started
+            self.child.terminate()
+        self.child.join()
+        code, self.child = self.child.exitcode, None
+        return code
+
     def _reschedule(self, delay_s: float) -> None:
+        # Never touch the scheduler once stopping: its shutdown holds the job-store lock.
+        if self.stopping.is_set():
+            return
         job = self.scheduler.get_job(JOB_ID)
-        if job is not None and not self.stopping.is_set():
+        if job is not None:
             job.modify(next_run_time=datetime.now(job.next_run_time.tzinfo if job.next_run_time else None) + timedelta(seconds=delay_s))
 
     def next_run(self) -> str | None:
@@ -136,11 +150,16 @@ class Daemon:
         while not self.stopping.wait(1.0):
             if notify:
                 notify("WATCHDOG=1")
-            write_live_status(self.settings.paths.state_file, phase=self.phase, next_run=self.next_run())
+            try:
+                write_live_status(self.settings.paths.state_file, phase=self.phase, next_run=self.next_run())
+            except OSError as error:  # a courtesy for `status`; a full disk must not stop the daemon
+                log.warning("could not write the live status: %s", error)
         if notify:
             notify("STOPPING=1")
         log.info("stopping: waiting for the running cycle to reach a step boundary")
-        self.scheduler.shutdown(wait=True)
+        # shutdown(wait=True) would hold the job-store lock while the cycle's job still needs it; wait ourselves.
+        self.scheduler.shutdown(wait=False)
+        self.cycle_done.wait()
         if health is not None:
             health.shutdown()
         write_live_status(self.settings.paths.state_file, phase="stopped", next_run=None)

@@ -13,7 +13,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -499,9 +499,7 @@ class TrainingResult:
     train_seconds: float
     trainable_params: int
     total_params: int
-    quantization: str
     device: str
-    model_facts: dict[str, Any] = field(default_factory=dict)
 
 
 def build_training_arguments(training: TrainingSettings, scratch_dir: Path, device: str, seed: int, has_eval: bool):
@@ -591,7 +589,6 @@ def train_adapter(
         train_seconds=train_seconds,
         trainable_params=trainable,
         total_params=total,
-        quantization="",
         device=device,
     )
 

@@ -40,16 +40,19 @@ def eligible_count(url: str) -> tuple[int, int]:
     return count, top
 
 
-def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen | None = None):
+def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen | None = None, log: Path | None = None):
+    def details() -> str:
+        return log.read_text()[-4000:] if log is not None and log.exists() else ""
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         if process is not None and process.poll() is not None:
-            raise AssertionError(f"process exited ({process.returncode}) while waiting for {what}:\n{process.stderr.read() if process.stderr else ''}")
+            raise AssertionError(f"process exited ({process.returncode}) while waiting for {what}:\n{details()}")
         time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}:\n{details()}")
 
 
 def read_json(path: Path) -> dict | None:
@@ -57,6 +60,15 @@ def read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def stop_daemon(daemon: subprocess.Popen, log: Path, timeout: float = 60) -> int:
+    daemon.send_signal(signal.SIGTERM)
+    try:
+        return daemon.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        subprocess.run(["ps", "-ef", "--forest"], check=False)
+        raise AssertionError(f"daemon still running {timeout} s after SIGTERM:\n{log.read_text()[-6000:]}") from None
 
 
 def start_daemon(config: Path, env: dict[str, str], log_file: Path) -> subprocess.Popen:
@@ -71,7 +83,7 @@ def test_sigterm_mid_training_changes_nothing_and_the_next_run_trains_those_rows
     daemon = start_daemon(config, env, tmp_path / "daemon.log")
     try:
         progress = tmp_path / "cycle-progress.json"
-        wait_for(lambda: (read_json(progress) or {}).get("step", 0) >= 3, 120, "training to start", daemon)
+        wait_for(lambda: (read_json(progress) or {}).get("step", 0) >= 3, 120, "training to start", daemon, tmp_path / "daemon.log")
 
         # One trainer at a time: a hand-run cycle is refused while the daemon trains.
         refused = subprocess.run(CLI + ["run-once", "--config", str(config), "--force"], env=env, capture_output=True, text=True)
@@ -83,8 +95,7 @@ def test_sigterm_mid_training_changes_nothing_and_the_next_run_trains_those_rows
         assert view["live"]["phase"] == "training" and view["cycle"]["phase"] == "training"
 
         stopped_at = time.monotonic()
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=90) == 0
+        assert stop_daemon(daemon, tmp_path / "daemon.log", timeout=90) == 0
         assert time.monotonic() - stopped_at < 60
     finally:
         if daemon.poll() is None:
@@ -177,7 +188,7 @@ def test_daemon_survives_a_database_outage_and_resumes(own_server, tiny_model, t
     daemon = start_daemon(config, env, tmp_path / "daemon.log")
     try:
         state_file = tmp_path / "state.json"
-        wait_for(lambda: load_state(state_file).consecutive_failures >= 2, 120, "two failed cycles", daemon)
+        wait_for(lambda: load_state(state_file).consecutive_failures >= 2, 120, "two failed cycles", daemon, tmp_path / "daemon.log")
         assert "cannot connect" in load_state(state_file).last_error
         assert daemon.poll() is None
         status = subprocess.run(CLI + ["status", "--config", str(config)], env=env, capture_output=True, text=True)
@@ -185,10 +196,9 @@ def test_daemon_survives_a_database_outage_and_resumes(own_server, tiny_model, t
 
         own_server.start()
         insert_stdlib_rows(own_server.url, start=0, count=40)
-        wait_for(lambda: load_state(state_file).total_training_runs == 1, 180, "training after the outage", daemon)
+        wait_for(lambda: load_state(state_file).total_training_runs == 1, 180, "training after the outage", daemon, tmp_path / "daemon.log")
         assert load_state(state_file).consecutive_failures == 0
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=60) == 0
+        assert stop_daemon(daemon, tmp_path / "daemon.log") == 0
     finally:
         if daemon.poll() is None:
             daemon.kill()
@@ -200,13 +210,12 @@ def test_a_cycle_that_raises_cuda_oom_leaves_the_daemon_running(crawler_table, t
     daemon = start_daemon(config, environment(crawler_table, CODELUPE_FAULT="train:oom"), tmp_path / "daemon.log")
     try:
         state_file = tmp_path / "state.json"
-        wait_for(lambda: load_state(state_file).consecutive_failures >= 2, 180, "two failed cycles", daemon)
+        wait_for(lambda: load_state(state_file).consecutive_failures >= 2, 180, "two failed cycles", daemon, tmp_path / "daemon.log")
         state = load_state(state_file)
         assert "OutOfMemoryError" in state.last_error
         assert state.last_trained_id == 0 and state.total_training_runs == 0
         assert daemon.poll() is None
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=60) == 0
+        assert stop_daemon(daemon, tmp_path / "daemon.log") == 0
     finally:
         if daemon.poll() is None:
             daemon.kill()
