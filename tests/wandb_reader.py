@@ -67,7 +67,25 @@ class RunReadBack:
         return {key for row in self.history for key in row}
 
 
-def read_run(run_file: Path) -> RunReadBack:
+def read_run(run_file: Path, wait_s: float = 30.0) -> RunReadBack:
+    """The run as written. wandb-core (a separate process) may still be flushing the file for a moment after
+    `run.finish()` returns, so wait until the run's exit record is there."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            result = _decode_run(run_file)
+        except (AssertionError, struct.error):  # a chunk caught half-written
+            if time.monotonic() > deadline:
+                raise
+        else:
+            if "exit" in result.record_types or time.monotonic() > deadline:
+                return result
+        time.sleep(0.2)
+
+
+def _decode_run(run_file: Path) -> RunReadBack:
     result = RunReadBack()
     for record in read_records(run_file):
         kind = record.WhichOneof("record_type")
