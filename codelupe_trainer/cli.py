@@ -198,7 +198,7 @@ def command_run(settings: Settings, arguments) -> int:
         for problem in problems:
             print(f"codelupe-trainer: cannot start: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    return run_daemon(settings, arguments.config)
+    return run_daemon(settings)
 
 
 def command_doctor(settings: Settings, arguments) -> int:

@@ -53,7 +53,7 @@ def _have_wandb_credentials() -> bool:
         return True
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     try:
-        return "api.wandb.ai" in netrc.read_text() or "wandb" in netrc.read_text()
+        return "wandb" in netrc.read_text()
     except OSError:
         return False
 

@@ -178,6 +178,6 @@ def systemd_notifier():
     return notifier.notify
 
 
-def run_daemon(settings: Settings, config_path: str | None = None) -> int:
+def run_daemon(settings: Settings) -> int:
     return Daemon(settings).serve(systemd_notifier())
 

@@ -54,7 +54,10 @@ def save_state(state: TrainerState, path: Path) -> None:
     write_json_atomically(asdict(state), path, before_replace=lambda: crash_point("state"))
 
 
-def write_json_atomically(value: Any, path: Path, before_replace: Callable[[], None] | None = None) -> None:
+def write_json_atomically(value: Any, path: Path, before_replace: Callable[[], None] | None = None,
+                          durable: bool = True) -> None:
+    """Replace `path` whole. `durable=False` skips the fsyncs: for status files rewritten every few seconds,
+    where a crash may lose the latest version but must never leave a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -62,14 +65,16 @@ def write_json_atomically(value: Any, path: Path, before_replace: Callable[[], N
             json.dump(value, handle, indent=2, sort_keys=True)
             handle.write("\n")
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         if before_replace is not None:
             before_replace()
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    fsync_directory(path.parent)
+    if durable:
+        fsync_directory(path.parent)
 
 
 def fsync_directory(directory: Path) -> None:

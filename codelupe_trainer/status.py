@@ -19,7 +19,8 @@ def live_status_path(state_file: Path) -> Path:
 
 
 def write_live_status(state_file: Path, **fields: Any) -> None:
-    write_json_atomically({"pid": os.getpid(), "updated_at": time.time(), **fields}, live_status_path(state_file))
+    write_json_atomically({"pid": os.getpid(), "updated_at": time.time(), **fields}, live_status_path(state_file),
+                          durable=False)
 
 
 def read_live_status(state_file: Path) -> dict[str, Any] | None:
@@ -47,7 +48,7 @@ def write_cycle_progress(state_file: Path, phase: str, **fields: Any) -> None:
     """What the running cycle is doing; written by the cycle's own process, read by `status`."""
     try:
         write_json_atomically({"pid": os.getpid(), "phase": phase, "updated_at": time.time(), **fields},
-                              cycle_progress_path(state_file))
+                              cycle_progress_path(state_file), durable=False)
     except OSError:
         pass  # progress is a courtesy; a full disk must not fail the cycle here
 

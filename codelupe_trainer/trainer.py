@@ -6,7 +6,6 @@ it a `TrainingReporter`, and the callback here turns trainer events into plain P
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import shutil
@@ -33,8 +32,6 @@ from transformers import (
 from .config import ModelSettings, TrainingSettings
 from .dataset import IGNORE_INDEX, Block
 from .faults import crash_point
-
-log = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LATEST_LINK = "latest"

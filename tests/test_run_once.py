@@ -49,7 +49,7 @@ def test_run_once_trains_then_continues_from_the_adapter(crawler_table, tmp_path
     assert state.total_training_runs == 1
     assert state.last_trained_id == ids[-1]
     assert state.total_samples_trained == len(ids)
-    assert state.last_run["eval_loss"] is not None and state.last_run["eval_loss"] == pytest.approx(state.last_run["eval_loss"])
+    assert state.last_run["eval_loss"] is not None
     assert torch.isfinite(torch.tensor(state.last_run["eval_loss"]))
     first_adapter = settings.paths.output_dir / "run-000001"
     assert (settings.paths.output_dir / "latest").resolve() == first_adapter.resolve()
