@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 def code_pieces():
     """Function-sized pieces (5-30 lines, about 550 characters) of the standard library's source, forever, each made unique."""
-    from codelupe_trainer.demo import standard_library_files
+    from codelupe_trainer.demo.demo import standard_library_files
 
     files = [path.read_text(encoding="utf-8", errors="replace") for path in standard_library_files()]
     variant = 0
@@ -56,7 +56,7 @@ def load_table(url: str, rows: int) -> None:
 
     import psycopg
 
-    from codelupe_trainer.pgserver import CREATE_PROCESSED_FILES
+    from codelupe_trainer.demo.pgserver import CREATE_PROCESSED_FILES
 
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute("DROP TABLE IF EXISTS processed_files")
@@ -77,10 +77,10 @@ def run_ours(url: str, model_dir: str, max_samples: int, max_length: int) -> dic
     from transformers import AutoTokenizer
 
     from codelupe_trainer.config import DatabaseSettings, DataSettings
-    from codelupe_trainer.dataset import build_dataset
-    from codelupe_trainer.filters import build_blockers
-    from codelupe_trainer.records import FetchResult
-    from codelupe_trainer.source import fetch_new_samples, open_connection
+    from codelupe_trainer.data.dataset import build_dataset
+    from codelupe_trainer.data.filters import build_blockers
+    from codelupe_trainer.data.records import FetchResult
+    from codelupe_trainer.data.source import fetch_new_samples, open_connection
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     database = DatabaseSettings(url=url)
@@ -156,9 +156,9 @@ def main() -> None:
         child_main(arguments)
         return
 
-    from codelupe_trainer.pgserver import start_throwaway_postgres, wait_for_postgres
-    from codelupe_trainer.demo import standard_library_files
-    from codelupe_trainer.tinymodel import build_tiny_model
+    from codelupe_trainer.demo.pgserver import start_throwaway_postgres, wait_for_postgres
+    from codelupe_trainer.demo.demo import standard_library_files
+    from codelupe_trainer.demo.tinymodel import build_tiny_model
 
     server = None
     url = arguments.url

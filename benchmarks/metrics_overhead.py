@@ -29,20 +29,14 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from codelupe_trainer.config import ModelSettings, TrainingSettings  # noqa: E402
-from codelupe_trainer.dataset import build_dataset  # noqa: E402
-from codelupe_trainer.demo import crawler_rows, standard_library_files  # noqa: E402
+from codelupe_trainer.data.dataset import build_dataset  # noqa: E402
+from codelupe_trainer.demo.demo import crawler_rows, standard_library_files  # noqa: E402
 from codelupe_trainer.metrics import MetricsRun, SystemMonitor, WandbOptions  # noqa: E402
-from codelupe_trainer.records import Sample  # noqa: E402
-from codelupe_trainer.tinymodel import build_tiny_model  # noqa: E402
-from codelupe_trainer.trainer import (  # noqa: E402
-    Frequencies,
-    attach_adapter,
-    gradient_statistics,
-    load_base_model,
-    load_tokenizer,
-    train_adapter,
-    weight_statistics,
-)
+from codelupe_trainer.data.records import Sample  # noqa: E402
+from codelupe_trainer.demo.tinymodel import build_tiny_model  # noqa: E402
+from codelupe_trainer.training.loop import train_adapter  # noqa: E402
+from codelupe_trainer.training.model import attach_adapter, load_base_model, load_tokenizer  # noqa: E402
+from codelupe_trainer.training.telemetry import Frequencies, gradient_statistics, weight_statistics  # noqa: E402
 
 
 class DiscardingReporter:

@@ -250,3 +250,14 @@ def public_settings(settings: Settings) -> dict[str, Any]:
     values = settings.model_dump(mode="json")
     values["database"]["url"] = redact_url(settings.database.url.get_secret_value())
     return values
+
+
+# ---------------------------------------------------------------- paths derived from the settings
+
+
+def metrics_file(settings: Settings) -> Path:
+    return settings.paths.state_file.parent / "metrics.jsonl"
+
+
+def wandb_directory(settings: Settings) -> Path:
+    return settings.wandb.dir or settings.paths.state_file.parent

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -261,3 +262,22 @@ class SystemMonitor:
                 self._nvml.nvmlShutdown()
             except Exception:
                 pass
+
+
+def prune_wandb_runs(wandb_root: Path, max_age_days: float, now: float | None = None) -> list[Path]:
+    """Retention for W&B's local files: remove offline run folders that were synced (`wandb sync` leaves a
+    .synced marker) or are older than `max_age_days`."""
+    folder = wandb_root / "wandb"
+    if not folder.exists():
+        return []
+    now = time.time() if now is None else now
+    removed = []
+    for run_dir in folder.glob("offline-run-*"):
+        if not run_dir.is_dir() or run_dir.is_symlink():
+            continue
+        synced = any(run_dir.glob("*.wandb.synced"))
+        too_old = now - run_dir.stat().st_mtime > max_age_days * 86400
+        if synced or too_old:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            removed.append(run_dir)
+    return removed

@@ -15,6 +15,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
+from .data.records import FetchResult
 from .faults import crash_point
 
 
@@ -102,4 +103,36 @@ def record_failure(path: Path, error: BaseException | str, process_started: floa
     if process_started is not None:
         account_uptime(state, process_started, state.last_error_at)
     save_state(state, path)
+    return state
+
+
+# ---------------------------------------------------------------- pure transitions
+
+
+def advance_state(state: TrainerState, fetched: FetchResult, samples_trained: int, adapter_path: Path | None,
+                  summary: dict[str, Any] | None, process_started: float | None = None) -> TrainerState:
+    """The state after a successful cycle: a pure function of the old state and what the cycle consumed.
+    `process_started`: when the trainer process began, for the uptime (None: no uptime added)."""
+    now = time.time()
+    gaps = {gap: seen for gap, seen in state.pending_gaps.items() if int(gap) not in set(fetched.filled_gaps)}
+    for gap in fetched.new_gaps:
+        gaps.setdefault(str(gap), now)
+    new_state = TrainerState(**asdict(state))
+    new_state.pending_gaps = gaps
+    new_state.last_trained_id = max(state.last_trained_id, fetched.last_examined_id)
+    if process_started is not None:
+        account_uptime(new_state, process_started, now)
+    if adapter_path is not None:
+        new_state.total_training_runs += 1
+        new_state.total_samples_trained += samples_trained
+        new_state.latest_adapter = str(adapter_path)
+        new_state.last_run = summary
+    new_state.consecutive_failures = 0
+    return new_state
+
+
+def expire_gaps(state: TrainerState, max_age_minutes: float, now: float | None = None) -> TrainerState:
+    """Forget gaps watched longer than the commit-lag window: a rolled-back insert never fills its id."""
+    now = time.time() if now is None else now
+    state.pending_gaps = {gap: seen for gap, seen in state.pending_gaps.items() if now - seen <= max_age_minutes * 60}
     return state

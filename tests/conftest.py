@@ -13,8 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from codelupe_trainer.config import load_settings  # noqa: E402
-from codelupe_trainer.demo import crawler_rows, create_table, insert_rows, standard_library_files  # noqa: E402
-from codelupe_trainer.pgserver import start_throwaway_postgres, wait_for_postgres  # noqa: E402
+from codelupe_trainer.demo.demo import crawler_rows, create_table, insert_rows, standard_library_files  # noqa: E402
+from codelupe_trainer.demo.pgserver import start_throwaway_postgres, wait_for_postgres  # noqa: E402
 
 # W&B never talks to a server from the tests, and keeps its own files out of ~.
 os.environ.pop("WANDB_API_KEY", None)
@@ -89,7 +89,7 @@ def insert_stdlib_rows(url: str, start: int, count: int, repo: str = "cpython") 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from codelupe_trainer.tinymodel import build_tiny_model
+    from codelupe_trainer.demo.tinymodel import build_tiny_model
 
     directory = tmp_path_factory.mktemp("tiny-qwen2")
     corpus = [path.read_text(encoding="utf-8", errors="replace") for path in standard_library_files(200)]

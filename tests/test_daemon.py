@@ -15,8 +15,8 @@ import psycopg
 import pytest
 from conftest import insert_stdlib_rows, write_config
 
-from codelupe_trainer.demo import create_table
-from codelupe_trainer.pgserver import start_throwaway_postgres, wait_for_postgres
+from codelupe_trainer.demo.demo import create_table
+from codelupe_trainer.demo.pgserver import start_throwaway_postgres, wait_for_postgres
 from codelupe_trainer.state import load_state
 
 pytestmark = pytest.mark.slow

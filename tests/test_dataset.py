@@ -7,17 +7,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 
-from codelupe_trainer.dataset import (
-    IGNORE_INDEX,
-    Block,
-    TokenizedSample,
-    build_dataset,
-    is_eval_sample,
-    pack_best_fit,
-)
-from codelupe_trainer.filters import build_blockers
+from codelupe_trainer.data.dataset import build_dataset, is_eval_sample
+from codelupe_trainer.data.packing import IGNORE_INDEX, Block, TokenizedSample, pack_best_fit
+from codelupe_trainer.data.filters import build_blockers
 from codelupe_trainer.config import DataSettings
-from codelupe_trainer.records import Sample
+from codelupe_trainer.data.records import Sample
 
 
 class CharTokenizer:
@@ -109,7 +103,7 @@ def test_packed_samples_do_not_attend_to_each_other(tiny_model):
     """The logits of a sample packed after another equal those of the same sample alone."""
     from transformers import AutoModelForCausalLM
 
-    from codelupe_trainer.trainer import PackedCollator
+    from codelupe_trainer.data.collate import PackedCollator
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa").eval()
     model.config.use_cache = False
@@ -131,7 +125,7 @@ def test_packed_samples_do_not_attend_to_each_other(tiny_model):
 def test_completion_format_puts_no_loss_on_the_prompt(tiny_model):
     from transformers import AutoTokenizer
 
-    from codelupe_trainer.dataset import make_completion_formatter
+    from codelupe_trainer.data.dataset import make_completion_formatter
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     content = "".join(f"def step_{index}(x):\n    return x + {index}\n" for index in range(10))
@@ -159,7 +153,7 @@ def test_completion_format_puts_no_loss_on_the_prompt(tiny_model):
     ],
 )
 def test_code_metrics(content, language, expected):
-    from codelupe_trainer.codestats import measure_code, summarize_code
+    from codelupe_trainer.data.codestats import measure_code, summarize_code
 
     assert summarize_code([measure_code(content, language)]) == pytest.approx(expected)
 
@@ -167,7 +161,7 @@ def test_code_metrics(content, language, expected):
 def test_online_packer_keeps_a_bounded_working_set_and_packs_densely():
     import random
 
-    from codelupe_trainer.dataset import Packer
+    from codelupe_trainer.data.packing import Packer
 
     generator = random.Random(3)
     packer = Packer(max_length=512, max_open=16)
@@ -184,7 +178,7 @@ def test_online_packer_keeps_a_bounded_working_set_and_packs_densely():
 def test_fast_path_tokenizes_exactly_like_the_transformers_call(tiny_model):
     from transformers import AutoTokenizer
 
-    from codelupe_trainer.dataset import _encode
+    from codelupe_trainer.data.dataset import _encode
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     texts = ["def f(x):\n    return x  # ünïcode\n", "<|im_start|>user\nhi<|im_end|>\n", "\t\n  "]
@@ -192,7 +186,7 @@ def test_fast_path_tokenizes_exactly_like_the_transformers_call(tiny_model):
 
 
 def test_one_sample_per_block_undoes_packing():
-    from codelupe_trainer.dataset import one_sample_per_block
+    from codelupe_trainer.data.packing import one_sample_per_block
 
     block = Block()
     block.add(sequence(1, 3))
@@ -207,7 +201,7 @@ def test_one_sample_per_block_undoes_packing():
 def test_packing_probe_finds_isolation_on_real_backends(tiny_model, attention):
     from transformers import AutoModelForCausalLM
 
-    from codelupe_trainer.trainer import packing_is_isolated
+    from codelupe_trainer.training.model import packing_is_isolated
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attention)
     model.config.use_cache = False

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from codelupe_trainer import filters, patternset
+from codelupe_trainer.data import filters, patternset
 from codelupe_trainer.config import DataSettings
-from codelupe_trainer.records import Sample
+from codelupe_trainer.data.records import Sample
 
 CODE = "def area(width, height):\n    return width * height\n\n\nprint(area(2, 3))\n"
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from codelupe_trainer.cli import main
-from codelupe_trainer.health import start_health_server
-from codelupe_trainer.pgserver import free_port
-from codelupe_trainer.retention import prune_adapters, prune_wandb_runs
+from codelupe_trainer.service.health import start_health_server
+from codelupe_trainer.demo.pgserver import free_port
+from codelupe_trainer.metrics import prune_wandb_runs
+from codelupe_trainer.training.adapters import prune_adapters
 from codelupe_trainer.state import TrainerState, save_state
 
 REPO = Path(__file__).resolve().parent.parent
@@ -143,7 +144,7 @@ def test_run_once_names_a_missing_model_path(crawler_table, make_settings, tmp_p
 
 @pytest.mark.parametrize(("failures", "interval", "expected"), [(0, 300, 300), (1, 300, 30), (2, 300, 60), (4, 300, 240), (5, 300, 300), (3, 3, 3)])
 def test_backoff_doubles_and_is_capped_at_the_interval(failures, interval, expected):
-    from codelupe_trainer.scheduler import backoff_seconds
+    from codelupe_trainer.service.scheduler import backoff_seconds
 
     assert backoff_seconds(failures, interval) == expected
 
@@ -153,7 +154,8 @@ def test_a_non_finite_adapter_is_never_saved(tiny_model, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from codelupe_trainer.trainer import TrainingError, save_adapter
+    from codelupe_trainer.errors import TrainingError
+    from codelupe_trainer.training.adapters import save_adapter
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=2, target_modules=["q_proj"]))
     with torch.no_grad():
@@ -165,7 +167,7 @@ def test_a_non_finite_adapter_is_never_saved(tiny_model, tmp_path):
 
 def test_training_arguments_never_hide_nan_and_never_report_to_wandb(tmp_path):
     from codelupe_trainer.config import TrainingSettings
-    from codelupe_trainer.trainer import build_training_arguments
+    from codelupe_trainer.training.loop import build_training_arguments
 
     arguments = build_training_arguments(TrainingSettings(), tmp_path, "cpu", seed=1, has_eval=True)
     assert arguments.logging_nan_inf_filter is False

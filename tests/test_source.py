@@ -6,9 +6,9 @@ import psycopg
 import pytest
 
 from codelupe_trainer.config import DatabaseSettings, DataSettings
-from codelupe_trainer.cycle import advance_state, expire_gaps
-from codelupe_trainer.records import FetchResult
-from codelupe_trainer.source import SourceError, check_table, count_new_samples, fetch_new_samples, open_connection
+from codelupe_trainer.state import advance_state, expire_gaps
+from codelupe_trainer.data.records import FetchResult
+from codelupe_trainer.data.source import SourceError, check_table, count_new_samples, fetch_new_samples, open_connection
 from codelupe_trainer.state import TrainerState
 
 GOOD = "def f(x):\n    return x + 1\n" * 4

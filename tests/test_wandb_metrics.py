@@ -14,7 +14,7 @@ from wandb_reader import find_run_files, read_run
 
 from codelupe_trainer.cli import main
 from codelupe_trainer.state import load_state
-from codelupe_trainer.trainer import gradient_statistics
+from codelupe_trainer.training.telemetry import gradient_statistics
 
 pytestmark = pytest.mark.slow
 
@@ -197,7 +197,7 @@ def test_weight_statistics_match_torch(tiny_model):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from codelupe_trainer.trainer import metric_name, weight_statistics
+    from codelupe_trainer.training.telemetry import metric_name, weight_statistics
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"))

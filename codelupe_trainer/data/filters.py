@@ -15,10 +15,9 @@ from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
-from .config import DataSettings
-from .dataset import Blocker
+from ..config import DataSettings
 from .patternset import PatternSet
-from .records import Sample
+from .records import Blocker, Sample
 
 # ------------------------------------------------------------------ secrets
 

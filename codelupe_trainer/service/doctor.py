@@ -6,9 +6,10 @@ import os
 import tempfile
 from pathlib import Path
 
-from .config import Settings
-from .metrics import effective_wandb_mode
-from .source import SourceError, check_table, open_connection
+from ..config import Settings
+from ..data.source import SourceError, check_table, open_connection
+from ..metrics import effective_wandb_mode
+from ..training.model_files import check_model_path
 
 
 def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
@@ -44,16 +45,6 @@ def fatal_startup_problems(settings: Settings) -> list[str]:
         if not str(error).startswith("cannot connect"):
             problems.append(str(error))
     return problems
-
-
-def check_model_path(base_model: str) -> tuple[str, bool, str]:
-    path = Path(base_model)
-    looks_local = base_model.startswith((".", "/", "~")) or path.exists()
-    if looks_local:
-        if (path.expanduser() / "config.json").exists():
-            return ("model", True, f"local model at {path}")
-        return ("model", False, f"model.base_model {base_model!r} is not a directory with a config.json")
-    return ("model", True, f"hub id {base_model!r} (downloaded or read from the Hugging Face cache on first use)")
 
 
 def check_writable(name: str, directory: Path) -> tuple[str, bool, str]:

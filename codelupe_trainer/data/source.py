@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import psycopg
 from psycopg import sql
 
-from .config import DataSettings, DatabaseSettings
+from ..config import DataSettings, DatabaseSettings
 from .records import FetchResult, Sample
 
 # A hole in the ids wider than this is a deletion or a sequence jump, not a transaction in flight.

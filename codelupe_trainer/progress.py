@@ -1,4 +1,5 @@
-"""The daemon's live status (phase, progress, next run) in a small JSON file beside the state.
+"""Progress files beside the state: the daemon's live status (phase, next run) and the running cycle's
+progress (phase, step, ETA), written by those processes and read by `status` and `/health`.
 
 Separate from the state file on purpose: it changes every few seconds and may be lost at any time.
 """

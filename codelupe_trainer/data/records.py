@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -28,3 +29,7 @@ class FetchResult:
     # Pending gap ids that have now appeared (they were read in this fetch).
     filled_gaps: list[int] = field(default_factory=list)
     rows_examined: int = 0
+
+
+# A blocker returns the name of the filter that blocks the sample, or None to let it pass.
+Blocker = Callable[[Sample], "str | None"]

@@ -116,8 +116,9 @@ def forget_previous_demo(directory: Path) -> None:
 def run_demo(directory: Path = DEMO_DIR) -> int:
     import psycopg
 
-    from .config import load_settings
-    from .cycle import describe_outcome, run_cycle
+    from ..config import load_settings
+    from ..cycle import run_cycle
+    from ..outcome import describe_outcome
     from .tinymodel import build_tiny_model
 
     directory = directory.resolve()

@@ -19,9 +19,10 @@ from datetime import datetime, timedelta
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from .config import Settings
-from .state import load_state, record_failure
-from .status import write_live_status
+from ..config import Settings
+from ..lock import AlreadyRunning, trainer_lock
+from ..progress import write_live_status
+from ..state import load_state, record_failure
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +35,15 @@ def _child_main(settings: Settings, force: bool, daemon_started: float) -> None:
     """Runs in the child: honour SIGTERM at the next step boundary, report the outcome by exit code."""
     import sys
 
-    from .cli import setup_logging
-    from .cycle import AlreadyRunning, run_cycle, set_process_started
+    from ..cycle import run_cycle
+    from ..logs import setup_logging
 
     setup_logging(settings)
-    set_process_started(daemon_started)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        outcome = run_cycle(settings, force=force, should_stop=stop.is_set)
+        outcome = run_cycle(settings, force=force, should_stop=stop.is_set, process_started=daemon_started)
     except AlreadyRunning as busy:
         log.warning("%s", busy)
         sys.exit(3)
@@ -97,11 +97,19 @@ class Daemon:
             return
         if code not in (1, 3):
             # Killed by a signal or died without reporting (OOM killer, segfault): record it here.
-            record_failure(self.settings.paths.state_file, f"cycle process died with exit code {code}", self.started_at)
+            self._record_failure(f"cycle process died with exit code {code}")
         failures = load_state(self.settings.paths.state_file).consecutive_failures
         delay = backoff_seconds(max(failures, 1), self.interval_s)
         log.warning("cycle failed (exit %s, %d in a row); retrying in %.0f s", code, failures, delay)
         self._reschedule(delay)
+
+    def _record_failure(self, message: str) -> None:
+        # Under the trainer lock: a run-once saving its state at this moment must not be overwritten.
+        try:
+            with trainer_lock(self.settings.paths.state_file):
+                record_failure(self.settings.paths.state_file, message, self.started_at)
+        except AlreadyRunning:
+            log.warning("%s; not recorded in the state (another cycle holds the lock)", message)
 
     def _run_child(self) -> int | None:
         self.phase = "training"

@@ -1,0 +1,59 @@
+"""Log set-up for every process (commands, the daemon, its cycle children) and the filter that keeps
+secrets out of every log line. One format for all lines, library warnings included."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from urllib.parse import urlsplit
+
+from .config import Settings
+
+
+class RedactingFilter(logging.Filter):
+    """Replaces every known secret in a log record with '***' before any handler sees it."""
+
+    def __init__(self, secrets: list[str]):
+        super().__init__()
+        self.secrets = [secret for secret in secrets if secret and len(secret) >= 3]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            for secret in self.secrets:
+                message = message.replace(secret, "***")
+            record.msg, record.args = message, None
+        return True
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    found = []
+    url = settings.database.url.get_secret_value()
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    if password:
+        found.append(password)
+    found.append(url)
+    if os.environ.get("WANDB_API_KEY"):
+        found.append(os.environ["WANDB_API_KEY"])
+    return found
+
+
+def setup_logging(settings: Settings | None, verbose: bool = False) -> None:
+    # Library deprecation notices are for us, not for the operator reading the journal.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if settings is not None:
+        handler.addFilter(RedactingFilter(secrets_of(settings)))
+    handler._codelupe = True  # replaced, not stacked, when set up again in the same process
+    root = logging.getLogger()
+    root.handlers[:] = [existing for existing in root.handlers if not getattr(existing, "_codelupe", False)]
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("httpx", "urllib3", "wandb", "filelock", "apscheduler.executors.default"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,40 @@
+"""What a cycle returns, and the one-screen summary `run-once` and the demo print of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Settings, metrics_file, wandb_directory
+
+
+@dataclass
+class CycleOutcome:
+    status: str  # trained | nothing_to_do | interrupted | filtered_out
+    message: str
+    new_samples: int = 0
+    run_number: int | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+
+def describe_outcome(outcome: CycleOutcome, settings: Settings) -> str:
+    """The one-screen summary printed by run-once."""
+    if outcome.status != "trained":
+        return outcome.message
+    summary = outcome.summary
+    before = summary.get("eval_loss_before")
+    after = summary.get("eval_loss")
+    lines = [
+        f"run {summary['run_number']}: trained {summary['samples_trained']} samples "
+        f"({summary['train_samples']} train / {summary['eval_samples']} eval) in {summary['steps']} steps, "
+        f"{summary['train_seconds']:.1f} s on {summary['device']} (quantization: {summary['quantization']})",
+        f"rows read: {summary['rows_examined']}, skipped: {sum(summary['skipped'].values())} {summary['skipped'] or ''}, "
+        f"blocked: {sum(summary['blocked'].values())}",
+        f"train loss: {summary['train_loss']:.4f}",
+        f"eval loss: before {before:.4f} -> after {after:.4f}" if before is not None and after is not None else "eval loss: no eval split",
+        f"adapter: {summary['adapter']}" + (f" (continued from {summary['continued_from']})" if summary["continued_from"] else " (new)"),
+        f"state: {settings.paths.state_file}",
+        f"metrics: {metrics_file(settings)}; W&B dir: {wandb_directory(settings) / 'wandb'}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""`codelupe-trainer status`: the persisted state, the daemon's live status and the running cycle's progress."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from ..config import Settings
+from ..progress import read_cycle_progress, read_live_status
+from ..state import load_state
+
+
+def print_status(settings: Settings, as_json: bool) -> int:
+    state = load_state(settings.paths.state_file)
+    view = {
+        "state_file": str(settings.paths.state_file),
+        "total_training_runs": state.total_training_runs,
+        "last_trained_id": state.last_trained_id,
+        "total_samples_trained": state.total_samples_trained,
+        "uptime_hours": round(state.uptime_hours, 3),
+        "first_started_at": state.first_started_at,
+        "consecutive_failures": state.consecutive_failures,
+        "total_failures": state.total_failures,
+        "last_error": state.last_error,
+        "last_error_at": state.last_error_at,
+        "latest_adapter": state.latest_adapter,
+        "last_run": state.last_run,
+        "pending_gaps": len(state.pending_gaps),
+        "live": read_live_status(settings.paths.state_file),
+        "cycle": read_cycle_progress(settings.paths.state_file),
+    }
+    if as_json:
+        print(json.dumps(view, indent=2))
+        return 0
+    print(f"state file:            {view['state_file']}")
+    print(f"training runs:         {state.total_training_runs}")
+    print(f"last trained id:       {state.last_trained_id}")
+    print(f"samples trained:       {state.total_samples_trained}")
+    print(f"uptime:                {state.uptime_hours:.2f} h")
+    print(f"latest adapter:        {state.latest_adapter or '-'}")
+    print(f"failures:              {state.consecutive_failures} in a row, {state.total_failures} in all")
+    if state.last_error:
+        print(f"last error:            {time.ctime(state.last_error_at or 0)}: {state.last_error}")
+    if state.last_run:
+        print(f"last run:              run {state.last_run.get('run_number')}, {state.last_run.get('samples_trained')} samples, "
+              f"eval loss {state.last_run.get('eval_loss')}")
+    live, cycle = view["live"], view["cycle"]
+    if live:
+        print(f"daemon:                {live.get('phase')} (pid {live.get('pid')}), next run {live.get('next_run') or '-'}")
+    else:
+        print("daemon:                not running")
+    if cycle:
+        details = ", ".join(f"{key} {value}" for key, value in cycle.items() if key not in ("pid", "phase", "updated_at"))
+        print(f"running cycle:         {cycle['phase']} ({details})")
+    return 0

@@ -1,0 +1,118 @@
+"""The base model and its LoRA adapter: device choice, loading (4-bit on CUDA), attaching or continuing the
+adapter, and the packing probe. Imports torch, transformers and peft; knows nothing of the Trainer loop."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from ..config import ModelSettings
+from ..errors import TrainingError
+
+log = logging.getLogger(__name__)
+
+
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_quantization(setting: str, device: str) -> str:
+    if setting == "auto":
+        return "4bit" if device == "cuda" else "none"
+    return setting
+
+
+def load_tokenizer(base_model: str):
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(model_settings: ModelSettings, device: str):
+    quantization = resolve_quantization(model_settings.quantization, device)
+    compute_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    kwargs: dict[str, Any] = {"dtype": compute_dtype, "attn_implementation": model_settings.attn_implementation}
+    if quantization == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    elif quantization == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    kwargs["device_map"] = {"": 0} if device == "cuda" else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_settings.base_model, **kwargs)
+    # A KV cache in training would hide the packed-sequence layout from the attention mask builder.
+    model.config.use_cache = False
+    if quantization in ("4bit", "8bit"):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model, quantization
+
+
+def attach_adapter(base_model, model_settings: ModelSettings, previous_adapter: Path | None):
+    """Continue from the previous adapter (trainable) or start a fresh LoRA."""
+    if previous_adapter is not None:
+        model = PeftModel.from_pretrained(base_model, str(previous_adapter), is_trainable=True)
+    else:
+        config = LoraConfig(
+            r=model_settings.lora_r,
+            lora_alpha=model_settings.lora_alpha,
+            lora_dropout=model_settings.lora_dropout,
+            target_modules=list(model_settings.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(base_model, config)
+    trainable, total = count_parameters(model)
+    if trainable == 0:
+        raise TrainingError(f"the adapter has no trainable parameters (loaded from {previous_adapter})")
+    return model
+
+
+def packing_is_isolated(model) -> bool:
+    """Probe the loaded model: do restarting position ids keep packed samples apart on its attention backend?
+
+    The logits of a short sequence packed after another must match those of it alone, far more closely than
+    the same sequence read as a continuation (the leak we are guarding against). Run in train mode without
+    gradients: the base model has no dropout, and eval mode would make bitsandbytes repack 4-bit weights.
+    """
+    device = next(model.parameters()).device
+    first, second = [11, 12, 13, 14, 15, 16], [21, 22, 23, 24]
+    packed = torch.tensor([first + second], device=device)
+    positions = torch.tensor([list(range(len(first))) + list(range(len(second)))], device=device)
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([second], device=device)).logits[0].float()
+            isolated = model(input_ids=packed, position_ids=positions).logits[0, len(first):].float()
+            leaked = model(input_ids=packed).logits[0, len(first):].float()
+    finally:
+        model.train(was_training)
+    isolation_error = (isolated - alone).abs().max().item()
+    leak = (leaked - alone).abs().max().item()
+    return isolation_error <= 0.1 * leak or isolation_error < 1e-4
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    total = sum(parameter.numel() for parameter in model.parameters())
+    return trainable, total
+
+
+
+def choose_packing(setting: str, base_model) -> str:
+    """`auto` packs only if the probe shows this model's attention keeps packed samples apart."""
+    if setting != "auto":
+        return setting
+    if packing_is_isolated(base_model):
+        return "position_ids"
+    log.warning("this attention backend does not keep packed samples apart: one sample per row, length-grouped")
+    return "length_grouped"

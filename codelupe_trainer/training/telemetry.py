@@ -1,0 +1,236 @@
+"""The training loop's statistics: a TrainerCallback that turns Trainer events into plain metric dicts
+(train, batch, performance, progress, gradients, weights, system) for a reporter the cycle hands in.
+
+It knows nothing about W&B; it is also where a stop request is honoured between steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from ..data.collate import PackedCollator
+from ..faults import crash_point
+
+
+class TrainingReporter(Protocol):
+    """What the cycle wants to hear from the training loop. All values are plain Python numbers."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None: ...
+
+
+def sample_layer_names(names: list[str], count: int) -> list[str]:
+    """Evenly spaced names, so the sample covers the first, middle and last layers."""
+    if count <= 0 or not names:
+        return []
+    if count >= len(names):
+        return list(names)
+    stride = (len(names) - 1) / max(count - 1, 1)
+    return [names[round(index * stride)] for index in range(count)]
+
+
+def metric_name(parameter_name: str) -> str:
+    """A short, stable key for a parameter: 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight'
+    becomes 'layers.0.self_attn.q_proj.lora_A'."""
+    name = parameter_name.replace("base_model.model.", "").replace(".default", "").removesuffix(".weight")
+    return name.removeprefix("model.")
+
+
+def gradient_statistics(named_parameters: list[tuple[str, torch.nn.Parameter]], sampled: set[str]) -> dict[str, float]:
+    """Norms of the current gradients, computed on the device in one fused pass."""
+    with_grad = [(name, parameter.grad) for name, parameter in named_parameters if parameter.grad is not None]
+    if not with_grad:
+        return {}
+    norms = torch.stack(torch._foreach_norm([gradient.detach() for _, gradient in with_grad])).float()
+    values = torch.stack([norms.norm(), norms.mean(), norms.max(), norms.min()]).tolist()
+    metrics = dict(zip(("gradients/global_norm", "gradients/mean_norm", "gradients/max_norm", "gradients/min_norm"), values))
+    sampled_positions = [index for index, (name, _) in enumerate(with_grad) if name in sampled]
+    if sampled_positions:
+        sampled_norms = norms[sampled_positions].tolist()
+        for position, value in zip(sampled_positions, sampled_norms):
+            metrics[f"gradients/{metric_name(with_grad[position][0])}"] = value
+    return metrics
+
+
+def weight_statistics(named_parameters: list[tuple[str, torch.nn.Parameter]], sampled: set[str]) -> dict[str, float]:
+    """Mean and standard deviation of the trainable weights, globally and for the sampled layers.
+
+    Built from per-tensor sums and sums of squares (no concatenated copy of every weight), all on the
+    device, then moved to the host in one transfer.
+    """
+    if not named_parameters:
+        return {}
+    weights = [parameter.detach().float() for _, parameter in named_parameters]
+    sums = torch.stack([weight.sum() for weight in weights])
+    squares = torch.stack(torch._foreach_norm(weights)) ** 2
+    counts = torch.tensor([weight.numel() for weight in weights], dtype=torch.float32, device=sums.device)
+    total = counts.sum()
+    global_mean = sums.sum() / total
+    global_variance = (squares.sum() - total * global_mean**2) / (total - 1).clamp(min=1)
+    positions = [index for index, (name, _) in enumerate(named_parameters) if name in sampled]
+    layer_means = sums[positions] / counts[positions]
+    layer_variances = (squares[positions] - counts[positions] * layer_means**2) / (counts[positions] - 1).clamp(min=1)
+    values = torch.cat([torch.stack([global_mean, global_variance.clamp(min=0).sqrt()]), layer_means,
+                        layer_variances.clamp(min=0).sqrt()]).tolist()
+    metrics = {"weights/global_mean": values[0], "weights/global_std": values[1]}
+    for offset, index in enumerate(positions):
+        name = metric_name(named_parameters[index][0])
+        metrics[f"weights/{name}/mean"] = values[2 + offset]
+        metrics[f"weights/{name}/std"] = values[2 + len(positions) + offset]
+    return metrics
+
+
+def device_memory_metrics() -> dict[str, float]:
+    """Allocator numbers only torch knows; utilisation, temperature and power come from NVML elsewhere."""
+    if not torch.cuda.is_available():
+        return {}
+    metrics = {}
+    for index in range(torch.cuda.device_count()):
+        metrics[f"system/gpu_{index}_memory_allocated_gb"] = torch.cuda.memory_allocated(index) / 1e9
+        metrics[f"system/gpu_{index}_memory_reserved_gb"] = torch.cuda.memory_reserved(index) / 1e9
+    return metrics
+
+
+def safe_perplexity(loss: float) -> float:
+    """exp(loss), clamped so a diverging loss reads as a huge number instead of overflowing; NaN stays NaN."""
+    if math.isnan(loss):
+        return float("nan")
+    return math.exp(min(loss, 50.0))
+
+
+
+@dataclass
+class Frequencies:
+    system_every_steps: int = 10
+    gradient_metrics_every_steps: int = 10
+    per_layer_sample: int = 8
+
+
+class ReportingCallback(TrainerCallback):
+    """Turns Trainer events into metric dicts for the reporter; also where a stop request is honoured."""
+
+    def __init__(
+        self,
+        reporter: TrainingReporter,
+        trainer: Trainer,  # our TimedTrainer: reads its phase_clock and last_loss
+        collator: PackedCollator,
+        frequencies: Frequencies,
+        should_stop: Callable[[], bool],
+        system_metrics: Callable[[], dict[str, float]],
+    ):
+        self.reporter = reporter
+        self.trainer = trainer
+        self.collator = collator
+        self.frequencies = frequencies
+        self.should_stop = should_stop
+        self.system_metrics = system_metrics
+        self.stopped_early = False
+        self._window_started = time.perf_counter()
+        self._window_steps = 0
+        self._window_samples = 0
+        self._window_tokens = 0
+        self._train_started = time.perf_counter()
+        self._trainable: list[tuple[str, torch.nn.Parameter]] = []
+        self._sampled: set[str] = set()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._trainable = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+        names = [name for name, _ in self._trainable]
+        self._sampled = set(sample_layer_names(names, self.frequencies.per_layer_sample))
+        self._train_started = self._window_started = time.perf_counter()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        every = self.frequencies.gradient_metrics_every_steps
+        # global_step is incremented after the optimizer step: this is step global_step + 1.
+        step = state.global_step + 1
+        if every and step % every == 0:
+            metrics = gradient_statistics(self._trainable, self._sampled)
+            metrics.update(weight_statistics(self._trainable, self._sampled))
+            self.reporter.log(step, metrics)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            crash_point("train")
+        self._window_steps += 1
+        step = state.global_step
+        every = self.frequencies.system_every_steps
+        if every and step % every == 0:
+            metrics = dict(self.system_metrics())
+            metrics.update(device_memory_metrics())
+            self.reporter.log(step, metrics)
+        if self.should_stop():
+            self.stopped_early = True
+            control.should_training_stop = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        step = state.global_step
+        metrics: dict[str, float] = {}
+        if "loss" in logs:
+            loss = float(logs["loss"])
+            metrics.update({
+                "train/loss": loss,
+                "train/perplexity": safe_perplexity(loss),
+                "train/learning_rate": float(logs.get("learning_rate", 0.0)),
+                "train/epoch": float(state.epoch or 0.0),
+            })
+            if logs.get("grad_norm") is not None:
+                metrics["batch/grad_norm"] = float(logs["grad_norm"])
+            if self.trainer.last_loss is not None:
+                batch_loss = float(self.trainer.last_loss.detach().float().item())
+                metrics["batch/loss"] = batch_loss
+                metrics["batch/perplexity"] = safe_perplexity(batch_loss)
+            metrics.update(self._performance_window())
+            metrics.update(self._progress(state))
+        for key, value in logs.items():
+            if key.startswith("eval_") and isinstance(value, (int, float)):
+                name = key.removeprefix("eval_")
+                if name in ("loss",):
+                    metrics["eval/loss"] = float(value)
+                    metrics["eval/perplexity"] = safe_perplexity(float(value))
+                elif name in ("runtime", "samples_per_second", "steps_per_second"):
+                    metrics[f"eval/{name}"] = float(value)
+        if metrics:
+            self.reporter.log(step, metrics)
+
+    def _performance_window(self) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = max(now - self._window_started, 1e-9)
+        samples = self.collator.samples_collated - self._window_samples
+        tokens = self.collator.tokens_collated - self._window_tokens
+        steps = max(self._window_steps, 1)
+        data_loading_ms, forward_ms, backward_ms = self.trainer.phase_clock.drain()
+        self._window_started = now
+        self._window_samples = self.collator.samples_collated
+        self._window_tokens = self.collator.tokens_collated
+        self._window_steps = 0
+        return {
+            "batch/size": samples / steps,
+            "performance/samples_per_second": samples / elapsed,
+            "performance/tokens_per_second": tokens / elapsed,
+            "performance/batch_time_ms": 1000 * elapsed / steps,
+            "performance/data_loading_time_ms": data_loading_ms,
+            "performance/forward_time_ms": forward_ms,
+            "performance/backward_time_ms": backward_ms,
+        }
+
+    def _progress(self, state) -> dict[str, float]:
+        step, max_steps = state.global_step, max(state.max_steps, 1)
+        epochs = max(float(state.num_train_epochs or 1), 1e-9)
+        elapsed = time.perf_counter() - self._train_started
+        eta_seconds = elapsed / max(step, 1) * max(max_steps - step, 0)
+        return {
+            "progress/step": step,
+            "progress/step_percent": min(100.0, 100.0 * step / max_steps),
+            "progress/epoch": float(state.epoch or 0.0),
+            "progress/epoch_percent": min(100.0, 100.0 * float(state.epoch or 0.0) / epochs),
+            "progress/eta_minutes": eta_seconds / 60,
+            "progress/eta_hours": eta_seconds / 3600,
+        }
