@@ -7,12 +7,14 @@ Secrets (the database URL's password, WANDB_API_KEY) are never part of any rende
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 DEFAULT_CONFIG_PATH = Path("config/codelupe.toml")
 SECRET_FIELD_NAMES = {"url"}
@@ -93,7 +95,8 @@ class TrainingSettings(Section):
     batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(4, ge=1)
     learning_rate: float = Field(2e-4, gt=0)
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, ge=1.0, description="Passes over each cycle's new data; at least 1, or rows would be "
+                          "recorded as trained that no step saw.")
     max_steps: int = Field(-1, ge=-1)
     warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
     logging_steps: int = Field(10, ge=1)
@@ -191,6 +194,7 @@ def load_settings(path: str | Path | None = None) -> Settings:
             raise ConfigError(f"{config_path}: not valid TOML: {error}") from None
     elif path is not None:
         raise ConfigError(f"config file {config_path} does not exist")
+    check_environment(os.environ)
     known_sections = set(Settings.model_fields)
     for section, values in toml_values.items():
         if section not in known_sections:
@@ -201,11 +205,38 @@ def load_settings(path: str | Path | None = None) -> Settings:
         settings = Settings(**toml_values)
     except ValidationError as error:
         raise ConfigError(describe_validation_error(error, config_path)) from None
+    except SettingsError as error:
+        # pydantic-settings could not parse an environment value (lists and tables are JSON there).
+        section = str(error).split('"')[1] if '"' in str(error) else "?"
+        raise ConfigError(f"environment variable CODELUPE_{section.upper()}__*: a value does not parse; "
+                          f"lists are JSON there, e.g. CODELUPE_DATA__LANGUAGES='[\"python\"]'") from None
     if os.environ.get("WANDB_LOG_MODEL", "").strip().lower() not in ("", "false", "0", "none"):
         raise ConfigError(
             "WANDB_LOG_MODEL is set: codelupe-trainer sends metrics only and never uploads model files; unset it"
         )
     return settings
+
+
+# CODELUPE_* variables that are not settings: the config path, the tests' database, fault injection.
+# CODELUPE_PG_BIN: where the demo looks for PostgreSQL server binaries.
+NON_SETTING_VARIABLES = {"CODELUPE_CONFIG", "CODELUPE_TEST_DATABASE_URL", "CODELUPE_FAULT", "CODELUPE_PG_BIN"}
+
+
+def check_environment(environment: dict[str, str] | os._Environ) -> None:
+    """A misspelt CODELUPE_ variable is an error, not a silent fall-back to the default it meant to change."""
+    for name in sorted(environment):
+        if not name.startswith("CODELUPE_") or name in NON_SETTING_VARIABLES:
+            continue
+        section, separator, key = name.removeprefix("CODELUPE_").lower().partition("__")
+        fields = Settings.model_fields
+        if section not in fields:
+            raise ConfigError(f"environment variable {name}: unknown setting section {section!r} "
+                              f"(known: {', '.join(sorted(fields))})")
+        if not separator:
+            raise ConfigError(f"environment variable {name}: name a key, as CODELUPE_{section.upper()}__<KEY>")
+        section_fields = fields[section].annotation.model_fields
+        if key not in section_fields:
+            raise ConfigError(f"environment variable {name}: unknown key {section}.{key}")
 
 
 def describe_validation_error(error: ValidationError, config_path: Path) -> str:
@@ -224,24 +255,53 @@ def describe_validation_error(error: ValidationError, config_path: Path) -> str:
     return f"{config_path}: " + "; ".join(lines)
 
 
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by '***' (user, host and database stay readable)."""
-    from urllib.parse import urlsplit, urlunsplit
+# libpq's key=value form: `password=secret` or `password = 'it''s \\ quoted'` anywhere in the string.
+_KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s']+)", re.IGNORECASE)
+# A URL's query parameter: ?password=secret&...
+_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
 
+
+def is_url_dsn(dsn: str) -> bool:
+    return dsn.startswith(("postgresql://", "postgres://"))
+
+
+def dsn_passwords(dsn: str) -> list[str]:
+    """Every password a connection string carries, in both libpq forms (URL userinfo and query parameter,
+    or key=value), as written and as libpq reads it (percent-decoded, unquoted), for the log filter."""
+    found: list[str] = []
+    if is_url_dsn(dsn):
+        try:
+            password = urlsplit(dsn).password
+        except ValueError:
+            password = None
+        if password:
+            found += [password, unquote(password)]
+        for match in _QUERY_PASSWORD.finditer(dsn):
+            found += [match.group(2), unquote(match.group(2))]
+    else:
+        for match in _KEYWORD_PASSWORD.finditer(dsn):
+            raw = match.group(2)
+            found.append(raw)
+            if raw.startswith("'"):
+                found.append(re.sub(r"\\(.)", r"\1", raw[1:-1]))
+    return [password for password in dict.fromkeys(found) if password]
+
+
+def redact_url(dsn: str) -> str:
+    """The connection string with every password replaced by '***' (user, host and database stay readable).
+    Both libpq forms: a URL (userinfo or ?password=) and key=value."""
+    if not is_url_dsn(dsn):
+        return _KEYWORD_PASSWORD.sub(lambda match: match.group(1) + "***", dsn)
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(dsn)
     except ValueError:
         return "***"
-    if parts.password is None and "password=" not in parts.query:
-        return url
     netloc = parts.netloc
     if parts.password is not None:
         userinfo, _, hostinfo = netloc.rpartition("@")
         user = userinfo.split(":", 1)[0]
         netloc = f"{user}:***@{hostinfo}"
-    query = "&".join(
-        "password=***" if pair.startswith("password=") else pair for pair in parts.query.split("&") if pair
-    )
+    query = _QUERY_PASSWORD.sub(lambda match: match.group(1) + "***", "?" + parts.query)[1:]
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

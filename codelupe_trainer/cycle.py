@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .config import Settings, metrics_file, wandb_directory
 from .data import filters
-from .data.dataset import BLOCK_FILTERS, BuiltDataset, build_dataset, format_raw, make_completion_formatter
+from .data.dataset import (BLOCK_FILTERS, BuiltDataset, build_dataset, format_raw, make_completion_formatter,
+                           within_block_budget)
 from .data.packing import one_sample_per_block
 from .data.records import FetchResult
 from .data.source import check_table, count_new_samples, fetch_new_samples, open_connection
@@ -29,7 +30,7 @@ from .progress import write_cycle_progress
 from .report import ProgressReporter, final_metrics, model_config, run_config
 from .state import TrainerState, advance_state, expire_gaps, load_state, record_failure, save_state
 from .training.adapters import prune_adapters, save_adapter
-from .training.loop import train_adapter
+from .training.loop import block_budget, train_adapter
 from .training.model import attach_adapter, choose_packing, count_parameters, load_base_model, load_tokenizer, pick_device
 from .training.model_files import check_model_path
 from .training.telemetry import Frequencies
@@ -72,15 +73,20 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
         fetched = FetchResult(last_examined_id=state.last_trained_id)
         blockers, duplicate_store = filters.build_blockers(settings.data, settings.paths.state_file.parent)
         phase_started = time.perf_counter()
+        format_text = make_completion_formatter(tokenizer) if settings.data.format == "completion" else format_raw
+        rows = fetch_new_samples(connection, settings.database, settings.data, state.last_trained_id, fetched, gaps)
+        # No more than training.max_steps can train: a row is recorded as trained only if training saw it.
+        rows = within_block_budget(rows, block_budget(settings.training), tokenizer, settings.data.max_length, format_text,
+                                   settings.data.eval_fraction, settings.data.seed, fetched)
         dataset = build_dataset(
-            _announce_first(fetch_new_samples(connection, settings.database, settings.data, state.last_trained_id, fetched, gaps)),
+            _announce_first(rows),
             tokenizer,
             max_length=settings.data.max_length,
             eval_fraction=settings.data.eval_fraction,
             seed=settings.data.seed,
             blockers=blockers,
             skipped_upstream=fetched.skipped,
-            format_text=make_completion_formatter(tokenizer) if settings.data.format == "completion" else format_raw,
+            format_text=format_text,
         )
         dataset_seconds = time.perf_counter() - phase_started
         crash_point("tokenize")
@@ -140,7 +146,7 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
             "run_number": run_number,
             "adapter": str(adapter_path),
             "continued_from": str(previous) if previous else None,
-            "samples_trained": dataset.total_samples,
+            "samples_trained": dataset.train_samples,
             "train_samples": dataset.train_samples,
             "eval_samples": dataset.eval_samples,
             "rows_examined": fetched.rows_examined,
@@ -156,14 +162,15 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
             "packing": packing,
             "finished_at": time.time(),
         }
-        new_state = advance_state(state, fetched, dataset.total_samples, adapter_path, summary, process_started)
+        new_state = advance_state(state, fetched, dataset.train_samples, adapter_path, summary, process_started,
+                                  samples_held_out=dataset.eval_samples)
         save_state(new_state, settings.paths.state_file)
         # After the state: a crash in between can at worst let a duplicate through later, never lose a sample.
         duplicate_store.commit()
         metrics.log(result.global_step, final_metrics(new_state, run_number, result, dataset, dataset_seconds))
         exit_code = 0
         prune_old_outputs(settings, adapter_path)
-        return CycleOutcome("trained", f"run {run_number} trained {dataset.total_samples} samples",
+        return CycleOutcome("trained", f"run {run_number} trained {dataset.train_samples} samples",
                             new_samples=dataset.total_samples, run_number=run_number, summary=summary)
     finally:
         monitor.close()

@@ -7,9 +7,7 @@ import logging
 import os
 import sys
 import warnings
-from urllib.parse import urlsplit
-
-from .config import Settings
+from .config import Settings, dsn_passwords
 
 
 class RedactingFilter(logging.Filter):
@@ -29,15 +27,9 @@ class RedactingFilter(logging.Filter):
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    found = []
     url = settings.database.url.get_secret_value()
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        password = None
-    if password:
-        found.append(password)
-    found.append(url)
+    # The passwords first: a message may hold the password without the whole connection string.
+    found = dsn_passwords(url) + [url]
     if os.environ.get("WANDB_API_KEY"):
         found.append(os.environ["WANDB_API_KEY"])
     return found

@@ -27,10 +27,10 @@ def describe_outcome(outcome: CycleOutcome, settings: Settings) -> str:
     after = summary.get("eval_loss")
     lines = [
         f"run {summary['run_number']}: trained {summary['samples_trained']} samples "
-        f"({summary['train_samples']} train / {summary['eval_samples']} eval) in {summary['steps']} steps, "
+        f"(+ {summary['eval_samples']} held out for evaluation) in {summary['steps']} steps, "
         f"{summary['train_seconds']:.1f} s on {summary['device']} (quantization: {summary['quantization']})",
-        f"rows read: {summary['rows_examined']}, skipped: {sum(summary['skipped'].values())} {summary['skipped'] or ''}, "
-        f"blocked: {sum(summary['blocked'].values())}",
+        f"rows read: {summary['rows_examined']}; skipped {counts_in_words(summary['skipped'])}; "
+        f"blocked {counts_in_words(summary['blocked'])}",
         f"train loss: {summary['train_loss']:.4f}",
         f"eval loss: before {before:.4f} -> after {after:.4f}" if before is not None and after is not None else "eval loss: no eval split",
         f"adapter: {summary['adapter']}" + (f" (continued from {summary['continued_from']})" if summary["continued_from"] else " (new)"),
@@ -38,3 +38,10 @@ def describe_outcome(outcome: CycleOutcome, settings: Settings) -> str:
         f"metrics: {metrics_file(settings)}; W&B dir: {wandb_directory(settings) / 'wandb'}",
     ]
     return "\n".join(lines)
+
+
+def counts_in_words(counts: dict[str, int]) -> str:
+    """{'too_short': 3, 'secrets': 0, 'low_quality': 1} -> '4 (3 too short, 1 low quality)'."""
+    total = sum(counts.values())
+    parts = [f"{count} {reason.replace('_', ' ')}" for reason, count in sorted(counts.items(), key=lambda item: -item[1]) if count]
+    return f"{total} ({', '.join(parts)})" if parts else "0"

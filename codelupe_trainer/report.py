@@ -47,17 +47,18 @@ def model_config(settings: Settings, trainable: int, total: int, quantization: s
 
 def final_metrics(state: TrainerState, run_number: int, result, dataset: BuiltDataset, dataset_seconds: float) -> dict[str, float]:
     seconds = max(result.train_seconds, 1e-9)
-    real_tokens = dataset.dataset_metrics["dataset/total_tokens"]
     metrics = {
         "continuous/run_number": run_number,
         "continuous/total_runs": state.total_training_runs,
         "continuous/last_trained_id": state.last_trained_id,
         "continuous/total_samples_trained": state.total_samples_trained,
+        "continuous/total_samples_held_out": state.total_samples_held_out,
         "continuous/uptime_hours": state.uptime_hours,
         "continuous/pending_gaps": len(state.pending_gaps),
         "performance/run_samples_per_second": dataset.train_samples / seconds,
         "performance/run_train_seconds": result.train_seconds,
-        "performance/run_tokens_per_second": real_tokens / seconds,
+        # What the optimizer steps consumed, not the dataset's tokens (which include the eval split).
+        "performance/run_tokens_per_second": result.tokens_seen / seconds,
     }
     if result.eval_loss is not None:
         metrics["eval/final_loss"] = result.eval_loss

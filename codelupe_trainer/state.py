@@ -23,7 +23,9 @@ from .faults import crash_point
 class TrainerState:
     total_training_runs: int = 0
     last_trained_id: int = 0
+    # Samples the adapter was trained on, each row once; rows held out for evaluation are counted apart.
     total_samples_trained: int = 0
+    total_samples_held_out: int = 0
     first_started_at: float = field(default_factory=time.time)
     uptime_seconds: float = 0.0
     # When uptime was last added; time before it (or before the process started) is never counted twice.
@@ -110,7 +112,8 @@ def record_failure(path: Path, error: BaseException | str, process_started: floa
 
 
 def advance_state(state: TrainerState, fetched: FetchResult, samples_trained: int, adapter_path: Path | None,
-                  summary: dict[str, Any] | None, process_started: float | None = None) -> TrainerState:
+                  summary: dict[str, Any] | None, process_started: float | None = None,
+                  samples_held_out: int = 0) -> TrainerState:
     """The state after a successful cycle: a pure function of the old state and what the cycle consumed.
     `process_started`: when the trainer process began, for the uptime (None: no uptime added)."""
     now = time.time()
@@ -125,6 +128,7 @@ def advance_state(state: TrainerState, fetched: FetchResult, samples_trained: in
     if adapter_path is not None:
         new_state.total_training_runs += 1
         new_state.total_samples_trained += samples_trained
+        new_state.total_samples_held_out += samples_held_out
         new_state.latest_adapter = str(adapter_path)
         new_state.last_run = summary
     new_state.consecutive_failures = 0

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
 from codelupe_trainer.cli import main
-from codelupe_trainer.config import ConfigError, load_settings, public_settings, redact_url
+from codelupe_trainer.config import ConfigError, dsn_passwords, load_settings, public_settings, redact_url
+from codelupe_trainer.logs import setup_logging
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
@@ -81,10 +83,64 @@ def test_wandb_log_model_is_refused(tmp_path, monkeypatch):
         ("postgresql://u:hunter22@h:5432/d", "postgresql://u:***@h:5432/d"),
         ("postgresql://u@h/d?password=hunter22&sslmode=require", "postgresql://u@h/d?password=***&sslmode=require"),
         ("postgresql://u@h/d", "postgresql://u@h/d"),
+        ("host=db user=trainer password=hunter22 dbname=code", "host=db user=trainer password=*** dbname=code"),
+        ("host=db password = 'hunter 22' dbname=code", "host=db password = *** dbname=code"),
+        ("host=db PASSWORD=hunter22", "host=db PASSWORD=***"),
+        ("host=db user=trainer dbname=code", "host=db user=trainer dbname=code"),
     ],
 )
 def test_redact_url(url, shown):
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("dsn", "passwords"),
+    [
+        ("postgresql://u:hunter%2122@h/d", ["hunter%2122", "hunter!22"]),
+        ("host=db password='it\\'s secret' dbname=d", ["'it\\'s secret'", "it's secret"]),
+        ("host=db password=hunter22", ["hunter22"]),
+        ("host=db user=u", []),
+    ],
+)
+def test_dsn_passwords_finds_both_forms(dsn, passwords):
+    assert dsn_passwords(dsn) == passwords
+
+
+def test_key_value_dsn_password_stays_out_of_show_config_and_logs(tmp_path, monkeypatch, capsys):
+    dsn = "host=127.0.0.1 port=1 user=trainer password=hunter22 dbname=code connect_timeout=1"
+    monkeypatch.setenv("CODELUPE_DATABASE__URL", dsn)
+    assert main(["show-config", "--config", str(CONFIG_DIR / "codelupe.toml")]) == 0
+    output = capsys.readouterr().out
+    assert "hunter22" not in output and "password=***" in output
+    # A log line quoting the connection string, or the password alone, is redacted by the filter.
+    setup_logging(load_settings(CONFIG_DIR / "codelupe.toml"))
+    logging.getLogger("codelupe_trainer.test").warning("connecting with %s (password hunter22)", dsn)
+    logged = capsys.readouterr().err
+    assert "connecting with" in logged and "hunter22" not in logged
+
+
+@pytest.mark.parametrize(
+    ("variable", "expected"),
+    [
+        ("CODELUPE_DATABSE__URL", "environment variable CODELUPE_DATABSE__URL: unknown setting section 'databse'"),
+        ("CODELUPE_DATA__MIN_QUALTY", "environment variable CODELUPE_DATA__MIN_QUALTY: unknown key data.min_qualty"),
+        ("CODELUPE_TRAINING", "environment variable CODELUPE_TRAINING: name a key"),
+    ],
+)
+def test_a_misspelt_environment_variable_is_refused_by_name(monkeypatch, capsys, variable, expected):
+    monkeypatch.setenv(variable, "5")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(CONFIG_DIR / "codelupe.toml")
+    assert str(raised.value) == expected or str(raised.value).startswith(expected)
+    assert main(["status", "--config", str(CONFIG_DIR / "codelupe.toml")]) == 2
+    assert variable in capsys.readouterr().err
+
+
+def test_an_unparsable_environment_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv("CODELUPE_DATA__LANGUAGES", "python")
+    with pytest.raises(ConfigError, match=r"CODELUPE_DATA__\*.*JSON") as raised:
+        load_settings(CONFIG_DIR / "codelupe.toml")
+    assert "\n" not in str(raised.value)
 
 
 def test_show_config_redacts_every_secret(tmp_path, monkeypatch, capsys):

@@ -39,19 +39,36 @@ def test_run_once_trains_then_continues_from_the_adapter(crawler_table, tmp_path
 
     url = crawler_table
     insert_stdlib_rows(url, start=0, count=120)
-    settings = make_settings(url)
+    settings = make_settings(url, extra=(
+        "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nlearning_rate = 5e-3\nmax_steps = 16\n"
+        "logging_steps = 2\ngradient_checkpointing = true\n"
+    ))
     config = str(tmp_path / "codelupe.toml")
     caplog.set_level(logging.INFO)
 
     assert main(["run-once", "--config", config]) == 0
     state = load_state(settings.paths.state_file)
     ids = eligible_ids(url)
+    # max_steps = 16 at batch 4 x accumulation 4 trains at most 256 blocks: the run took no more rows than that, and
+    # the watermark stops below the first row it left, so every row up to it was trained or held out.
+    consumed = [row_id for row_id in ids if row_id <= state.last_trained_id]
+    assert 0 < len(consumed) < len(ids)
     assert state.total_training_runs == 1
-    assert state.last_trained_id == ids[-1]
-    assert state.total_samples_trained == len(ids)
+    assert state.total_samples_trained + state.total_samples_held_out == len(consumed)
+    assert state.total_samples_held_out > 0 and state.last_run["samples_trained"] == state.total_samples_trained
+    assert state.last_run["steps"] <= 16
     assert state.last_run["eval_loss"] is not None
     assert torch.isfinite(torch.tensor(state.last_run["eval_loss"]))
-    first_adapter = settings.paths.output_dir / "run-000001"
+    # The rest is trained by the next runs, each row exactly once.
+    runs = 1
+    while state.last_trained_id < ids[-1] and runs < 10:
+        assert main(["run-once", "--config", config, "--force"]) == 0
+        state = load_state(settings.paths.state_file)
+        runs += 1
+        assert state.total_training_runs == runs and state.last_run["steps"] <= 16
+    assert state.last_trained_id >= ids[-1]
+    assert state.total_samples_trained + state.total_samples_held_out == len(ids)
+    first_adapter = settings.paths.output_dir / f"run-{runs:06d}"
     assert (settings.paths.output_dir / "latest").resolve() == first_adapter.resolve()
 
     # LoRA weights changed from their initialisation (B starts at zero); base weights did not.
@@ -77,18 +94,24 @@ def test_run_once_trains_then_continues_from_the_adapter(crawler_table, tmp_path
     # New rows: the next run trains only those, starting from the previous adapter.
     insert_stdlib_rows(url, start=300, count=60, repo="more")
     new_ids = [row_id for row_id in eligible_ids(url) if row_id > state.last_trained_id]
-    assert main(["run-once", "--config", config]) == 0
-    second = load_state(settings.paths.state_file)
-    assert second.total_training_runs == 2
-    assert second.last_run["samples_trained"] == len(new_ids)
-    assert second.total_samples_trained == len(ids) + len(new_ids)
-    # Every new row was examined: trained, or skipped and counted; the watermark covers them all.
+    before_runs, before_total = runs, state.total_samples_trained + state.total_samples_held_out
+    skipped = 0
+    while state.last_trained_id < max_id(url) and runs < before_runs + 10:
+        assert main(["run-once", "--config", config, "--force"]) == 0
+        state = second = load_state(settings.paths.state_file)
+        runs += 1
+        skipped += sum(state.last_run["skipped"].values())
+        assert state.last_run["continued_from"] == str(settings.paths.output_dir / f"run-{runs - 1:06d}")
+    assert second.total_training_runs == runs > before_runs
+    assert second.total_samples_trained + second.total_samples_held_out - before_total == len(new_ids)
+    # Every new row was examined once: trained, held out, or skipped and counted; the watermark covers them all.
     assert second.last_trained_id == max_id(url) >= new_ids[-1]
-    assert sum(second.last_run["skipped"].values()) + second.last_run["samples_trained"] == 60
-    assert second.last_run["continued_from"] == str(first_adapter)
-    assert (settings.paths.output_dir / "latest").resolve() == (settings.paths.output_dir / "run-000002").resolve()
-    # Continuing means starting from run 1's weights: run 2's adapter moved away from them, not from zero.
-    first, second_tensors = adapter_tensors(first_adapter), adapter_tensors(settings.paths.output_dir / "run-000002")
+    assert skipped + len(new_ids) == 60
+    last_adapter = settings.paths.output_dir / f"run-{runs:06d}"
+    first_adapter = settings.paths.output_dir / f"run-{runs - 1:06d}"
+    assert (settings.paths.output_dir / "latest").resolve() == last_adapter.resolve()
+    # Continuing means starting from the previous run's weights: this adapter moved away from them, not from zero.
+    first, second_tensors = adapter_tensors(first_adapter), adapter_tensors(last_adapter)
     lora_a_first = {name: tensor for name, tensor in first.items() if "lora_A" in name}
     distance_from_first = sum((second_tensors[name] - tensor).norm() for name, tensor in lora_a_first.items())
     assert 0 < distance_from_first < sum(tensor.norm() for tensor in lora_a_first.values())

@@ -73,10 +73,48 @@ def trained_run(crawler_table, make_settings, tmp_path, caplog):
         duplicated = connection.execute("SELECT content FROM processed_files WHERE quality_score = 70 AND char_length(content) < 8000 ORDER BY id LIMIT 1").fetchone()[0]
     # The same file again, differing only in trailing whitespace: a duplicate after normalisation.
     insert_planted(crawler_table, [content for _, content in PLANTED.values()] + [MIT_SAMPLE, duplicated + "   \n\n"])
-    settings = make_settings(crawler_table)
+    # The production shape: accumulation 4, gradient checkpointing, an eval split; by epochs (no step budget),
+    # so the planted rows at the end are in this run; a small max_grad_norm so that clipping really happens.
+    settings = make_settings(crawler_table, extra=(
+        "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nlearning_rate = 5e-3\nmax_steps = -1\n"
+        "logging_steps = 2\ngradient_checkpointing = true\nmax_grad_norm = 0.05\n"
+    ))
     assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 0
     [run_file] = find_run_files(tmp_path)
     return settings, run_file, read_run(run_file), caplog
+
+
+def test_batch_metrics_are_on_the_scale_of_the_training_loss_under_accumulation(trained_run):
+    """With accumulation 4, the value the Trainer returns per micro-batch is a quarter of the loss; batch/loss
+    is the optimizer step's loss, the same quantity train/loss averages over the logging window."""
+    settings, _, run, _ = trained_run
+    assert settings.training.gradient_accumulation_steps == 4
+    pairs = [(row["batch/loss"], row["train/loss"]) for row in run.history if "batch/loss" in row and "train/loss" in row]
+    assert len(pairs) >= 3
+    for batch_loss, train_loss in pairs:
+        assert 0.7 * train_loss < batch_loss < 1.3 * train_loss
+
+
+def test_performance_windows_count_only_the_steps_they_span(trained_run):
+    settings, _, run, _ = trained_run
+    ceiling = settings.training.batch_size * settings.training.gradient_accumulation_steps * settings.data.max_length
+    per_step = [value for _, value in run.values("performance/tokens_per_step")]
+    assert per_step and all(0 < value <= ceiling for value in per_step)
+    # The whole run's rate counts trained tokens only: below what all dataset tokens (eval included) would give.
+    [final] = [row for row in run.history if "performance/run_tokens_per_second" in row]
+    [dataset_row] = [row for row in run.history if "dataset/total_tokens" in row]
+    assert final["performance/run_tokens_per_second"] * final["performance/run_train_seconds"] < dataset_row["dataset/total_tokens"]
+
+
+def test_gradient_norms_are_read_before_clipping(trained_run):
+    """The Trainer's grad_norm is the norm before clipping; ours must match it, not the clipped 0.05."""
+    settings, _, run, _ = trained_run
+    both = [(row["gradients/global_norm"], row["batch/grad_norm"]) for row in run.history
+            if "gradients/global_norm" in row and "batch/grad_norm" in row]
+    assert both
+    assert any(ours > 2 * settings.training.max_grad_norm for ours, _ in both)
+    for ours, trainers in both:
+        assert ours == pytest.approx(trainers, rel=1e-3)
 
 
 def test_every_seed_metric_is_in_the_wandb_run(trained_run):
@@ -94,7 +132,9 @@ def test_every_seed_metric_is_in_the_wandb_run(trained_run):
         assert all(0 <= value <= 100 for _, value in run.values(key)), key
     assert run.values("progress/step_percent")[-1][1] == 100
     etas = [value for _, value in run.values("progress/eta_minutes")]
-    assert etas == sorted(etas, reverse=True) and etas[-1] == 0
+    # An estimate from measured step times (it may rise when a step is slower than the ones before): positive
+    # until the last step, zero there, and falling over the run.
+    assert all(value > 0 for value in etas[:-1]) and etas[-1] == 0 and etas[0] > etas[len(etas) // 2]
     steps = [row["_step"] for row in run.history]
     assert steps == sorted(steps)
 
@@ -133,7 +173,7 @@ def test_filters_block_planted_samples_and_the_counts_reach_wandb(trained_run):
     state = load_state(settings.paths.state_file)
     assert state.last_run["blocked"] == {"secrets": 4, "license": 1, "malicious": 1, "duplicates": 1}
     # The MIT-headed file and clean code passed: they are among the trained samples.
-    assert data_row["data/total_samples"] == state.total_samples_trained
+    assert data_row["data/total_samples"] == state.total_samples_trained + state.total_samples_held_out
 
 
 def test_only_metrics_leave_the_machine(trained_run, tmp_path):

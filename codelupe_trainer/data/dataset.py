@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Protocol
 
+import numpy as np
+
 
 from .codestats import CodeTotals, measure_code
 from .packing import Block, Packer, TokenizedSample
-from .records import Blocker, Sample
+from .records import Blocker, FetchResult, Sample
 
 TOKENIZE_CHUNK = 1000
 
@@ -83,6 +85,30 @@ def is_eval_sample(sample_id: int, seed: int, eval_fraction: float) -> bool:
         return False
     digest = hashlib.blake2b(f"{seed}:{sample_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < eval_fraction
+
+
+def within_block_budget(samples: Iterable[Sample], budget: int | None, tokenizer: Tokenizer, max_length: int,
+                        format_text: Formatter, eval_fraction: float, seed: int, fetched: FetchResult) -> Iterator[Sample]:
+    """Pass samples on while the training blocks they make fit `budget` (None: no budget, nothing is done).
+
+    A step budget (training.max_steps) trains only so many blocks, and a row may be recorded as trained only
+    if training saw it, so a cycle must take no more rows than the budget trains. A shadow of the training
+    packer, fed the same pieces in the same order, counts the blocks exactly; the first sample that would
+    overflow ends the stream and `fetched` leaves it and every later row for the next run. (This tokenizes
+    the samples a second time, only when a step budget is set.)
+    """
+    if budget is None:
+        yield from samples
+        return
+    shadow = Packer(max_length)
+    for sample in samples:
+        if not is_eval_sample(sample.id, seed, eval_fraction):
+            for piece in tokenize_samples([sample], tokenizer, max_length, format_text):
+                shadow.add(TokenizedSample(piece.sample_id, np.empty(len(piece.input_ids), dtype=np.int8)))
+            if len(shadow.blocks) > budget:
+                fetched.stop_before(sample.id)
+                return
+        yield sample
 
 
 def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

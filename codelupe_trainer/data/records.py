@@ -30,6 +30,14 @@ class FetchResult:
     filled_gaps: list[int] = field(default_factory=list)
     rows_examined: int = 0
 
+    def stop_before(self, sample_id: int) -> None:
+        """The sample `sample_id` was read but will not be trained this run: everything from it on is left
+        for the next run (the watermark stays below it, its gaps are not recorded yet)."""
+        self.last_examined_id = min(self.last_examined_id, sample_id - 1)
+        self.new_gaps = [gap for gap in self.new_gaps if gap < sample_id]
+        self.filled_gaps = [gap for gap in self.filled_gaps if gap < sample_id]
+        self.rows_examined -= 1
+
 
 # A blocker returns the name of the filter that blocks the sample, or None to let it pass.
 Blocker = Callable[[Sample], "str | None"]

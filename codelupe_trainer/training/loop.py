@@ -3,6 +3,8 @@ optimizer and schedule, evaluated before and after."""
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,18 +15,23 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from ..config import TrainingSettings
-from ..data.collate import PackedCollator
+from ..data.collate import COUNT_KEYS, SAMPLES_KEY, TOKENS_KEY, PackedCollator
 from ..data.packing import Block
-from ..errors import TrainingInterrupted
+from ..errors import TrainingError, TrainingInterrupted
 from .model import count_parameters
 from .telemetry import Frequencies, ReportingCallback, TrainingReporter
 
+log = logging.getLogger(__name__)
 
-class PhaseClock:
-    """Measures data loading, forward and backward per step without a device-wide synchronize.
 
-    On CUDA, forward/backward are bracketed by CUDA events and only read at report time (`elapsed_time`
-    waits on those events alone); on CPU, wall-clock time is the truth.
+class StepMeter:
+    """What the training loop did since the last report, measured without a device-wide synchronize.
+
+    Per micro-batch: data loading, forward and backward time (on CUDA bracketed by CUDA events read only at
+    report time, on CPU wall clock), and the real samples and tokens of the batch. Per optimizer step: the
+    step's loss, the sum of its micro-batches' losses as the Trainer returns them (each is already divided
+    by the accumulation, so the sum is the step's mean loss on the scale of `train/loss`). Also the time
+    spent evaluating, which is not training throughput.
     """
 
     def __init__(self, device: str):
@@ -34,6 +41,12 @@ class PhaseClock:
         self.cpu_backward_s = 0.0
         self.event_triples: list[tuple[Any, Any, Any]] = []
         self.micro_batches = 0
+        self.samples = 0
+        self.tokens = 0
+        self.eval_seconds = 0.0
+        self.run_tokens = 0
+        self._step_loss: torch.Tensor | None = None
+        self.last_step_loss: torch.Tensor | None = None
 
     def marker(self):
         if self.cuda:
@@ -42,16 +55,25 @@ class PhaseClock:
             return event
         return time.perf_counter()
 
-    def add_micro_batch(self, start, after_forward, end) -> None:
+    def add_micro_batch(self, start, after_forward, end, samples: int, tokens: int, loss: torch.Tensor) -> None:
         self.micro_batches += 1
+        self.samples += samples
+        self.tokens += tokens
+        self.run_tokens += tokens
+        self._step_loss = loss if self._step_loss is None else self._step_loss + loss
         if self.cuda:
             self.event_triples.append((start, after_forward, end))
         else:
             self.cpu_forward_s += after_forward - start
             self.cpu_backward_s += end - after_forward
 
-    def drain(self) -> tuple[float, float, float]:
-        """(data loading, forward, backward) in ms per micro-batch since the last drain."""
+    def end_step(self) -> None:
+        """Called after each optimizer step: the accumulated micro-batch losses become the step's loss."""
+        if self._step_loss is not None:
+            self.last_step_loss, self._step_loss = self._step_loss, None
+
+    def drain(self) -> dict[str, float]:
+        """Per micro-batch times (ms) and the window's samples, tokens and eval time; then start a new window."""
         count = max(self.micro_batches, 1)
         if self.cuda:
             forward = backward = 0.0
@@ -61,20 +83,33 @@ class PhaseClock:
                 backward += after_forward.elapsed_time(end)
         else:
             forward, backward = self.cpu_forward_s * 1000, self.cpu_backward_s * 1000
-        data_loading = self.data_loading_s * 1000
-        self.data_loading_s = self.cpu_forward_s = self.cpu_backward_s = 0.0
+        window = {
+            "data_loading_ms": self.data_loading_s * 1000 / count,
+            "forward_ms": forward / count,
+            "backward_ms": backward / count,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "eval_seconds": self.eval_seconds,
+        }
+        self.data_loading_s = self.cpu_forward_s = self.cpu_backward_s = self.eval_seconds = 0.0
         self.event_triples.clear()
-        self.micro_batches = 0
-        return data_loading / count, forward / count, backward / count
+        self.micro_batches = self.samples = self.tokens = 0
+        return window
 
 
 class TimedTrainer(Trainer):
-    """The stock Trainer, with data loading, forward and backward timed per micro-batch, and optionally
+    """The stock Trainer, with each micro-batch timed and counted (`StepMeter`), and optionally
     length-grouped batches (when samples are not packed)."""
 
-    phase_clock: PhaseClock
-    last_loss: torch.Tensor | None = None
+    meter: StepMeter
     group_lengths: list[int] | None = None
+    # Called with the step number just before gradients are clipped, so their norms are the raw ones.
+    before_clipping: Callable[[int], None] | None = None
+
+    def _clip_grad_norm(self, model):
+        if self.before_clipping is not None:
+            self.before_clipping(self.state.global_step + 1)
+        return super()._clip_grad_norm(model)
 
     def _get_train_sampler(self, train_dataset=None):
         if self.group_lengths is None:
@@ -87,21 +122,32 @@ class TimedTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         started = time.perf_counter()
         result = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self.phase_clock.data_loading_s += time.perf_counter() - started
+        self.meter.data_loading_s += time.perf_counter() - started
         return result
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if model.training:
-            self._after_forward = self.phase_clock.marker()
+            self._after_forward = self.meter.marker()
         return result
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        start = self.phase_clock.marker()
+        samples, tokens = inputs.pop(SAMPLES_KEY, 0), inputs.pop(TOKENS_KEY, 0)
+        start = self.meter.marker()
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self.phase_clock.add_micro_batch(start, self._after_forward, self.phase_clock.marker())
-        self.last_loss = loss
+        self.meter.add_micro_batch(start, self._after_forward, self.meter.marker(), samples, tokens, loss)
         return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = {key: value for key, value in inputs.items() if key not in COUNT_KEYS}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    def evaluate(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.meter.eval_seconds += time.perf_counter() - started
 
 
 @dataclass
@@ -114,9 +160,44 @@ class TrainingResult:
     trainable_params: int
     total_params: int
     device: str
+    # Real (non-padding) tokens the optimizer steps consumed; a token seen in two epochs counts twice.
+    tokens_seen: int = 0
 
 
-def build_training_arguments(training: TrainingSettings, scratch_dir: Path, device: str, seed: int, has_eval: bool):
+def steps_per_epoch(train_blocks: int, batch_size: int, accumulation: int) -> int:
+    """Optimizer steps in one pass over the blocks, counted as the Trainer counts them (no batch is dropped)."""
+    batches = math.ceil(train_blocks / batch_size)
+    return math.ceil(batches / accumulation)
+
+
+def trainer_max_steps(training: TrainingSettings, train_blocks: int) -> int:
+    """The Trainer's max_steps: -1 (by epochs) unless `training.max_steps` ends the run sooner.
+
+    A max_steps larger than the epochs need would make the Trainer loop over the data again. One smaller
+    than a single epoch would leave rows unseen that the state records as trained: the cycle takes no more
+    rows than the budget trains (see `block_budget`), and should the filters' removals ever make the packing
+    come out larger, the run trains its whole epoch, a few steps over max_steps, rather than lose rows.
+    """
+    per_epoch = steps_per_epoch(train_blocks, training.batch_size, training.gradient_accumulation_steps)
+    if training.max_steps <= 0 or training.max_steps >= math.ceil(training.epochs * per_epoch):
+        return -1
+    if training.max_steps < per_epoch:
+        log.warning("training.max_steps=%d is less than one epoch of %d blocks (%d steps): training the whole epoch",
+                    training.max_steps, train_blocks, per_epoch)
+        return per_epoch
+    return training.max_steps
+
+
+def block_budget(training: TrainingSettings) -> int | None:
+    """How many training blocks one epoch may hold so that `training.max_steps` trains all of them
+    (None: no step budget, training runs by epochs)."""
+    if training.max_steps <= 0:
+        return None
+    return training.max_steps * training.batch_size * training.gradient_accumulation_steps
+
+
+def build_training_arguments(training: TrainingSettings, scratch_dir: Path, device: str, seed: int, has_eval: bool,
+                             max_steps: int | None = None):
     return TrainingArguments(
         output_dir=str(scratch_dir),
         per_device_train_batch_size=training.batch_size,
@@ -124,7 +205,7 @@ def build_training_arguments(training: TrainingSettings, scratch_dir: Path, devi
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         learning_rate=training.learning_rate,
         num_train_epochs=training.epochs,
-        max_steps=training.max_steps,
+        max_steps=training.max_steps if max_steps is None else max_steps,
         warmup_steps=training.warmup_ratio if training.warmup_ratio < 1 else 0,
         max_grad_norm=training.max_grad_norm,
         logging_steps=training.logging_steps,
@@ -137,7 +218,7 @@ def build_training_arguments(training: TrainingSettings, scratch_dir: Path, devi
         # A diverging run must show up in the metrics, not be averaged away.
         logging_nan_inf_filter=False,
         remove_unused_columns=False,
-        gradient_checkpointing=training.gradient_checkpointing and device == "cuda",
+        gradient_checkpointing=training.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         bf16=device == "cuda",
         use_cpu=device == "cpu",
@@ -166,8 +247,9 @@ def train_adapter(
     packed: bool = True,
 ) -> TrainingResult:
     """Train the adapter in place (fresh optimizer and schedule each cycle) and evaluate it."""
-    collator = PackedCollator(tokenizer.pad_token_id)
-    arguments = build_training_arguments(training, scratch_dir, device, seed, has_eval=bool(eval_blocks))
+    collator = PackedCollator(tokenizer.pad_token_id, with_counts=True)
+    arguments = build_training_arguments(training, scratch_dir, device, seed, has_eval=bool(eval_blocks),
+                                         max_steps=trainer_max_steps(training, len(train_blocks)))
     trainer = TimedTrainer(
         model=model,
         args=arguments,
@@ -175,12 +257,13 @@ def train_adapter(
         eval_dataset=eval_blocks or None,
         data_collator=collator,
     )
-    trainer.phase_clock = PhaseClock(device)
+    trainer.meter = StepMeter(device)
     if not packed:
         trainer.group_lengths = [len(block) for block in train_blocks]
     trainer.remove_callback(PrinterCallback)  # our reporter is the only voice
-    callback = ReportingCallback(reporter, trainer, collator, frequencies, should_stop, system_metrics)
+    callback = ReportingCallback(reporter, trainer.meter, frequencies, should_stop, system_metrics)
     trainer.add_callback(callback)
+    trainer.before_clipping = callback.record_gradients
     initial_eval_loss = None
     # bitsandbytes on CPU repacks 4-bit weights for inference the first time a layer runs in eval mode, and
     # the repacked path cannot train afterwards; there the loss before training is not measured.
@@ -189,6 +272,9 @@ def train_adapter(
     started = time.perf_counter()
     output = trainer.train()
     train_seconds = time.perf_counter() - started
+    if callback.non_finite_at_step is not None:
+        raise TrainingError(f"the training loss became NaN or infinite at step {callback.non_finite_at_step}; "
+                            "nothing was saved (lower training.learning_rate, or look for a bad sample)")
     if callback.stopped_early:
         raise TrainingInterrupted(f"stopped at step {trainer.state.global_step} on request")
     eval_loss = None
@@ -204,4 +290,5 @@ def train_adapter(
         trainable_params=trainable,
         total_params=total,
         device=device,
+        tokens_seen=trainer.meter.run_tokens,
     )

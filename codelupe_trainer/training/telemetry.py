@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
-from ..data.collate import PackedCollator
 from ..faults import crash_point
 
 
@@ -113,50 +112,67 @@ class Frequencies:
 
 
 class ReportingCallback(TrainerCallback):
-    """Turns Trainer events into metric dicts for the reporter; also where a stop request is honoured."""
+    """Turns Trainer events into metric dicts for the reporter; also where a stop request is honoured and a
+    non-finite loss ends the run at once.
+
+    `meter` is the trainer's StepMeter (duck-typed here so this module does not import the loop): it holds
+    what the micro-batches of each window really trained, the step's loss, and the time spent evaluating.
+    """
 
     def __init__(
         self,
         reporter: TrainingReporter,
-        trainer: Trainer,  # our TimedTrainer: reads its phase_clock and last_loss
-        collator: PackedCollator,
+        meter,
         frequencies: Frequencies,
         should_stop: Callable[[], bool],
         system_metrics: Callable[[], dict[str, float]],
     ):
         self.reporter = reporter
-        self.trainer = trainer
-        self.collator = collator
+        self.meter = meter
         self.frequencies = frequencies
         self.should_stop = should_stop
         self.system_metrics = system_metrics
         self.stopped_early = False
+        self.non_finite_at_step: int | None = None
         self._window_started = time.perf_counter()
         self._window_steps = 0
-        self._window_samples = 0
-        self._window_tokens = 0
         self._train_started = time.perf_counter()
         self._trainable: list[tuple[str, torch.nn.Parameter]] = []
         self._sampled: set[str] = set()
+        self._gradients_recorded_for = -1
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._trainable = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
         names = [name for name, _ in self._trainable]
         self._sampled = set(sample_layer_names(names, self.frequencies.per_layer_sample))
+        self.meter.drain()  # nothing before the first step (an initial evaluation) belongs to a window
         self._train_started = self._window_started = time.perf_counter()
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+    def record_gradients(self, step: int) -> None:
+        """Gradient norms as the backward pass left them: called by the trainer just before clipping."""
         every = self.frequencies.gradient_metrics_every_steps
+        if every and step % every == 0 and self._gradients_recorded_for != step:
+            self._gradients_recorded_for = step
+            self.reporter.log(step, gradient_statistics(self._trainable, self._sampled))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # global_step is incremented after the optimizer step: this is step global_step + 1.
         step = state.global_step + 1
+        self.record_gradients(step)  # no-op when clipping already recorded them (max_grad_norm > 0)
+        every = self.frequencies.gradient_metrics_every_steps
         if every and step % every == 0:
-            metrics = gradient_statistics(self._trainable, self._sampled)
-            metrics.update(weight_statistics(self._trainable, self._sampled))
-            self.reporter.log(step, metrics)
+            self.reporter.log(step, weight_statistics(self._trainable, self._sampled))
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 1:
             crash_point("train")
+        self.meter.end_step()
+        loss = self.meter.last_step_loss
+        # One scalar read per optimizer step: a diverged run stops here instead of training on to the end.
+        if loss is not None and not math.isfinite(float(loss)):
+            self.non_finite_at_step = state.global_step
+            control.should_training_stop = True
+            return control
         self._window_steps += 1
         step = state.global_step
         every = self.frequencies.system_every_steps
@@ -183,8 +199,8 @@ class ReportingCallback(TrainerCallback):
             })
             if logs.get("grad_norm") is not None:
                 metrics["batch/grad_norm"] = float(logs["grad_norm"])
-            if self.trainer.last_loss is not None:
-                batch_loss = float(self.trainer.last_loss.detach().float().item())
+            if self.meter.last_step_loss is not None:
+                batch_loss = float(self.meter.last_step_loss.detach().float().item())
                 metrics["batch/loss"] = batch_loss
                 metrics["batch/perplexity"] = safe_perplexity(batch_loss)
             metrics.update(self._performance_window())
@@ -201,24 +217,23 @@ class ReportingCallback(TrainerCallback):
             self.reporter.log(step, metrics)
 
     def _performance_window(self) -> dict[str, float]:
+        """Throughput of the optimizer steps since the last report: only their micro-batches' samples and
+        tokens, over their time less any evaluation that ran inside the window."""
         now = time.perf_counter()
-        elapsed = max(now - self._window_started, 1e-9)
-        samples = self.collator.samples_collated - self._window_samples
-        tokens = self.collator.tokens_collated - self._window_tokens
+        window = self.meter.drain()
+        elapsed = max(now - self._window_started - window["eval_seconds"], 1e-9)
         steps = max(self._window_steps, 1)
-        data_loading_ms, forward_ms, backward_ms = self.trainer.phase_clock.drain()
         self._window_started = now
-        self._window_samples = self.collator.samples_collated
-        self._window_tokens = self.collator.tokens_collated
         self._window_steps = 0
         return {
-            "batch/size": samples / steps,
-            "performance/samples_per_second": samples / elapsed,
-            "performance/tokens_per_second": tokens / elapsed,
+            "batch/size": window["samples"] / steps,
+            "performance/samples_per_second": window["samples"] / elapsed,
+            "performance/tokens_per_second": window["tokens"] / elapsed,
+            "performance/tokens_per_step": window["tokens"] / steps,
             "performance/batch_time_ms": 1000 * elapsed / steps,
-            "performance/data_loading_time_ms": data_loading_ms,
-            "performance/forward_time_ms": forward_ms,
-            "performance/backward_time_ms": backward_ms,
+            "performance/data_loading_time_ms": window["data_loading_ms"],
+            "performance/forward_time_ms": window["forward_ms"],
+            "performance/backward_time_ms": window["backward_ms"],
         }
 
     def _progress(self, state) -> dict[str, float]:
