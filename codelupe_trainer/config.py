@@ -103,6 +103,11 @@ class TrainingSettings(Section):
     eval_steps: int = Field(0, ge=0, description="0 evaluates once, at the end of the run.")
     gradient_checkpointing: bool = True
     max_grad_norm: float = Field(1.0, ge=0.0)
+    loss: Literal["auto", "fused", "chunked", "standard"] = Field(
+        "auto",
+        description="How the loss avoids vocabulary-sized fp32 logits: fused (Liger-Kernel, CUDA), chunked (pure "
+        "PyTorch), standard (the model's own). auto: fused where liger_kernel is installed on CUDA, else chunked.",
+    )
 
 
 class MetricsSettings(Section):

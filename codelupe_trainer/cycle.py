@@ -54,10 +54,11 @@ def run_cycle(settings: Settings, force: bool = False, should_stop: Callable[[],
 
 def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool], process_started: float) -> CycleOutcome:
     state = expire_gaps(load_state(settings.paths.state_file), settings.database.max_commit_lag_minutes)
-    gaps = [int(gap) for gap in state.pending_gaps]
+    gaps = state.gap_ranges()
     with open_connection(settings.database) as connection:
         check_table(connection, settings.database)
-        available = count_new_samples(connection, settings.database, settings.data, state.last_trained_id, gaps)
+        available = count_new_samples(connection, settings.database, settings.data, state.last_trained_id, gaps,
+                                      up_to=settings.schedule.min_new_samples)
         if available == 0 or (available < settings.schedule.min_new_samples and not force):
             return CycleOutcome(
                 "nothing_to_do",
@@ -67,7 +68,8 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
         _, model_found, model_problem = check_model_path(settings.model.base_model)
         if not model_found:
             raise TrainingError(model_problem)
-        log.info("%d eligible new samples past id %d", available, state.last_trained_id)
+        log.info("%s%d eligible new samples past id %d", "at least " if available == settings.schedule.min_new_samples else "",
+                 available, state.last_trained_id)
         write_cycle_progress(settings.paths.state_file, "dataset", new_samples=available)
         tokenizer = load_tokenizer(settings.model.base_model)
         fetched = FetchResult(last_examined_id=state.last_trained_id)

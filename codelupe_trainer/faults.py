@@ -2,7 +2,8 @@
 (SIGKILL), raise a CUDA out-of-memory error, or raise a plain error when it reaches that phase.
 
 Phases: fetch (first row read), tokenize (dataset built), train (first optimizer step), save (adapter
-published, state not yet written), state (new state file written, not yet renamed into place).
+published, state not yet written), state (new state file written, not yet renamed into place), dedup (the
+duplicate store's transaction written, not yet committed).
 Unset in production, where each call is one dictionary lookup.
 """
 

@@ -92,6 +92,7 @@ class MetricsRun:
         self._jsonl = open(jsonl_path, "a", encoding="utf-8")
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._worker: threading.Thread | None = None
+        self._closing = threading.Event()
         if self.mode != "disabled":
             self._start_wandb(config)
         self._write_jsonl({"event": "start", "run": run_number, "wandb_mode": self.mode})
@@ -128,7 +129,7 @@ class MetricsRun:
     def _drain(self) -> None:
         while True:
             item = self._queue.get()
-            if item is _STOP:
+            if item is _STOP or self._closing.is_set():
                 return
             step, metrics = item
             try:
@@ -166,8 +167,18 @@ class MetricsRun:
         self._jsonl.close()
         if self._worker is None:
             return
-        self._queue.put(_STOP)
-        self._worker.join(self.options.finish_timeout_s)
+        # Never a blocking put: with wandb-core stalled the queue stays full and a put would wait forever.
+        deadline = time.monotonic() + self.options.finish_timeout_s
+        try:
+            self._queue.put(_STOP, timeout=self.options.finish_timeout_s)
+        except queue.Full:
+            self._closing.set()  # the worker stops after the item it is stuck on, if it ever returns
+        self._worker.join(max(0.0, deadline - time.monotonic()))
+        if self._worker.is_alive():
+            self._closing.set()
+            log.warning("W&B did not take the last metrics within %.0f s; the local metrics file is complete",
+                        self.options.finish_timeout_s)
+            return
         closer = threading.Thread(target=self._close_wandb, args=(exit_code,), daemon=True)
         closer.start()
         closer.join(self.options.finish_timeout_s)

@@ -36,9 +36,13 @@ class TrainerState:
     last_error_at: float | None = None
     last_run: dict[str, Any] | None = None
     latest_adapter: str | None = None
-    # Ids below last_trained_id that were missing when it advanced (a transaction still in flight),
-    # mapped to the time they were first seen missing; picked up when they commit, dropped after a while.
-    pending_gaps: dict[str, float] = field(default_factory=dict)
+    # Ranges of ids below last_trained_id that were missing when it advanced (a transaction still in flight,
+    # however many ids it holds), as [first, last, first seen missing]; rows that commit in them later are
+    # trained once, and the range is forgotten after database.max_commit_lag_minutes.
+    pending_gaps: list[list[float]] = field(default_factory=list)
+
+    def gap_ranges(self) -> list[tuple[int, int]]:
+        return [(int(first), int(last)) for first, last, _ in self.pending_gaps]
 
     @property
     def uptime_hours(self) -> float:
@@ -50,6 +54,8 @@ def load_state(path: Path) -> TrainerState:
         return TrainerState()
     raw = json.loads(path.read_text(encoding="utf-8"))
     known = {name for name in TrainerState.__dataclass_fields__}
+    if isinstance(raw.get("pending_gaps"), dict):  # the format before ranges: {"id": first seen}
+        raw["pending_gaps"] = [[int(gap), int(gap), seen] for gap, seen in raw["pending_gaps"].items()]
     return TrainerState(**{key: value for key, value in raw.items() if key in known})
 
 
@@ -117,9 +123,8 @@ def advance_state(state: TrainerState, fetched: FetchResult, samples_trained: in
     """The state after a successful cycle: a pure function of the old state and what the cycle consumed.
     `process_started`: when the trainer process began, for the uptime (None: no uptime added)."""
     now = time.time()
-    gaps = {gap: seen for gap, seen in state.pending_gaps.items() if int(gap) not in set(fetched.filled_gaps)}
-    for gap in fetched.new_gaps:
-        gaps.setdefault(str(gap), now)
+    gaps = remove_ids(state.pending_gaps, sorted(set(fetched.filled_gaps)))
+    gaps += [[first, last, now] for first, last in fetched.new_gaps]
     new_state = TrainerState(**asdict(state))
     new_state.pending_gaps = gaps
     new_state.last_trained_id = max(state.last_trained_id, fetched.last_examined_id)
@@ -135,8 +140,23 @@ def advance_state(state: TrainerState, fetched: FetchResult, samples_trained: in
     return new_state
 
 
+def remove_ids(gaps: list[list[float]], ids: list[int]) -> list[list[float]]:
+    """The gap ranges without the ids that have been read (a range is split around them)."""
+    remaining = []
+    for first, last, seen in gaps:
+        start = int(first)
+        for row_id in ids:
+            if start <= row_id <= last:
+                if row_id > start:
+                    remaining.append([start, row_id - 1, seen])
+                start = row_id + 1
+        if start <= last:
+            remaining.append([start, int(last), seen])
+    return remaining
+
+
 def expire_gaps(state: TrainerState, max_age_minutes: float, now: float | None = None) -> TrainerState:
-    """Forget gaps watched longer than the commit-lag window: a rolled-back insert never fills its id."""
+    """Forget gaps watched longer than the commit-lag window: a rolled-back insert never fills its ids."""
     now = time.time() if now is None else now
-    state.pending_gaps = {gap: seen for gap, seen in state.pending_gaps.items() if now - seen <= max_age_minutes * 60}
+    state.pending_gaps = [gap for gap in state.pending_gaps if now - gap[2] <= max_age_minutes * 60]
     return state

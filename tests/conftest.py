@@ -98,12 +98,12 @@ def tiny_model(tmp_path_factory):
 
 def write_config(directory: Path, model_dir: Path, extra: str = "") -> Path:
     """A small, fast configuration in the production shape (gradient accumulation 4, gradient checkpointing,
-    max_steps set); `extra` TOML sections replace the defaults given here."""
+    by epochs as shipped; tests of a step budget set max_steps); `extra` TOML sections replace these defaults."""
     sections = {
         "schedule": "min_new_samples = 10",
         "data": "max_length = 256\nmax_samples_per_run = 400\neval_fraction = 0.1\nmin_quality = 70",
         "model": f'base_model = "{model_dir}"\nquantization = "none"\nlora_r = 4\nlora_alpha = 8\nlora_dropout = 0.0',
-        "training": "batch_size = 4\ngradient_accumulation_steps = 4\nlearning_rate = 5e-3\nmax_steps = 6\nlogging_steps = 2\ngradient_checkpointing = true",
+        "training": "batch_size = 4\ngradient_accumulation_steps = 4\nlearning_rate = 5e-3\nmax_steps = -1\nlogging_steps = 2\ngradient_checkpointing = true",
         "metrics": "system_every_steps = 2\ngradient_metrics_every_steps = 2\nper_layer_sample = 4",
         "wandb": f'mode = "offline"\ndir = "{directory}"\ninit_timeout_s = 60',
         "paths": f'state_file = "{directory / "state.json"}"\noutput_dir = "{directory / "adapters"}"',

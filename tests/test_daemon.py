@@ -22,7 +22,8 @@ from codelupe_trainer.state import load_state
 pytestmark = pytest.mark.slow
 
 CLI = [sys.executable, "-m", "codelupe_trainer.cli"]
-LONG_TRAINING = "[training]\nbatch_size = 2\ngradient_accumulation_steps = 1\nlearning_rate = 1e-3\nmax_steps = 100000\nlogging_steps = 1\ngradient_checkpointing = false\n"
+# Many epochs keep a cycle training until the test stops it.
+LONG_TRAINING = "[training]\nbatch_size = 2\ngradient_accumulation_steps = 2\nlearning_rate = 1e-3\nepochs = 1000\nlogging_steps = 1\ngradient_checkpointing = true\n"
 
 
 def environment(url: str, **extra: str) -> dict[str, str]:
@@ -107,12 +108,12 @@ def test_sigterm_mid_training_changes_nothing_and_the_next_run_trains_those_rows
     finish = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"finish"' in line]
     assert finish[-1]["exit_code"] != 0  # the W&B run was closed as not successful
 
-    env["CODELUPE_TRAINING__MAX_STEPS"] = "3"
+    env["CODELUPE_TRAINING__EPOCHS"] = "1"
     done = subprocess.run(CLI + ["run-once", "--config", str(config)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     count, top = eligible_count(crawler_table)
     state = load_state(tmp_path / "state.json")
-    assert state.total_samples_trained == count and state.last_trained_id == top
+    assert state.total_samples_trained + state.total_samples_held_out == count and state.last_trained_id == top
 
 
 @pytest.mark.parametrize("phase", ["fetch", "tokenize", "train", "save", "state"])
@@ -139,7 +140,7 @@ def test_kill_9_in_any_phase_loses_no_row_and_counts_none_twice(phase, crawler_t
     assert again.returncode == 0, again.stderr
     count, top = eligible_count(crawler_table)
     final = load_state(tmp_path / "state.json")
-    assert final.total_samples_trained == count
+    assert final.total_samples_trained + final.total_samples_held_out == count
     assert final.last_trained_id == top
     assert final.total_training_runs == 2
     assert Path(final.latest_adapter).resolve() == (tmp_path / "adapters" / "latest").resolve()

@@ -72,16 +72,49 @@ def test_extra_malicious_patterns_are_added_to_the_defaults():
 
 
 def test_duplicate_store_survives_restarts_and_normalises_whitespace(tmp_path):
-    store = filters.DuplicateStore(tmp_path / "hashes.bin")
+    store = filters.DuplicateStore(tmp_path / "dedup.sqlite3")
     assert not store.seen(Sample(1, CODE, "python", 80))
     assert store.seen(Sample(2, CODE.replace("\n", "   \r\n"), "python", 80)), "same code, other line endings"
     assert len(store) == 0, "nothing is remembered before commit"
     store.commit()
-    reopened = filters.DuplicateStore(tmp_path / "hashes.bin")
+    store.close()
+    reopened = filters.DuplicateStore(tmp_path / "dedup.sqlite3")
     assert len(reopened) == 1
     assert reopened.seen(Sample(3, CODE + "\n\n", "python", 80))
     assert not reopened.seen(Sample(4, CODE + "# changed\n", "python", 80))
-    assert (tmp_path / "hashes.bin").stat().st_size == 16
+
+
+def test_a_legacy_store_with_a_torn_append_is_imported_whole_records_only(tmp_path):
+    """The old format appended 16-byte records; a torn append (crash, full disk) misaligned every record after
+    it. Importing keeps the complete records, and the new store cannot tear."""
+    first, second = filters.content_hash(CODE), filters.content_hash(CODE + "# two\n")
+    (tmp_path / "trained-hashes.bin").write_bytes(first + second + second[:7])  # the last append was torn
+    store = filters.DuplicateStore(tmp_path / "dedup.sqlite3")
+    assert len(store) == 2
+    assert store.seen(Sample(1, CODE, "python", 80)) and store.seen(Sample(2, CODE + "# two\n", "python", 80))
+    assert not (tmp_path / "trained-hashes.bin").exists()
+
+
+def test_a_kill_in_the_middle_of_a_commit_leaves_the_last_committed_store(tmp_path):
+    import subprocess
+    import sys
+
+    store = filters.DuplicateStore(tmp_path / "dedup.sqlite3")
+    store.seen(Sample(1, CODE, "python", 80))
+    store.commit()
+    store.close()
+    script = (
+        "import sys; from codelupe_trainer.data import filters; from codelupe_trainer.data.records import Sample\n"
+        "store = filters.DuplicateStore(__import__('pathlib').Path(sys.argv[1]))\n"
+        "[store.seen(Sample(i, f'def f{i}():\\n    return {i}\\n', 'python', 80)) for i in range(5000)]\n"
+        "store.commit()\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "dedup.sqlite3")],
+                            env={**__import__("os").environ, "CODELUPE_FAULT": "dedup:kill"})
+    assert killed.returncode == -9
+    reopened = filters.DuplicateStore(tmp_path / "dedup.sqlite3")
+    assert len(reopened) == 1 and reopened.seen(Sample(2, CODE, "python", 80))
+    assert reopened._connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
 def test_widened_repeats_are_a_superset():

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "codelupe_trainer"
 # What each wing may import from the package. Top-level modules are named by their own name.
 # cli -> service -> cycle -> {data, training, state, metrics, ...} -> config; demo is an entry point like cli.
 ALLOWED = {
-    "data": {"config", "data"},
+    "data": {"config", "faults", "data"},
     "training": {"config", "errors", "faults", "data", "training"},
     "service": {"config", "cycle", "data", "errors", "faults", "lock", "logs", "metrics", "outcome", "progress",
                 "state", "training", "service"},

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import psycopg
 import pytest
 
 from codelupe_trainer.config import DatabaseSettings, DataSettings
-from codelupe_trainer.state import advance_state, expire_gaps
+from codelupe_trainer.state import advance_state, expire_gaps, load_state, remove_ids
 from codelupe_trainer.data.records import FetchResult
 from codelupe_trainer.data.source import SourceError, check_table, count_new_samples, fetch_new_samples, open_connection
 from codelupe_trainer.state import TrainerState
@@ -105,22 +107,71 @@ def test_a_row_committed_late_below_the_watermark_is_not_skipped(crawler_table):
     samples, result = fetch_all(database, data)
     assert [sample.id for sample in samples] == [1, 3, 4]
     state = advance_state(TrainerState(), result, len(samples), adapter_path=None, summary=None)
-    assert state.last_trained_id == 4 and list(state.pending_gaps) == ["2"]
+    assert state.last_trained_id == 4 and state.gap_ranges() == [(2, 2)]
 
     slow.commit()
     slow.close()
-    gaps = [int(gap) for gap in state.pending_gaps]
+    gaps = state.gap_ranges()
     with open_connection(database) as connection:
         assert count_new_samples(connection, database, data, state.last_trained_id, gaps) == 1
     samples, result = fetch_all(database, data, after_id=state.last_trained_id, gaps=gaps)
     assert [sample.id for sample in samples] == [2]
     state = advance_state(state, result, len(samples), adapter_path=None, summary=None)
-    assert state.pending_gaps == {} and state.last_trained_id == 4
+    assert state.pending_gaps == [] and state.last_trained_id == 4
+
+
+def test_a_bulk_insert_wider_than_1000_ids_committed_late_is_trained_exactly_once(crawler_table):
+    """A crawler transaction allocates ids 1..1500 and commits after ids 1501..1503 were trained: every
+    eligible row in it is read exactly once afterwards (gaps are id ranges, with no width limit)."""
+    database = DatabaseSettings(url=crawler_table, page_size=400)
+    data = DataSettings(min_quality=70)
+    insert = ("INSERT INTO processed_files (relative_path, content, language, lines, size, hash, repo_name, quality_score)"
+              " VALUES (%s, %s, 'python', 4, 100, %s, 'r', %s)")
+    bulk = psycopg.connect(crawler_table)  # one open transaction holding 1,500 ids
+    with bulk.cursor() as cursor:
+        cursor.executemany(insert, [(f"bulk{i}.py", GOOD + f"#{i}", f"b{i}", 80 if i % 3 else 10) for i in range(1500)])
+    with psycopg.connect(crawler_table, autocommit=True) as committed:
+        for i in range(3):
+            committed.execute(insert, (f"late{i}.py", GOOD + f"#late{i}", f"l{i}", 80))
+
+    samples, result = fetch_all(database, data)
+    assert [sample.id for sample in samples] == [1501, 1502, 1503]
+    state = advance_state(TrainerState(), result, len(samples), adapter_path=None, summary=None)
+    assert state.last_trained_id == 1503 and state.gap_ranges() == [(1, 1500)]
+    assert len(json.dumps(state.pending_gaps)) < 100  # one range, not 1,500 ids
+
+    bulk.commit()
+    bulk.close()
+    eligible_in_bulk = [i + 1 for i in range(1500) if i % 3]
+    with open_connection(database) as connection:
+        assert count_new_samples(connection, database, data, state.last_trained_id, state.gap_ranges()) == len(eligible_in_bulk)
+    samples, result = fetch_all(database, data, after_id=state.last_trained_id, gaps=state.gap_ranges())
+    assert [sample.id for sample in samples] == eligible_in_bulk
+    assert sum(result.skipped.values()) == 500
+    state = advance_state(state, result, len(samples), adapter_path=None, summary=None)
+    assert state.pending_gaps == [] and state.last_trained_id == 1503
+    samples, _ = fetch_all(database, data, after_id=state.last_trained_id, gaps=state.gap_ranges())
+    assert samples == []  # nothing is read twice
+
+
+@pytest.mark.parametrize(("gaps", "read", "left"), [
+    ([[1, 10, 5.0]], [1, 10], [[2, 9, 5.0]]),
+    ([[1, 10, 5.0]], [4, 5, 8], [[1, 3, 5.0], [6, 7, 5.0], [9, 10, 5.0]]),
+    ([[1, 3, 5.0], [7, 7, 6.0]], [1, 2, 3, 7], []),
+    ([[1, 3, 5.0]], [], [[1, 3, 5.0]]),
+])
+def test_read_ids_split_the_gap_ranges(gaps, read, left):
+    assert remove_ids(gaps, read) == left
 
 
 def test_gaps_expire_after_the_commit_lag_window():
-    state = TrainerState(pending_gaps={"5": 1000.0, "6": 5000.0})
-    assert list(expire_gaps(state, max_age_minutes=60, now=5000.0 + 60).pending_gaps) == ["6"]
+    state = TrainerState(pending_gaps=[[5, 5, 1000.0], [6, 900, 5000.0]])
+    assert expire_gaps(state, max_age_minutes=60, now=5000.0 + 60).gap_ranges() == [(6, 900)]
+
+
+def test_a_state_file_with_the_old_gap_format_loads(tmp_path):
+    (tmp_path / "state.json").write_text(json.dumps({"last_trained_id": 9, "pending_gaps": {"5": 1000.0}}))
+    assert load_state(tmp_path / "state.json").gap_ranges() == [(5, 5)]
 
 
 def test_uptime_counts_each_second_once_across_processes():

@@ -282,3 +282,27 @@ def test_unreachable_wandb_server_degrades_to_the_local_file(crawler_table, make
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss" in record for record in records)
     assert records[0]["wandb_mode"] == "disabled"
+
+
+def test_finish_returns_when_the_wandb_backend_stalls(tmp_path):
+    """A stalled wandb-core: each log call blocks, the bounded queue fills, and finish() must still return
+    within its timeout (a blocking put of the stop marker used to wait forever, holding the trainer lock)."""
+    import threading
+    import time
+
+    from codelupe_trainer.metrics import MetricsRun, WandbOptions
+
+    run = MetricsRun(1, tmp_path / "metrics.jsonl", WandbOptions("offline", "p", None, "g", tmp_path, 60, 2), {},
+                     queue_size=10)
+    stalled = threading.Event()
+    run.wandb_run.log = lambda *args, **kwargs: stalled.wait()  # the one stand-in: a backend that never answers
+    for step in range(50):
+        run.log(step, {"train/loss": 1.0})  # never blocks: overflow is dropped and counted
+    started = time.monotonic()
+    run.finish(0)
+    assert time.monotonic() - started < 10
+    assert run.dropped > 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum("train/loss" in record for record in records) == 50  # the local file has every row
+    assert records[-1]["event"] == "finish"
+    stalled.set()

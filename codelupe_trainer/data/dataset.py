@@ -101,13 +101,16 @@ def within_block_budget(samples: Iterable[Sample], budget: int | None, tokenizer
         yield from samples
         return
     shadow = Packer(max_length)
+    taken = 0
     for sample in samples:
         if not is_eval_sample(sample.id, seed, eval_fraction):
             for piece in tokenize_samples([sample], tokenizer, max_length, format_text):
                 shadow.add(TokenizedSample(piece.sample_id, np.empty(len(piece.input_ids), dtype=np.int8)))
-            if len(shadow.blocks) > budget:
+            # The first sample is always taken (even one larger than the budget), so every cycle makes progress.
+            if len(shadow.blocks) > budget and taken:
                 fetched.stop_before(sample.id)
                 return
+            taken += 1
         yield sample
 
 

@@ -9,13 +9,14 @@ only the few lines of the few texts that pass it are confirmed by the library.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
+import sqlite3
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
 from ..config import DataSettings
+from ..faults import crash_point
 from .patternset import PatternSet
 from .records import Blocker, Sample
 
@@ -178,6 +179,10 @@ def prefiltered(pattern: re.Pattern, window: int | None = None) -> Callable[[Sam
 # ------------------------------------------------------------------ duplicates
 
 
+DEDUP_STORE_FILE = "dedup.sqlite3"
+LEGACY_HASH_FILE = "trained-hashes.bin"
+
+
 def content_hash(text: str) -> bytes:
     """Hash of the content with line endings and trailing whitespace normalised; 16 bytes."""
     normalized = "\n".join(line.rstrip() for line in text.strip().splitlines())
@@ -185,38 +190,73 @@ def content_hash(text: str) -> bytes:
 
 
 class DuplicateStore:
-    """Hashes of everything trained before: a sorted file of 16-byte digests beside the state (16 MB per
-    million samples). New hashes are held in memory and appended only by commit(), after the adapter is saved,
-    so a failed run does not mark its samples as seen."""
+    """Hashes of everything trained before, in an SQLite file beside the state (transactional: a crash or a
+    full disk mid-write rolls back to the last commit, never a torn record; looked up on disk, so memory does
+    not grow with the number of samples trained).
+
+    New hashes are held in memory and written only by commit(), after the state is saved, so a failed run
+    does not mark its samples as seen. A store in the old format (`trained-hashes.bin`, 16-byte records) is
+    imported once, its complete records only.
+    """
 
     def __init__(self, path: Path | None):
         self.path = path
-        self._known: set[bytes] = set()
         self._pending: set[bytes] = set()
-        if path is not None and path.exists():
-            data = path.read_bytes()
-            self._known = {data[index : index + 16] for index in range(0, len(data) - len(data) % 16, 16)}
+        self._connection: sqlite3.Connection | None = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._connection = sqlite3.connect(path, isolation_level=None)
+            # A rollback journal, not WAL: no shared-memory file beside it, and nothing is written between commits.
+            self._connection.execute("PRAGMA journal_mode=DELETE")
+            self._connection.execute("PRAGMA synchronous=FULL")
+            self._connection.execute("CREATE TABLE IF NOT EXISTS trained_hashes (digest BLOB PRIMARY KEY) WITHOUT ROWID")
+            self._import_legacy(path.with_name(LEGACY_HASH_FILE))
+
+    def _import_legacy(self, legacy: Path) -> None:
+        if not legacy.exists():
+            return
+        data = legacy.read_bytes()
+        self._insert(data[index : index + 16] for index in range(0, len(data) - len(data) % 16, 16))
+        legacy.rename(legacy.with_suffix(".bin.imported"))
+
+    def _insert(self, digests) -> None:
+        self._connection.execute("BEGIN IMMEDIATE")
+        try:
+            self._connection.executemany("INSERT OR IGNORE INTO trained_hashes (digest) VALUES (?)",
+                                         ((digest,) for digest in digests))
+            crash_point("dedup")
+            self._connection.execute("COMMIT")
+        except BaseException:
+            self._connection.execute("ROLLBACK")
+            raise
+
+    def known(self, digest: bytes) -> bool:
+        if self._connection is None:
+            return False
+        return self._connection.execute("SELECT 1 FROM trained_hashes WHERE digest = ?", (digest,)).fetchone() is not None
 
     def seen(self, sample: Sample) -> bool:
         digest = content_hash(sample.content)
-        if digest in self._known or digest in self._pending:
+        if digest in self._pending or self.known(digest):
             return True
         self._pending.add(digest)
         return False
 
     def commit(self) -> None:
-        if self.path is None or not self._pending:
+        if self._connection is None or not self._pending:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "ab") as handle:
-            handle.write(b"".join(sorted(self._pending)))
-            handle.flush()
-            os.fsync(handle.fileno())
-        self._known |= self._pending
+        self._insert(sorted(self._pending))
         self._pending = set()
 
     def __len__(self) -> int:
-        return len(self._known)
+        if self._connection is None:
+            return 0
+        return self._connection.execute("SELECT count(*) FROM trained_hashes").fetchone()[0]
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
 
 # ------------------------------------------------------------------ assembly
@@ -231,7 +271,7 @@ def build_blockers(data: DataSettings, store_dir: Path | None) -> tuple[list[tup
         blockers.append(("malicious", prefiltered(malicious_pattern(data.malicious_patterns))))
     if data.block_secrets:
         blockers.append(("secrets", contains_secret))
-    store = DuplicateStore(store_dir / "trained-hashes.bin" if (store_dir is not None and data.block_duplicates) else None)
+    store = DuplicateStore(store_dir / DEDUP_STORE_FILE if (store_dir is not None and data.block_duplicates) else None)
     if data.block_duplicates:
         blockers.append(("duplicates", store.seen))
     return blockers, store

@@ -24,9 +24,10 @@ class FetchResult:
     # The highest id whose row was read and either yielded or skipped; the candidate watermark.
     last_examined_id: int
     skipped: Counter = field(default_factory=Counter)
-    # Ids that were missing below last_examined_id: possibly a transaction that has not committed yet.
-    new_gaps: list[int] = field(default_factory=list)
-    # Pending gap ids that have now appeared (they were read in this fetch).
+    # Ranges of ids (first, last) missing below last_examined_id: possibly a transaction not committed yet
+    # (a bulk insert can hold thousands of ids), or deleted rows; no width limit.
+    new_gaps: list[tuple[int, int]] = field(default_factory=list)
+    # Ids inside pending gap ranges that have now appeared (they were read in this fetch).
     filled_gaps: list[int] = field(default_factory=list)
     rows_examined: int = 0
 
@@ -34,7 +35,7 @@ class FetchResult:
         """The sample `sample_id` was read but will not be trained this run: everything from it on is left
         for the next run (the watermark stays below it, its gaps are not recorded yet)."""
         self.last_examined_id = min(self.last_examined_id, sample_id - 1)
-        self.new_gaps = [gap for gap in self.new_gaps if gap < sample_id]
+        self.new_gaps = [(first, min(last, sample_id - 1)) for first, last in self.new_gaps if first < sample_id]
         self.filled_gaps = [gap for gap in self.filled_gaps if gap < sample_id]
         self.rows_examined -= 1
 

@@ -17,9 +17,8 @@ from psycopg import sql
 from ..config import DataSettings, DatabaseSettings
 from .records import FetchResult, Sample
 
-# A hole in the ids wider than this is a deletion or a sequence jump, not a transaction in flight.
-MAX_GAP_WIDTH = 1000
-MAX_TRACKED_GAPS = 100_000
+# Gap ranges recorded per fetch; far more than in-flight transactions can make (deletions make the rest).
+MAX_NEW_GAP_RANGES = 10_000
 
 
 class SourceError(Exception):
@@ -108,16 +107,32 @@ def _skip_reason_sql(data: DataSettings) -> tuple[sql.Composable, dict]:
     return sql.SQL(f"CASE {branches} END"), parameters
 
 
+def _gap_condition(names: dict) -> sql.Composable:
+    """True for an id inside one of the pending gap ranges (parallel arrays of first and last ids)."""
+    return sql.SQL(
+        "EXISTS (SELECT 1 FROM unnest(%(gap_firsts)s::bigint[], %(gap_lasts)s::bigint[]) AS gap(first_id, last_id) "
+        "WHERE {id} BETWEEN gap.first_id AND gap.last_id)"
+    ).format(**names)
+
+
+def _gap_parameters(pending_gaps: list[tuple[int, int]] | None) -> dict:
+    gaps = list(pending_gaps or [])
+    return {"gap_firsts": [first for first, _ in gaps], "gap_lasts": [last for _, last in gaps]}
+
+
 def count_new_samples(
     connection: psycopg.Connection, database: DatabaseSettings, data: DataSettings, after_id: int,
-    pending_gaps: list[int] | None = None,
+    pending_gaps: list[tuple[int, int]] | None = None, up_to: int | None = None,
 ) -> int:
-    """How many eligible rows lie past the watermark (or fill a known gap). An index on the id makes it cheap."""
+    """How many eligible rows lie past the watermark (or inside a pending gap range), counting no further than
+    `up_to`: the cycle only needs to know whether schedule.min_new_samples is reached, not the whole backlog."""
+    names = _names(database)
     reason, parameters = _skip_reason_sql(data)
     query = sql.SQL(
-        "SELECT count(*) FROM {table} WHERE ({id} > %(after_id)s OR {id} = ANY(%(gaps)s)) AND (" + "{reason}" + ") IS NULL"
-    ).format(reason=reason.format(**_names(database)), **_names(database))
-    parameters.update(after_id=after_id, gaps=list(pending_gaps or []))
+        "SELECT count(*) FROM (SELECT 1 FROM {table} WHERE ({id} > %(after_id)s OR {gaps}) AND ({reason}) IS NULL "
+        "LIMIT %(up_to)s) AS eligible"
+    ).format(reason=reason.format(**names), gaps=_gap_condition(names), **names)
+    parameters.update(after_id=after_id, up_to=up_to, **_gap_parameters(pending_gaps))
     return connection.execute(query, parameters).fetchone()[0]
 
 
@@ -127,7 +142,7 @@ def fetch_new_samples(
     data: DataSettings,
     after_id: int,
     result: FetchResult,
-    pending_gaps: list[int] | None = None,
+    pending_gaps: list[tuple[int, int]] | None = None,
     limit: int | None = None,
 ) -> Iterator[Sample]:
     """Yield eligible rows past `after_id` (and rows that filled a pending gap), in id order, page by page.
@@ -147,8 +162,8 @@ def fetch_new_samples(
 
     if pending_gaps:
         rows = connection.execute(
-            select + sql.SQL("WHERE {id} = ANY(%(gaps)s) ORDER BY {id}").format(**names),
-            {**parameters, "gaps": list(pending_gaps)},
+            select + sql.SQL("WHERE {gaps} ORDER BY {id}").format(gaps=_gap_condition(names), **names),
+            {**parameters, **_gap_parameters(pending_gaps)},
         ).fetchall()
         for row in rows:
             result.filled_gaps.append(row[0])
@@ -179,9 +194,8 @@ def fetch_new_samples(
 
 
 def _record_gap(previous_id: int, row_id: int, result: FetchResult) -> None:
-    width = row_id - previous_id - 1
-    if 0 < width <= MAX_GAP_WIDTH and len(result.new_gaps) < MAX_TRACKED_GAPS:
-        result.new_gaps.extend(range(previous_id + 1, row_id))
+    if row_id - previous_id > 1 and len(result.new_gaps) < MAX_NEW_GAP_RANGES:
+        result.new_gaps.append((previous_id + 1, row_id - 1))
 
 
 def _classify(row: tuple, result: FetchResult) -> Sample | None:

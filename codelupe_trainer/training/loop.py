@@ -18,6 +18,7 @@ from ..config import TrainingSettings
 from ..data.collate import COUNT_KEYS, SAMPLES_KEY, TOKENS_KEY, PackedCollator
 from ..data.packing import Block
 from ..errors import TrainingError, TrainingInterrupted
+from .loss import chunked_model_loss, resolve_loss
 from .model import count_parameters
 from .telemetry import Frequencies, ReportingCallback, TrainingReporter
 
@@ -125,8 +126,15 @@ class TimedTrainer(Trainer):
         self.meter.data_loading_s += time.perf_counter() - started
         return result
 
+    # "chunked": the decoder's hidden states through a chunked loss (training/loss.py); else the model's own.
+    loss_mode: str = "standard"
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self.loss_mode == "chunked" and not return_outputs:
+            result = chunked_model_loss(model, inputs, num_items_in_batch)
+        else:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
         if model.training:
             self._after_forward = self.meter.marker()
         return result
@@ -199,6 +207,7 @@ def block_budget(training: TrainingSettings) -> int | None:
 def build_training_arguments(training: TrainingSettings, scratch_dir: Path, device: str, seed: int, has_eval: bool,
                              max_steps: int | None = None):
     return TrainingArguments(
+        use_liger_kernel=resolve_loss(training.loss, device) == "fused",
         output_dir=str(scratch_dir),
         per_device_train_batch_size=training.batch_size,
         per_device_eval_batch_size=training.batch_size,
@@ -258,6 +267,7 @@ def train_adapter(
         data_collator=collator,
     )
     trainer.meter = StepMeter(device)
+    trainer.loss_mode = resolve_loss(training.loss, device)
     if not packed:
         trainer.group_lengths = [len(block) for block in train_blocks]
     trainer.remove_callback(PrinterCallback)  # our reporter is the only voice

@@ -1,0 +1,74 @@
+"""The chunked loss is the model's own loss, with the same LoRA gradients, without the full fp32 logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codelupe_trainer.data.collate import PackedCollator
+from codelupe_trainer.data.packing import Block, TokenizedSample
+from codelupe_trainer.training.loss import chunked_model_loss, resolve_loss
+
+
+def lora_model(tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
+    base.config.use_cache = False
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            init_lora_weights=False))  # non-zero B: every LoRA tensor gets a gradient
+    return model.train()
+
+
+def packed_batch() -> dict:
+    generator = torch.Generator().manual_seed(1)
+    blocks = []
+    for lengths in ([120, 60, 40], [200], [90, 90]):
+        block = Block()
+        for index, length in enumerate(lengths):
+            ids = torch.randint(5, 2000, (length,), generator=generator).tolist()
+            block.add(TokenizedSample.of(index, ids, prompt_length=10 if index == 1 else 0))
+        blocks.append(block.seal())
+    return PackedCollator(pad_token_id=0)(blocks)
+
+
+def lora_gradients(model) -> dict[str, torch.Tensor]:
+    return {name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+@pytest.mark.parametrize("num_items", [None, 1234])
+def test_chunked_loss_equals_the_model_loss_and_its_gradients(tiny_model, num_items):
+    model = lora_model(tiny_model)
+    batch = packed_batch()
+
+    standard = model(**batch, num_items_in_batch=num_items).loss
+    standard.backward()
+    expected = lora_gradients(model)
+    model.zero_grad(set_to_none=True)
+
+    # 50-token chunks: several chunks per row and chunks that straddle rows.
+    chunked = chunked_model_loss(model, batch, num_items, chunk_tokens=50)
+    chunked.backward()
+    got = lora_gradients(model)
+
+    assert chunked.item() == pytest.approx(standard.item(), rel=1e-5)
+    assert expected.keys() == got.keys() and len(got) > 0
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], rtol=1e-4, atol=1e-7), name
+        assert got[name].abs().sum() > 0, name
+
+
+def test_chunked_loss_without_gradients_matches_too(tiny_model):
+    model = lora_model(tiny_model).eval()
+    batch = packed_batch()
+    with torch.no_grad():
+        assert chunked_model_loss(model, batch, chunk_tokens=64).item() == pytest.approx(model(**batch).loss.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(("setting", "device", "expected"), [
+    ("auto", "cpu", "chunked"), ("standard", "cuda", "standard"), ("chunked", "cuda", "chunked"), ("fused", "cpu", "fused"),
+])
+def test_resolve_loss(setting, device, expected):
+    assert resolve_loss(setting, device) == expected
