@@ -75,6 +75,18 @@ def command_status(settings: Settings, arguments) -> int:
 
 
 def command_run_once(settings: Settings, arguments) -> int:
+    from . import stop
+    from .errors import TrainingInterrupted
+
+    stop.CURRENT.install()  # first, before the heavy imports: a Ctrl-C at any moment is one line, exit 0
+    try:
+        return _run_once(settings, arguments)
+    except TrainingInterrupted as interruption:
+        print(f"codelupe-trainer: {interruption}; nothing was saved", file=sys.stderr)
+        return EXIT_OK
+
+
+def _run_once(settings: Settings, arguments) -> int:
     from .cycle import run_cycle
     from .data.source import SourceError
     from .lock import AlreadyRunning
@@ -92,6 +104,9 @@ def command_run_once(settings: Settings, arguments) -> int:
     except Exception as error:
         log.error("run failed: %s: %s", type(error).__name__, error)
         return EXIT_FAILED
+    if outcome.status == "interrupted":
+        print(f"codelupe-trainer: {outcome.message}; nothing was saved", file=sys.stderr)
+        return EXIT_OK
     print(describe_outcome(outcome, settings))
     return EXIT_OK
 

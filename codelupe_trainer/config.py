@@ -39,6 +39,8 @@ class DatabaseSettings(Section):
     language_column: str = "language"
     quality_column: str = "quality_score"
     connect_timeout_s: int = Field(10, ge=1, description="Seconds before a connection attempt gives up.")
+    statement_timeout_s: float = Field(
+        300.0, gt=0, description="A query running longer (a locked table, a stuck server) fails the cycle clearly.")
     page_size: int = Field(5000, ge=1, description="Rows per keyset page while fetching.")
     max_commit_lag_minutes: float = Field(
         60.0,
@@ -137,6 +139,13 @@ class PathsSettings(Section):
 
 class ServiceSettings(Section):
     metrics_port: int = Field(0, ge=0, le=65535, description="0 keeps the HTTP endpoint off.")
+    cycle_stall_minutes: float = Field(
+        30.0, gt=0, description="A cycle whose progress has not moved for this long is ended and counted as failed.")
+    stop_timeout_s: float = Field(
+        120.0, gt=0, description="After SIGTERM, how long the daemon waits for the cycle before killing it "
+        "(keep below the unit's TimeoutStopSec=180).")
+    alert_after_failures: int = Field(
+        3, ge=1, description="Consecutive failed cycles (or failures at one watermark) before a W&B alert is sent.")
 
 
 class Settings(BaseSettings):

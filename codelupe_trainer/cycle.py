@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from . import stop
 from .config import Settings, metrics_file, wandb_directory
 from .data import filters
 from .data.dataset import (BLOCK_FILTERS, BuiltDataset, build_dataset, format_raw, make_completion_formatter,
@@ -27,7 +28,7 @@ from .lock import trainer_lock
 from .metrics import MetricsRun, SystemMonitor, WandbOptions, effective_wandb_mode, prune_wandb_runs
 from .outcome import CycleOutcome
 from .progress import write_cycle_progress
-from .report import ProgressReporter, final_metrics, model_config, run_config
+from .report import HEARTBEAT_S, ProgressReporter, final_metrics, model_config, run_config
 from .state import TrainerState, advance_state, expire_gaps, load_state, record_failure, save_state
 from .training.adapters import prune_adapters, save_adapter
 from .training.loop import block_budget, train_adapter
@@ -38,13 +39,13 @@ from .training.telemetry import Frequencies
 log = logging.getLogger(__name__)
 
 
-def run_cycle(settings: Settings, force: bool = False, should_stop: Callable[[], bool] = lambda: False,
-              process_started: float | None = None) -> CycleOutcome:
-    """`process_started`: when the trainer process began (the daemon's start for the cycles it runs), for uptime."""
+def run_cycle(settings: Settings, force: bool = False, process_started: float | None = None) -> CycleOutcome:
+    """`process_started`: when the trainer process began (the daemon's start for the cycles it runs), for uptime.
+    A stop request (stop.CURRENT: SIGTERM/SIGINT once its handlers are installed) ends it in any phase."""
     started = time.time() if process_started is None else process_started
     with trainer_lock(settings.paths.state_file):
         try:
-            return _run_locked(settings, force, should_stop, started)
+            return _run_locked(settings, force, stop.CURRENT.requested, started)
         except TrainingInterrupted as interruption:
             return CycleOutcome("interrupted", str(interruption))
         except Exception as error:
@@ -81,7 +82,7 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
         rows = within_block_budget(rows, block_budget(settings.training), tokenizer, settings.data.max_length, format_text,
                                    settings.data.eval_fraction, settings.data.seed, fetched)
         dataset = build_dataset(
-            _announce_first(rows),
+            _with_progress(rows, settings.paths.state_file),
             tokenizer,
             max_length=settings.data.max_length,
             eval_fraction=settings.data.eval_fraction,
@@ -92,8 +93,7 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
         )
         dataset_seconds = time.perf_counter() - phase_started
         crash_point("tokenize")
-    if should_stop():
-        raise TrainingInterrupted("stop requested before training")
+    stop.CURRENT.check("after the dataset build")
     if not dataset.train_blocks:
         # Everything was skipped or blocked: nothing to train, but those rows are done with.
         save_state(advance_state(state, fetched, 0, None, None, process_started), settings.paths.state_file)
@@ -125,6 +125,7 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
         metrics.log(0, dataset.data_metrics | dataset.dataset_metrics | {"performance/dataset_build_seconds": dataset_seconds})
         write_cycle_progress(settings.paths.state_file, "loading model", run=run_number)
         base, quantization = load_base_model(settings.model, device)
+        stop.CURRENT.check("after loading the model")
         previous = Path(state.latest_adapter) if state.latest_adapter and Path(state.latest_adapter).exists() else None
         packing = choose_packing(settings.model.packing, base)
         if packing != "position_ids":
@@ -141,42 +142,54 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
                 should_stop, monitor.read, settings.data.seed, device, quantized=quantization != "none",
                 packed=packing == "position_ids",
             )
+        stop.CURRENT.check("after training")
         write_cycle_progress(settings.paths.state_file, "saving adapter", run=run_number)
-        adapter_path = save_adapter(model, settings.paths.output_dir, run_number)
-        crash_point("save")
-        summary = {
-            "run_number": run_number,
-            "adapter": str(adapter_path),
-            "continued_from": str(previous) if previous else None,
-            "samples_trained": dataset.train_samples,
-            "train_samples": dataset.train_samples,
-            "eval_samples": dataset.eval_samples,
-            "rows_examined": fetched.rows_examined,
-            "skipped": dict(fetched.skipped),
-            "blocked": {name: dataset.data_metrics[f"data/blocked_{name}"] for name in BLOCK_FILTERS},
-            "steps": result.global_step,
-            "train_loss": result.train_loss,
-            "eval_loss_before": result.initial_eval_loss,
-            "eval_loss": result.eval_loss,
-            "train_seconds": round(result.train_seconds, 3),
-            "device": device,
-            "quantization": quantization,
-            "packing": packing,
-            "finished_at": time.time(),
-        }
-        new_state = advance_state(state, fetched, dataset.train_samples, adapter_path, summary, process_started,
-                                  samples_held_out=dataset.eval_samples)
-        save_state(new_state, settings.paths.state_file)
-        # After the state: a crash in between can at worst let a duplicate through later, never lose a sample.
-        duplicate_store.commit()
-        metrics.log(result.global_step, final_metrics(new_state, run_number, result, dataset, dataset_seconds))
+        # From here the run is published as a whole: a stop signal waits for the state and the store.
+        with stop.CURRENT.deferred():
+            outcome = _publish(settings, state, model, run_number, previous, dataset, fetched, result, duplicate_store,
+                               device, quantization, packing, process_started, metrics, dataset_seconds)
         exit_code = 0
-        prune_old_outputs(settings, adapter_path)
-        return CycleOutcome("trained", f"run {run_number} trained {dataset.train_samples} samples",
-                            new_samples=dataset.total_samples, run_number=run_number, summary=summary)
+        return outcome
     finally:
         monitor.close()
         metrics.finish(exit_code)
+
+
+def _publish(settings: Settings, state: TrainerState, model, run_number: int, previous: Path | None,
+             dataset: BuiltDataset, fetched: FetchResult, result, duplicate_store, device: str, quantization: str,
+             packing: str, process_started: float, metrics: MetricsRun, dataset_seconds: float) -> CycleOutcome:
+    """Adapter, then state, then duplicate store: the order that makes a crash at any point safe."""
+    adapter_path = save_adapter(model, settings.paths.output_dir, run_number)
+    crash_point("save")
+    summary = {
+        "run_number": run_number,
+        "adapter": str(adapter_path),
+        "continued_from": str(previous) if previous else None,
+        "samples_trained": dataset.train_samples,
+        "train_samples": dataset.train_samples,
+        "eval_samples": dataset.eval_samples,
+        "rows_examined": fetched.rows_examined,
+        "skipped": dict(fetched.skipped),
+        "blocked": {name: dataset.data_metrics[f"data/blocked_{name}"] for name in BLOCK_FILTERS},
+        "steps": result.global_step,
+        "train_loss": result.train_loss,
+        "eval_loss_before": result.initial_eval_loss,
+        "eval_loss": result.eval_loss,
+        "train_seconds": round(result.train_seconds, 3),
+        "device": device,
+        "quantization": quantization,
+        "packing": packing,
+        "finished_at": time.time(),
+    }
+    new_state = advance_state(state, fetched, dataset.train_samples, adapter_path, summary, process_started,
+                              samples_held_out=dataset.eval_samples)
+    save_state(new_state, settings.paths.state_file)
+    # After the state: a crash in between can at worst let a duplicate through later, never lose a sample.
+    duplicate_store.commit()
+    metrics.log(result.global_step, final_metrics(new_state, run_number, result, dataset, dataset_seconds))
+    prune_old_outputs(settings, adapter_path)
+    return CycleOutcome("trained", f"run {run_number} trained {dataset.train_samples} samples",
+                        new_samples=dataset.total_samples, run_number=run_number, summary=summary)
 
 
 def prune_old_outputs(settings: Settings, adapter_path: Path) -> None:
@@ -188,9 +201,14 @@ def prune_old_outputs(settings: Settings, adapter_path: Path) -> None:
         log.warning("could not remove old adapters or W&B runs: %s", error)
 
 
-def _announce_first(samples: Iterator) -> Iterator:
-    """Passes samples through; marks the moment the first row has been read (a fault-injection point)."""
+def _with_progress(samples: Iterator, state_file: Path) -> Iterator:
+    """Passes samples through, telling `status` and the daemon's stall watch how far the fetch is (every few
+    seconds); the first row read is a fault-injection point."""
+    last_written = time.monotonic()
     for index, sample in enumerate(samples):
         if index == 0:
             crash_point("fetch")
+        if time.monotonic() - last_written >= HEARTBEAT_S:
+            last_written = time.monotonic()
+            write_cycle_progress(state_file, "dataset", rows_read=index)
         yield sample

@@ -10,5 +10,6 @@ class TrainingError(Exception):
     """Training could not produce a usable adapter."""
 
 
-class TrainingInterrupted(Exception):
-    """A stop was requested; the cycle ended at a safe point and nothing was saved."""
+class TrainingInterrupted(BaseException):
+    """A stop was requested; the cycle ended where it was and nothing was saved. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way (ours or a library's) swallows it."""

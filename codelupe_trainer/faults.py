@@ -1,9 +1,10 @@
-"""Fault injection for the crash tests: `CODELUPE_FAULT=<phase>:<kill|oom|error>` makes the process die
-(SIGKILL), raise a CUDA out-of-memory error, or raise a plain error when it reaches that phase.
+"""Fault injection for the crash tests: `CODELUPE_FAULT=<phase>:<action>` acts when the process reaches that phase.
 
-Phases: fetch (first row read), tokenize (dataset built), train (first optimizer step), save (adapter
-published, state not yet written), state (new state file written, not yet renamed into place), dedup (the
-duplicate store's transaction written, not yet committed).
+Actions: kill (SIGKILL), pause (wait, interruptibly, for a test's signal), hang (ignore SIGTERM and never
+return, like a CUDA hang), oom (raise a CUDA out-of-memory error), error (raise a plain error).
+Phases: fetch (first row read), tokenize (dataset built), load (model load begins), train (first optimizer
+step), eval (first evaluation batch), save (adapter published, state not yet written), state (new state file
+written, not yet renamed into place), dedup (the duplicate store's transaction written, not yet committed).
 Unset in production, where each call is one dictionary lookup.
 """
 
@@ -26,6 +27,19 @@ def crash_point(phase: str) -> None:
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "pause":  # wait here, in Python (a signal handler runs), for a test to send a signal
+        import sys
+        import time
+
+        print(f"codelupe-fault: paused at {phase}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(0.1)
+    if action == "hang":  # a cycle stuck where no signal handler runs (a CUDA hang, a dead socket)
+        import time
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        while True:
+            time.sleep(3600)
     if action == "oom":
         import torch
 

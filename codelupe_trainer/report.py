@@ -3,6 +3,7 @@ per-run metrics, and a reporter that forwards training metrics and keeps `status
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from .metrics import MetricsRun
 from .progress import write_cycle_progress
 from .state import TrainerState
 from .training.telemetry import safe_perplexity
+
+HEARTBEAT_S = 5.0
 
 
 def run_config(settings: Settings) -> dict[str, Any]:
@@ -73,6 +76,15 @@ class ProgressReporter:
         self.metrics = metrics
         self.state_file = state_file
         self.run_number = run_number
+        self._last_heartbeat = 0.0
+
+    def heartbeat(self, phase: str, step: int) -> None:
+        """Proof of life for the daemon's stall watch during long stretches without a logging step
+        (a long evaluation, slow steps); at most one file write every few seconds."""
+        now = time.monotonic()
+        if now - self._last_heartbeat >= HEARTBEAT_S:
+            self._last_heartbeat = now
+            write_cycle_progress(self.state_file, phase, run=self.run_number, step=step)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.metrics.log(step, values)

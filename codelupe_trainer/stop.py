@@ -2,12 +2,13 @@
 
 Between training steps the loop checks `requested()` and ends at the step boundary. Elsewhere (fetching, the
 dataset build, loading a 7B model, a long evaluation) there is no loop of ours to check, so the signal
-handler raises `StopRequested` in the main thread at the next Python instruction: every phase before the
+handler raises `TrainingInterrupted` in the main thread at the next Python instruction: every phase before the
 state is saved may be abandoned, because nothing counts until the state file's atomic rename. The few lines
 that publish a finished run (adapter, state, duplicate store) run under `deferred()`: a signal there only sets
 the flag, and the run completes.
 
-`StopRequested` is a BaseException, like KeyboardInterrupt: a library's `except Exception` cannot swallow it.
+`TrainingInterrupted` is a BaseException, like KeyboardInterrupt: a library's `except Exception` cannot
+swallow it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-
-class StopRequested(BaseException):
-    """A stop was requested; the cycle ends where it is and nothing is saved."""
+from .errors import TrainingInterrupted
 
 
 class StopRequest:
@@ -42,7 +41,7 @@ class StopRequest:
         # so the clean-up (closing the W&B run) is never interrupted in turn.
         if self._deferred == 0 and not self._raised and threading.current_thread() is threading.main_thread():
             self._raised = True
-            raise StopRequested(f"stopped on {self.signal_name}")
+            raise TrainingInterrupted(f"stopped on {self.signal_name}")
 
     def install(self) -> None:
         """Route SIGTERM and SIGINT here (main thread only, as Python requires)."""
@@ -59,10 +58,10 @@ class StopRequest:
             self._deferred -= 1
 
     def check(self, where: str) -> None:
-        """Raise StopRequested at a phase boundary if a stop arrived (for signals that came in while deferred,
+        """Raise TrainingInterrupted at a phase boundary if a stop arrived (for signals that came in while deferred,
         or in a thread)."""
         if self.requested():
-            raise StopRequested(f"stopped {where} ({self.signal_name})")
+            raise TrainingInterrupted(f"stopped {where} ({self.signal_name})")
 
 
 # One per process: the cycle process's signal handlers and the cycle share it.

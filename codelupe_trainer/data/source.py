@@ -33,6 +33,13 @@ def open_connection(database: DatabaseSettings) -> Iterator[psycopg.Connection]:
             autocommit=True,
             connect_timeout=database.connect_timeout_s,
             application_name="codelupe-trainer",
+            # A server that vanished without closing the socket is noticed in ~1 min, not after hours of TCP
+            # retransmissions; a query that waits on a lock or a stuck server fails instead of hanging the cycle.
+            keepalives=1,
+            keepalives_idle=30,
+            keepalives_interval=10,
+            keepalives_count=3,
+            options=f"-c statement_timeout={int(database.statement_timeout_s * 1000)}",
         )
     except psycopg.Error as error:
         raise SourceError(f"cannot connect to the database: {describe_database_error(error)}") from None
@@ -40,6 +47,17 @@ def open_connection(database: DatabaseSettings) -> Iterator[psycopg.Connection]:
         yield connection
     finally:
         connection.close()
+
+
+def _run(connection: psycopg.Connection, database: DatabaseSettings, query, parameters=None) -> psycopg.Cursor:
+    """Execute, turning a statement timeout into one clear SourceError (other errors pass unchanged)."""
+    try:
+        return connection.execute(query, parameters)
+    except psycopg.errors.QueryCanceled:
+        raise SourceError(
+            f"a query on {database.table!r} ran past database.statement_timeout_s ({database.statement_timeout_s:.0f} s): "
+            "is the table locked by another session, or the server overloaded?"
+        ) from None
 
 
 def describe_database_error(error: BaseException) -> str:
@@ -133,7 +151,7 @@ def count_new_samples(
         "LIMIT %(up_to)s) AS eligible"
     ).format(reason=reason.format(**names), gaps=_gap_condition(names), **names)
     parameters.update(after_id=after_id, up_to=up_to, **_gap_parameters(pending_gaps))
-    return connection.execute(query, parameters).fetchone()[0]
+    return _run(connection, database, query, parameters).fetchone()[0]
 
 
 def fetch_new_samples(
@@ -161,7 +179,8 @@ def fetch_new_samples(
     result.last_examined_id = after_id
 
     if pending_gaps:
-        rows = connection.execute(
+        rows = _run(
+            connection, database,
             select + sql.SQL("WHERE {gaps} ORDER BY {id}").format(gaps=_gap_condition(names), **names),
             {**parameters, **_gap_parameters(pending_gaps)},
         ).fetchall()
@@ -175,8 +194,9 @@ def fetch_new_samples(
     page_query = select + sql.SQL("WHERE {id} > %(after_id)s ORDER BY {id} LIMIT %(page_size)s").format(**names)
     last_id = after_id
     while remaining > 0:
-        rows = connection.execute(
-            page_query, {**parameters, "after_id": last_id, "page_size": min(database.page_size, max(remaining, 1) * 2)}
+        rows = _run(
+            connection, database, page_query,
+            {**parameters, "after_id": last_id, "page_size": min(database.page_size, max(remaining, 1) * 2)},
         ).fetchall()
         if not rows:
             return

@@ -21,7 +21,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from ..config import Settings
 from ..lock import AlreadyRunning, trainer_lock
-from ..progress import write_live_status
+from ..progress import read_cycle_progress, write_live_status
 from ..state import load_state, record_failure
 
 log = logging.getLogger(__name__)
@@ -35,23 +35,30 @@ def _child_main(settings: Settings, force: bool, daemon_started: float) -> None:
     """Runs in the child: honour SIGTERM at the next step boundary, report the outcome by exit code."""
     import sys
 
+    import os
+
+    from .. import stop
     from ..cycle import run_cycle
     from ..logs import setup_logging
 
     setup_logging(settings)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.CURRENT.install()  # SIGTERM from the daemon: end the cycle in whatever phase it is
+    code = 1
     try:
-        outcome = run_cycle(settings, force=force, should_stop=stop.is_set, process_started=daemon_started)
+        outcome = run_cycle(settings, force=force, process_started=daemon_started)
+        log.info("cycle: %s: %s", outcome.status, outcome.message)
+        code = CHILD_EXIT_INTERRUPTED if outcome.status == "interrupted" else 0
     except AlreadyRunning as busy:
         log.warning("%s", busy)
-        sys.exit(3)
+        code = 3
     except Exception as error:
         log.error("cycle failed: %s: %s", type(error).__name__, error)
-        sys.exit(1)
-    log.info("cycle: %s: %s", outcome.status, outcome.message)
-    sys.exit(CHILD_EXIT_INTERRUPTED if outcome.status == "interrupted" else 0)
+    finally:
+        # Straight out: library exit hooks (a stalled W&B service) must not keep a finished cycle alive.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def backoff_seconds(consecutive_failures: int, interval_s: float) -> float:
@@ -68,6 +75,9 @@ class Daemon:
         self.cycle_done = threading.Event()
         self.cycle_done.set()
         self.child: multiprocessing.Process | None = None
+        # Why the running cycle was ended by the stall watch (None: it was not).
+        self.stall_reason: str | None = None
+        self._progress_seen: tuple[object, float] = (None, time.monotonic())
         self.phase = "idle"
         self.started_at = time.time()
         self.context = multiprocessing.get_context("spawn")
@@ -95,7 +105,9 @@ class Daemon:
         if code == 0:
             self._reschedule(self.interval_s)
             return
-        if code not in (1, 3):
+        if self.stall_reason is not None:
+            self._record_failure(self.stall_reason)
+        elif code not in (1, 3):
             # Killed by a signal or died without reporting (OOM killer, segfault): record it here.
             self._record_failure(f"cycle process died with exit code {code}")
         failures = load_state(self.settings.paths.state_file).consecutive_failures
@@ -113,6 +125,8 @@ class Daemon:
 
     def _run_child(self) -> int | None:
         self.phase = "training"
+        self.stall_reason = None
+        self._progress_seen = (None, time.monotonic())
         self.child = self.context.Process(target=_child_main, args=(self.settings, False, self.started_at), name="codelupe-cycle")
         self.child.start()
         if self.stopping.is_set():  # the stop arrived while the child was being started
@@ -128,6 +142,38 @@ class Daemon:
         job = self.scheduler.get_job(JOB_ID)
         if job is not None:
             job.modify(next_run_time=datetime.now(job.next_run_time.tzinfo if job.next_run_time else None) + timedelta(seconds=delay_s))
+
+    def watch_for_a_stalled_cycle(self) -> None:
+        """A cycle whose progress file has not changed for service.cycle_stall_minutes is stuck (a dead
+        connection, a CUDA hang, a stalled library): end it and record why; the schedule carries on."""
+        child = self.child
+        if child is None or not child.is_alive() or self.stall_reason is not None:
+            return
+        progress = read_cycle_progress(self.settings.paths.state_file)
+        marker = (progress or {}).get("updated_at")
+        now = time.monotonic()
+        if marker != self._progress_seen[0]:
+            self._progress_seen = (marker, now)
+            return
+        stalled_s = now - self._progress_seen[1]
+        limit_s = self.settings.service.cycle_stall_minutes * 60
+        if stalled_s > limit_s:
+            phase = (progress or {}).get("phase", "starting")
+            step = f" at step {progress['step']}" if progress and "step" in progress else ""
+            self.stall_reason = f"cycle stalled: no progress for {stalled_s / 60:.1f} min in phase '{phase}'{step}; ended it"
+            log.error("%s", self.stall_reason)
+            self._kill_child("stalled")
+
+    def _kill_child(self, why: str) -> None:
+        """SIGTERM, then SIGKILL after a grace period: the state is safe either way."""
+        child = self.child
+        if child is None or not child.is_alive():
+            return
+        log.warning("ending the cycle process (%s)", why)
+        child.terminate()
+        child.join(10)
+        if child.is_alive():
+            child.kill()
 
     def next_run(self) -> str | None:
         job = self.scheduler.get_job(JOB_ID)
@@ -158,16 +204,20 @@ class Daemon:
         while not self.stopping.wait(1.0):
             if notify:
                 notify("WATCHDOG=1")
+            self.watch_for_a_stalled_cycle()
             try:
                 write_live_status(self.settings.paths.state_file, phase=self.phase, next_run=self.next_run())
             except OSError as error:  # a courtesy for `status`; a full disk must not stop the daemon
                 log.warning("could not write the live status: %s", error)
         if notify:
             notify("STOPPING=1")
-        log.info("stopping: waiting for the running cycle to reach a step boundary")
         # shutdown(wait=True) would hold the job-store lock while the cycle's job still needs it; wait ourselves.
         self.scheduler.shutdown(wait=False)
-        self.cycle_done.wait()
+        if not self.cycle_done.is_set():
+            log.info("stopping: the running cycle was asked to stop")
+            if not self.cycle_done.wait(self.settings.service.stop_timeout_s):
+                self._kill_child(f"did not stop within service.stop_timeout_s ({self.settings.service.stop_timeout_s:.0f} s)")
+                self.cycle_done.wait()
         if health is not None:
             health.shutdown()
         write_live_status(self.settings.paths.state_file, phase="stopped", next_run=None)

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from ..config import ModelSettings
 from ..errors import TrainingError
+from ..faults import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ def load_tokenizer(base_model: str):
 
 
 def load_base_model(model_settings: ModelSettings, device: str):
+    crash_point("load")
     quantization = resolve_quantization(model_settings.quantization, device)
     compute_dtype = torch.bfloat16 if device == "cuda" else torch.float32
     kwargs: dict[str, Any] = {"dtype": compute_dtype, "attn_implementation": model_settings.attn_implementation}

@@ -140,6 +140,7 @@ class ReportingCallback(TrainerCallback):
         self._trainable: list[tuple[str, torch.nn.Parameter]] = []
         self._sampled: set[str] = set()
         self._gradients_recorded_for = -1
+        self._evaluated = False
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._trainable = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
@@ -163,9 +164,21 @@ class ReportingCallback(TrainerCallback):
         if every and step % every == 0:
             self.reporter.log(step, weight_statistics(self._trainable, self._sampled))
 
+    def _heartbeat(self, phase: str, step: int) -> None:
+        heartbeat = getattr(self.reporter, "heartbeat", None)
+        if heartbeat is not None:
+            heartbeat(phase, step)
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if not self._evaluated:
+            self._evaluated = True
+            crash_point("eval")
+        self._heartbeat("evaluating", state.global_step)
+
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 1:
             crash_point("train")
+        self._heartbeat("training", state.global_step)
         self.meter.end_step()
         loss = self.meter.last_step_loss
         # One scalar read per optimizer step: a diverged run stops here instead of training on to the end.

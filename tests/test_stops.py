@@ -1,0 +1,141 @@
+"""Stops in every phase, a stalled cycle, a locked table: real processes, real signals, real PostgreSQL.
+
+Each stop is paused at a phase by fault injection (`CODELUPE_FAULT=<phase>:pause`, which waits in Python the
+way a long fetch, model load or evaluation does), then signalled.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import insert_stdlib_rows, write_config
+from test_daemon import CLI, environment, start_daemon, stop_daemon, wait_for
+
+from codelupe_trainer.state import load_state
+
+pytestmark = pytest.mark.slow
+
+# Long enough that the evaluation and the training both take a while; accumulation 4 and checkpointing as shipped.
+SHAPE = "[data]\nmax_length = 256\nmax_samples_per_run = 400\neval_fraction = 0.3\nmin_quality = 70\n"
+
+
+def start_paused(command: list[str], env: dict, phase: str, log: Path) -> subprocess.Popen:
+    process = subprocess.Popen(command, env={**env, "CODELUPE_FAULT": f"{phase}:pause"}, stdout=subprocess.DEVNULL,
+                               stderr=log.open("w"), start_new_session=True)
+    wait_for(lambda: f"paused at {phase}" in log.read_text(), 120, f"the cycle to reach {phase}", process, log)
+    return process
+
+
+def finish_records(tmp_path: Path) -> list[dict]:
+    path = tmp_path / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if '"finish"' in line]
+
+
+@pytest.mark.parametrize(("phase", "signal_number"), [
+    ("fetch", signal.SIGTERM), ("load", signal.SIGTERM), ("train", signal.SIGTERM), ("eval", signal.SIGTERM),
+    ("fetch", signal.SIGINT), ("eval", signal.SIGINT),
+])
+def test_run_once_stops_in_any_phase_within_seconds(phase, signal_number, crawler_table, tiny_model, tmp_path):
+    insert_stdlib_rows(crawler_table, start=0, count=40)
+    config = write_config(tmp_path, tiny_model, SHAPE)
+    log = tmp_path / "run-once.log"
+    process = start_paused(CLI + ["run-once", "--config", str(config), "--force"], environment(crawler_table), phase, log)
+    signalled = time.monotonic()
+    process.send_signal(signal_number)
+    assert process.wait(timeout=30) == 0, log.read_text()
+    assert time.monotonic() - signalled < 30
+    output = log.read_text()
+    assert f"stopped on {signal.Signals(signal_number).name}" in output and "nothing was saved" in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "state.json").exists() or load_state(tmp_path / "state.json").last_trained_id == 0
+    assert not list((tmp_path / "adapters").glob("run-*")) if (tmp_path / "adapters").exists() else True
+    if phase in ("load", "train", "eval"):  # the W&B run was open: it is closed as not successful
+        assert finish_records(tmp_path) and finish_records(tmp_path)[-1]["exit_code"] != 0
+
+
+@pytest.mark.parametrize("phase", ["fetch", "load", "train", "eval"])
+def test_the_daemon_stops_in_any_phase_within_seconds(phase, crawler_table, tiny_model, tmp_path):
+    insert_stdlib_rows(crawler_table, start=0, count=40)
+    config = write_config(tmp_path, tiny_model, SHAPE + "[schedule]\ninterval_minutes = 60\nmin_new_samples = 1\n")
+    log = tmp_path / "daemon.log"
+    daemon = start_paused(CLI + ["run", "--config", str(config)], environment(crawler_table), phase, log)
+    try:
+        signalled = time.monotonic()
+        assert stop_daemon(daemon, log, timeout=30) == 0
+        assert time.monotonic() - signalled < 30
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    state = load_state(tmp_path / "state.json")
+    assert state.last_trained_id == 0 and state.total_training_runs == 0 and state.consecutive_failures == 0
+    assert "Traceback" not in log.read_text()
+
+
+def test_a_hung_cycle_is_detected_ended_and_recorded(crawler_table, tiny_model, tmp_path):
+    """The cycle hangs where no signal handler runs (SIGTERM ignored, no progress): the daemon's stall watch
+    ends it, records why, and stays up for the next cycle."""
+    insert_stdlib_rows(crawler_table, start=0, count=40)
+    config = write_config(tmp_path, tiny_model, SHAPE + "[schedule]\ninterval_minutes = 60\nmin_new_samples = 1\n"
+                          "[service]\ncycle_stall_minutes = 0.4\n")
+    log = tmp_path / "daemon.log"
+    env = {**environment(crawler_table), "CODELUPE_FAULT": "train:hang"}
+    daemon = start_daemon(config, env, log)
+    try:
+        wait_for(lambda: "stalled" in (load_state(tmp_path / "state.json").last_error or ""), 150,
+                 "the stall to be recorded", daemon, log)
+        state = load_state(tmp_path / "state.json")
+        assert state.consecutive_failures == 1 and state.last_trained_id == 0
+        assert "no progress for" in state.last_error and "in phase '" in state.last_error
+        assert daemon.poll() is None  # the daemon carries on
+
+        def daemon_phase():
+            status = subprocess.run(CLI + ["status", "--config", str(config), "--json"], env=environment(crawler_table),
+                                    capture_output=True, text=True)
+            return json.loads(status.stdout)["live"]["phase"] == "idle"
+
+        wait_for(daemon_phase, 30, "the daemon to be idle again", daemon, log)
+        assert stop_daemon(daemon, log, timeout=30) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+
+
+def test_a_locked_table_fails_the_cycle_within_the_statement_timeout(crawler_table, tiny_model, tmp_path):
+    insert_stdlib_rows(crawler_table, start=0, count=20)
+    config = write_config(tmp_path, tiny_model, "[database]\nstatement_timeout_s = 2\n"
+                          "[schedule]\ninterval_minutes = 60\nmin_new_samples = 1\n")
+    env = environment(crawler_table)
+    locker = psycopg.connect(crawler_table)
+    locker.execute("LOCK TABLE processed_files IN ACCESS EXCLUSIVE MODE")  # held until rollback
+    try:
+        started = time.monotonic()
+        once = subprocess.run(CLI + ["run-once", "--config", str(config)], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert once.returncode == 1
+        assert time.monotonic() - started < 30
+        assert "ran past database.statement_timeout_s (2 s)" in once.stderr and "locked" in once.stderr
+        assert "Traceback" not in once.stderr
+
+        log = tmp_path / "daemon.log"
+        daemon = start_daemon(config, env, log)
+        try:
+            wait_for(lambda: load_state(tmp_path / "state.json").consecutive_failures >= 2, 60,
+                     "the daemon's cycle to fail", daemon, log)
+            assert "statement_timeout_s" in load_state(tmp_path / "state.json").last_error
+            time.sleep(2)
+            assert daemon.poll() is None  # carries on, with the next cycle scheduled
+            assert stop_daemon(daemon, log, timeout=30) == 0
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+    finally:
+        locker.rollback()
+        locker.close()
