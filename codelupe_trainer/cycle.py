@@ -25,7 +25,8 @@ from .data.source import check_table, count_new_samples, fetch_new_samples, open
 from .errors import TrainingError, TrainingInterrupted
 from .faults import crash_point
 from .lock import trainer_lock
-from .metrics import MetricsRun, SystemMonitor, WandbOptions, effective_wandb_mode, prune_wandb_runs
+from .metrics import (MetricsRun, SystemMonitor, WandbOptions, effective_wandb_mode, prune_wandb_runs,
+                      rotate_metrics_file, send_alert)
 from .outcome import CycleOutcome
 from .progress import write_cycle_progress
 from .report import HEARTBEAT_S, ProgressReporter, final_metrics, model_config, run_config
@@ -49,7 +50,9 @@ def run_cycle(settings: Settings, force: bool = False, process_started: float | 
         except TrainingInterrupted as interruption:
             return CycleOutcome("interrupted", str(interruption))
         except Exception as error:
-            record_failure(settings.paths.state_file, f"{type(error).__name__}: {error}", started)
+            failed = record_failure(settings.paths.state_file, f"{type(error).__name__}: {error}", started)
+            if failed.consecutive_failures == settings.service.alert_after_failures:
+                alert_stuck(settings, failed)
             raise
 
 
@@ -107,17 +110,11 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
                     duplicate_store, dataset_seconds: float, should_stop, process_started: float) -> CycleOutcome:
     run_number = state.total_training_runs + 1
     device = pick_device()
-    options = WandbOptions(
-        mode=effective_wandb_mode(settings.wandb.mode, settings.wandb.enabled),
-        project=settings.wandb.project,
-        entity=settings.wandb.entity,
-        group=settings.wandb.group,
-        directory=wandb_directory(settings),
-        init_timeout_s=settings.wandb.init_timeout_s,
-        finish_timeout_s=settings.wandb.finish_timeout_s,
-    )
+    options = wandb_options(settings)
     config = run_config(settings) | {"device": device}
-    metrics = MetricsRun(run_number, metrics_file(settings), options, config, settings.metrics.queue_size)
+    rotate_metrics_file(metrics_file(settings))
+    metrics = MetricsRun(run_number, metrics_file(settings), options, config, settings.metrics.queue_size,
+                         attempt=state.consecutive_failures + 1)
     reporter = ProgressReporter(metrics, settings.paths.state_file, run_number)
     monitor = SystemMonitor(settings.paths.output_dir)
     exit_code = 1
@@ -127,6 +124,10 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
         base, quantization = load_base_model(settings.model, device)
         stop.CURRENT.check("after loading the model")
         previous = Path(state.latest_adapter) if state.latest_adapter and Path(state.latest_adapter).exists() else None
+        if state.latest_adapter and previous is None:
+            # Loud, and recorded: training starts over from a fresh LoRA rather than failing forever.
+            log.warning("the previous adapter %s is missing: this run starts a new LoRA", state.latest_adapter)
+            metrics.update_config({"model/previous_adapter_missing": True})
         packing = choose_packing(settings.model.packing, base)
         if packing != "position_ids":
             dataset.train_blocks = one_sample_per_block(dataset.train_blocks)
@@ -165,6 +166,7 @@ def _publish(settings: Settings, state: TrainerState, model, run_number: int, pr
         "run_number": run_number,
         "adapter": str(adapter_path),
         "continued_from": str(previous) if previous else None,
+        "previous_adapter_missing": bool(state.latest_adapter) and previous is None,
         "samples_trained": dataset.train_samples,
         "train_samples": dataset.train_samples,
         "eval_samples": dataset.eval_samples,
@@ -190,6 +192,27 @@ def _publish(settings: Settings, state: TrainerState, model, run_number: int, pr
     prune_old_outputs(settings, adapter_path)
     return CycleOutcome("trained", f"run {run_number} trained {dataset.train_samples} samples",
                         new_samples=dataset.total_samples, run_number=run_number, summary=summary)
+
+
+def wandb_options(settings: Settings) -> WandbOptions:
+    return WandbOptions(
+        mode=effective_wandb_mode(settings.wandb.mode, settings.wandb.enabled),
+        project=settings.wandb.project,
+        entity=settings.wandb.entity,
+        group=settings.wandb.group,
+        directory=wandb_directory(settings),
+        init_timeout_s=settings.wandb.init_timeout_s,
+        finish_timeout_s=settings.wandb.finish_timeout_s,
+    )
+
+
+def alert_stuck(settings: Settings, state: TrainerState) -> None:
+    """Once, when failures in a row reach service.alert_after_failures: the daemon is stuck at this watermark.
+    Counts and the error class only: never sample text, paths of user data or secrets."""
+    error_class = (state.last_error or "").split(":", 1)[0]
+    send_alert(wandb_options(settings), metrics_file(settings), "codelupe-trainer is stuck",
+               f"{state.consecutive_failures} cycles in a row failed at last_trained_id {state.last_trained_id} "
+               f"({error_class}); see `codelupe-trainer status` on the training host")
 
 
 def prune_old_outputs(settings: Settings, adapter_path: Path) -> None:

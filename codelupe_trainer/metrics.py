@@ -71,6 +71,7 @@ def wandb_settings_kwargs(options: WandbOptions) -> dict[str, Any]:
         "x_disable_meta": True,  # no argv, hostname, program path
         "x_disable_machine_info": True,
         "x_disable_stats": True,  # system metrics are ours, under system/*
+        "host": "codelupe-trainer",  # x_disable_meta still records the machine's name unless this is set
         "init_timeout": options.init_timeout_s,
         "silent": True,
     }
@@ -79,8 +80,11 @@ def wandb_settings_kwargs(options: WandbOptions) -> dict[str, Any]:
 class MetricsRun:
     """One training cycle's metrics: one JSON-lines stream plus one W&B run named run-<n>."""
 
-    def __init__(self, run_number: int, jsonl_path: Path, options: WandbOptions, config: dict[str, Any], queue_size: int = 10_000):
+    def __init__(self, run_number: int, jsonl_path: Path, options: WandbOptions, config: dict[str, Any], queue_size: int = 10_000,
+                 attempt: int = 1):
         self.run_number = run_number
+        # Each attempt at run n is its own W&B run: "run-4", then "run-4-attempt-2" after a failure.
+        self.name = f"run-{run_number}" if attempt <= 1 else f"run-{run_number}-attempt-{attempt}"
         self.jsonl_path = jsonl_path
         self.options = options
         self.mode = options.mode
@@ -108,7 +112,7 @@ class MetricsRun:
                 project=self.options.project,
                 entity=self.options.entity,
                 group=self.options.group,
-                name=f"run-{self.run_number}",
+                name=self.name,
                 job_type="continuous-training",
                 config=config,
                 mode=self.mode,
@@ -275,15 +279,59 @@ class SystemMonitor:
                 pass
 
 
+def send_alert(options: WandbOptions, jsonl_path: Path, title: str, text: str) -> None:
+    """One W&B alert (routable to Slack or email in the W&B settings), from a short run of its own; offline or
+    disabled, it is recorded in the local metrics file and the log instead. Counts only, never data."""
+    log.warning("ALERT: %s: %s", title, text)
+    try:
+        with open(jsonl_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"event": "alert", "time": time.time(), "title": title, "text": text}) + "\n")
+    except OSError as error:
+        log.warning("could not record the alert in %s (%s)", jsonl_path, error)
+    if options.mode == "disabled":
+        return
+
+    def deliver() -> None:
+        try:
+            import wandb
+
+            options.directory.mkdir(parents=True, exist_ok=True)
+            run = wandb.init(project=options.project, entity=options.entity, group=options.group, job_type="alert",
+                             name=f"alert-{int(time.time())}", mode=options.mode, dir=str(options.directory),
+                             reinit="create_new", settings=wandb.Settings(**wandb_settings_kwargs(options)))
+            run.alert(title=title, text=text, level=wandb.AlertLevel.ERROR)
+            run.finish()
+        except Exception as error:  # an alert must never fail the daemon
+            log.warning("W&B alert not sent (%s)", type(error).__name__)
+
+    # Bounded: a stalled W&B must not keep a failed cycle alive.
+    sender = threading.Thread(target=deliver, name="wandb-alert", daemon=True)
+    sender.start()
+    sender.join(options.init_timeout_s + options.finish_timeout_s)
+
+
+def rotate_metrics_file(path: Path, max_bytes: int = 64 * 1024 * 1024) -> bool:
+    """Retention for the local metrics file: past `max_bytes` it becomes `metrics.jsonl.1` (replacing the
+    previous one), so the pair never exceeds twice the limit."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    os.replace(path, path.with_name(path.name + ".1"))
+    return True
+
+
 def prune_wandb_runs(wandb_root: Path, max_age_days: float, now: float | None = None) -> list[Path]:
     """Retention for W&B's local files: remove offline run folders that were synced (`wandb sync` leaves a
-    .synced marker) or are older than `max_age_days`."""
+    .synced marker), and offline or online run folders older than `max_age_days` (an online run's local
+    folder is a copy of what the server already has)."""
     folder = wandb_root / "wandb"
     if not folder.exists():
         return []
     now = time.time() if now is None else now
     removed = []
-    for run_dir in folder.glob("offline-run-*"):
+    for run_dir in [*folder.glob("offline-run-*"), *folder.glob("run-*")]:
         if not run_dir.is_dir() or run_dir.is_symlink():
             continue
         synced = any(run_dir.glob("*.wandb.synced"))

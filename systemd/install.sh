@@ -6,7 +6,10 @@ id codelupe >/dev/null 2>&1 || useradd --system --home-dir /var/lib/codelupe-tra
 # A GPU box needs the video/render groups to open /dev/nvidia*.
 for group in video render; do getent group "$group" >/dev/null && usermod -aG "$group" codelupe; done
 mkdir -p "$prefix" /etc/codelupe-trainer
-cp -r codelupe_trainer pyproject.toml README.md Makefile "$prefix"/
+# Run from a checkout elsewhere, copy it in; run from $prefix itself (the README's clone), it is already there.
+if [ "$(realpath .)" != "$(realpath "$prefix")" ]; then
+    cp -r codelupe_trainer pyproject.toml README.md Makefile "$prefix"/
+fi
 test -x "$prefix/.venv/bin/python" || python3 -m venv "$prefix/.venv"
 "$prefix/.venv/bin/pip" install -q --upgrade pip
 # On the GPU box, install the CUDA build of torch first (see README), then the project.

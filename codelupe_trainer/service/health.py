@@ -45,11 +45,11 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def health_document(state_file: Path, daemon_phase: Callable[[], str]) -> dict:
+def health_document(state_file: Path, daemon_phase: Callable[[], str], failure_threshold: int = 3) -> dict:
     state = load_state(state_file)
-    healthy = state.consecutive_failures < 3
+    healthy = state.consecutive_failures < failure_threshold
     return {
-        "status": "ok" if healthy else "failing",
+        "status": "ok" if healthy else "stuck",
         "phase": daemon_phase(),
         "consecutive_failures": state.consecutive_failures,
         "last_error": state.last_error,
@@ -60,14 +60,15 @@ def health_document(state_file: Path, daemon_phase: Callable[[], str]) -> dict:
     }
 
 
-def start_health_server(port: int, state_file: Path, daemon_phase: Callable[[], str], host: str = "127.0.0.1") -> WSGIServer:
+def start_health_server(port: int, state_file: Path, daemon_phase: Callable[[], str], host: str = "127.0.0.1",
+                        failure_threshold: int = 3) -> WSGIServer:
     registry = CollectorRegistry()
     registry.register(StateCollector(state_file))
     metrics_app = make_wsgi_app(registry)
 
     def application(environ, start_response):
         if environ.get("PATH_INFO") == "/health":
-            document = health_document(state_file, daemon_phase)
+            document = health_document(state_file, daemon_phase, failure_threshold)
             status = "200 OK" if document["status"] == "ok" else "503 Service Unavailable"
             start_response(status, [("Content-Type", "application/json")])
             return [json.dumps(document).encode()]

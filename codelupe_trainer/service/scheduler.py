@@ -197,7 +197,8 @@ class Daemon:
         if self.settings.service.metrics_port:
             from .health import start_health_server
 
-            health = start_health_server(self.settings.service.metrics_port, self.settings.paths.state_file, lambda: self.phase)
+            health = start_health_server(self.settings.service.metrics_port, self.settings.paths.state_file, lambda: self.phase,
+                                         failure_threshold=self.settings.service.alert_after_failures)
         if notify:
             notify("READY=1")
         log.info("daemon started: a cycle every %.1f min", self.settings.schedule.interval_minutes)

@@ -20,6 +20,7 @@ def print_status(settings: Settings, as_json: bool) -> int:
         "uptime_hours": round(state.uptime_hours, 3),
         "first_started_at": state.first_started_at,
         "consecutive_failures": state.consecutive_failures,
+        "stuck": state.consecutive_failures >= settings.service.alert_after_failures,
         "total_failures": state.total_failures,
         "last_error": state.last_error,
         "last_error_at": state.last_error_at,
@@ -39,6 +40,9 @@ def print_status(settings: Settings, as_json: bool) -> int:
     print(f"uptime:                {state.uptime_hours:.2f} h")
     print(f"latest adapter:        {state.latest_adapter or '-'}")
     print(f"failures:              {state.consecutive_failures} in a row, {state.total_failures} in all")
+    if state.consecutive_failures >= settings.service.alert_after_failures:
+        print(f"STUCK:                 {state.consecutive_failures} cycles in a row failed at id {state.last_trained_id}; "
+              "fix the cause shown below, the next cycle retries")
     if state.last_error:
         print(f"last error:            {time.ctime(state.last_error_at or 0)}: {state.last_error}")
     if state.last_run:

@@ -104,6 +104,11 @@ def packing_is_isolated(model) -> bool:
 
 
 def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total). A 4-bit weight packs two values in a byte, so its numel() is half the parameters
+    it stands for; peft's own count corrects for that, so use it where the model is a peft model."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+        return int(trainable), int(total)
     trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     total = sum(parameter.numel() for parameter in model.parameters())
     return trainable, total

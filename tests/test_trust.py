@@ -1,0 +1,98 @@
+"""Smaller promises a daemon left alone depends on: failures are told apart and alerted on, a missing adapter is
+said out loud, 4-bit parameters are counted whole, retention bounds the local files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+
+import pytest
+from conftest import insert_stdlib_rows
+from wandb_reader import find_run_files, read_records, read_run
+
+from codelupe_trainer.cli import main
+from codelupe_trainer.metrics import prune_wandb_runs, rotate_metrics_file
+from codelupe_trainer.state import load_state
+
+pytestmark = pytest.mark.slow
+
+
+def test_failed_attempts_are_distinct_runs_and_a_stuck_daemon_alerts_once(crawler_table, make_settings, tmp_path,
+                                                                          monkeypatch, capsys, caplog):
+    insert_stdlib_rows(crawler_table, start=0, count=30)
+    settings = make_settings(crawler_table, extra="[service]\nalert_after_failures = 2\n")
+    config = str(tmp_path / "codelupe.toml")
+    monkeypatch.setenv("CODELUPE_FAULT", "train:error")
+    for _ in range(3):
+        assert main(["run-once", "--config", config, "--force"]) == 1
+    state = load_state(settings.paths.state_file)
+    assert state.consecutive_failures == 3 and state.last_trained_id == 0
+    capsys.readouterr()
+    assert main(["status", "--config", config]) == 0
+    assert "STUCK" in capsys.readouterr().out
+    monkeypatch.delenv("CODELUPE_FAULT")
+    assert main(["run-once", "--config", config, "--force"]) == 0
+    assert load_state(settings.paths.state_file).consecutive_failures == 0
+
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    alerts = [record for record in records if record.get("event") == "alert"]
+    assert len(alerts) == 1  # once, when the count reached 2; not again at 3
+    assert "2 cycles in a row failed at last_trained_id 0 (InjectedFault)" in alerts[0]["text"]
+    runs = [read_run(path) for path in find_run_files(tmp_path)]
+    names = sorted(run.run["name"] for run in runs if not run.run["name"].startswith("alert-"))
+    assert names == ["run-1", "run-1-attempt-2", "run-1-attempt-3", "run-1-attempt-4"]
+    [alert_run] = [path for path in find_run_files(tmp_path) if read_run(path).run["name"].startswith("alert-")]
+    kinds = {record.WhichOneof("record_type") for record in read_records(alert_run)}
+    assert "alert" in kinds
+    for path in find_run_files(tmp_path):
+        assert "host" not in read_run(path).run or read_run(path).run["host"] in ("", "codelupe-trainer")
+
+
+def test_a_missing_previous_adapter_is_said_and_recorded(crawler_table, make_settings, tmp_path, caplog):
+    insert_stdlib_rows(crawler_table, start=0, count=30)
+    settings = make_settings(crawler_table)
+    config = str(tmp_path / "codelupe.toml")
+    assert main(["run-once", "--config", config, "--force"]) == 0
+    shutil.rmtree(settings.paths.output_dir)
+    insert_stdlib_rows(crawler_table, start=300, count=30, repo="more")
+    caplog.set_level(logging.WARNING)
+    assert main(["run-once", "--config", config, "--force"]) == 0
+    state = load_state(settings.paths.state_file)
+    assert state.last_run["previous_adapter_missing"] is True and state.last_run["continued_from"] is None
+    assert "previous adapter" in caplog.text and "missing" in caplog.text
+
+
+def test_four_bit_parameters_are_counted_whole(crawler_table, make_settings, tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    insert_stdlib_rows(crawler_table, start=0, count=30)
+    make_settings(crawler_table, extra=(
+        f'[model]\nbase_model = "{tiny_model}"\nquantization = "4bit"\nlora_r = 4\nlora_alpha = 8\nlora_dropout = 0.0\n'
+        '[training]\nbatch_size = 4\nmax_steps = 2\nlogging_steps = 1\ngradient_checkpointing = false\n'
+    ))
+    assert main(["run-once", "--config", str(tmp_path / "codelupe.toml"), "--force"]) == 0
+    [run_file] = find_run_files(tmp_path)
+    config = read_run(run_file).config
+    base = sum(parameter.numel() for parameter in AutoModelForCausalLM.from_pretrained(tiny_model).parameters())
+    assert config["model/total_params"] == base + config["model/trainable_params"]
+
+
+def test_retention_bounds_the_metrics_file_and_old_online_runs(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("x" * 100)
+    assert not rotate_metrics_file(metrics, max_bytes=200)
+    metrics.write_text("x" * 300)
+    assert rotate_metrics_file(metrics, max_bytes=200)
+    assert not metrics.exists() and (tmp_path / "metrics.jsonl.1").stat().st_size == 300
+    runs = tmp_path / "wandb"
+    for name in ("run-20260101_000000-old", "offline-run-20260101_000000-old", "run-20261125_000000-new"):
+        (runs / name).mkdir(parents=True)
+    old = time.time() - 30 * 86400
+    for name in ("run-20260101_000000-old", "offline-run-20260101_000000-old"):
+        os.utime(runs / name, (old, old))
+    removed = sorted(path.name for path in prune_wandb_runs(tmp_path, max_age_days=14))
+    assert removed == ["offline-run-20260101_000000-old", "run-20260101_000000-old"]
+    assert (runs / "run-20261125_000000-new").exists()
