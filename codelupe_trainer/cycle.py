@@ -32,6 +32,7 @@ from .progress import write_cycle_progress
 from .report import HEARTBEAT_S, ProgressReporter, final_metrics, model_config, run_config
 from .state import TrainerState, advance_state, expire_gaps, load_state, record_failure, save_state
 from .training.adapters import prune_adapters, save_adapter
+from .training.backoff import BackoffOutcome, train_with_oom_backoff
 from .training.loop import block_budget, train_adapter
 from .training.model import attach_adapter, choose_packing, count_parameters, load_base_model, load_tokenizer, pick_device
 from .training.model_files import check_model_path
@@ -135,20 +136,25 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
         model = attach_adapter(base, settings.model, previous)
         trainable, total = count_parameters(model)
         metrics.update_config(model_config(settings, trainable, total, quantization, previous) | {"packing": packing})
-        with tempfile.TemporaryDirectory(prefix="codelupe-trainer-") as scratch:
-            result = train_adapter(
-                model, tokenizer, dataset.train_blocks, dataset.eval_blocks, settings.training, Path(scratch),
-                reporter, Frequencies(settings.metrics.system_every_steps, settings.metrics.gradient_metrics_every_steps,
-                                     settings.metrics.per_layer_sample),
-                should_stop, monitor.read, settings.data.seed, device, quantized=quantization != "none",
-                packed=packing == "position_ids",
-            )
+        frequencies = Frequencies(settings.metrics.system_every_steps, settings.metrics.gradient_metrics_every_steps,
+                                  settings.metrics.per_layer_sample)
+
+        def attempt(training):
+            with tempfile.TemporaryDirectory(prefix="codelupe-trainer-") as scratch:
+                return train_adapter(model, tokenizer, dataset.train_blocks, dataset.eval_blocks, training, Path(scratch),
+                                     reporter, frequencies, should_stop, monitor.read, settings.data.seed, device,
+                                     quantized=quantization != "none", packed=packing == "position_ids")
+
+        result, sizing = train_with_oom_backoff(model, settings.training, remembered_micro_batch(state, settings), attempt)
+        metrics.update_config({"hyperparams/effective_micro_batch": sizing.micro_batch,
+                               "hyperparams/effective_gradient_accumulation_steps": sizing.accumulation})
+        metrics.log(result.global_step, {"performance/oom_backoffs": sizing.backoffs})
         stop.CURRENT.check("after training")
         write_cycle_progress(settings.paths.state_file, "saving adapter", run=run_number)
         # From here the run is published as a whole: a stop signal waits for the state and the store.
         with stop.CURRENT.deferred():
             outcome = _publish(settings, state, model, run_number, previous, dataset, fetched, result, duplicate_store,
-                               device, quantization, packing, process_started, metrics, dataset_seconds)
+                               device, quantization, packing, process_started, metrics, dataset_seconds, sizing)
         exit_code = 0
         return outcome
     finally:
@@ -158,7 +164,8 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
 
 def _publish(settings: Settings, state: TrainerState, model, run_number: int, previous: Path | None,
              dataset: BuiltDataset, fetched: FetchResult, result, duplicate_store, device: str, quantization: str,
-             packing: str, process_started: float, metrics: MetricsRun, dataset_seconds: float) -> CycleOutcome:
+             packing: str, process_started: float, metrics: MetricsRun, dataset_seconds: float,
+             sizing: BackoffOutcome) -> CycleOutcome:
     """Adapter, then state, then duplicate store: the order that makes a crash at any point safe."""
     adapter_path = save_adapter(model, settings.paths.output_dir, run_number)
     crash_point("save")
@@ -181,10 +188,15 @@ def _publish(settings: Settings, state: TrainerState, model, run_number: int, pr
         "device": device,
         "quantization": quantization,
         "packing": packing,
+        "micro_batch": sizing.micro_batch,
+        "oom_backoffs": sizing.backoffs,
         "finished_at": time.time(),
     }
     new_state = advance_state(state, fetched, dataset.train_samples, adapter_path, summary, process_started,
                               samples_held_out=dataset.eval_samples)
+    if sizing.backoffs or state.micro_batch:
+        new_state.micro_batch = {"micro": sizing.micro_batch, "max_length": settings.data.max_length,
+                                 "effective": settings.training.batch_size * settings.training.gradient_accumulation_steps}
     save_state(new_state, settings.paths.state_file)
     # After the state: a crash in between can at worst let a duplicate through later, never lose a sample.
     duplicate_store.commit()
@@ -192,6 +204,15 @@ def _publish(settings: Settings, state: TrainerState, model, run_number: int, pr
     prune_old_outputs(settings, adapter_path)
     return CycleOutcome("trained", f"run {run_number} trained {dataset.train_samples} samples",
                         new_samples=dataset.total_samples, run_number=run_number, summary=summary)
+
+
+def remembered_micro_batch(state: TrainerState, settings: Settings) -> int | None:
+    """The micro-batch an earlier back-off found, if it was found for today's effective batch and length."""
+    remembered = state.micro_batch or {}
+    if (remembered.get("effective") == settings.training.batch_size * settings.training.gradient_accumulation_steps
+            and remembered.get("max_length") == settings.data.max_length):
+        return remembered.get("micro")
+    return None
 
 
 def wandb_options(settings: Settings) -> WandbOptions:

@@ -18,6 +18,16 @@ class InjectedFault(RuntimeError):
     pass
 
 
+def memory_fault(rows: int) -> None:
+    """`CODELUPE_FAULT=oom-above:<rows>`: a forward pass over more rows than that raises CUDA's out-of-memory
+    error, as a GPU too small for the micro-batch would (on any device, so the back-off is tested on CPU)."""
+    fault = os.environ.get("CODELUPE_FAULT")
+    if fault and fault.startswith("oom-above:") and rows > int(fault.partition(":")[2]):
+        import torch
+
+        raise torch.OutOfMemoryError(f"CUDA out of memory (injected: micro-batch {rows} rows)")
+
+
 def crash_point(phase: str) -> None:
     fault = os.environ.get("CODELUPE_FAULT")
     if not fault:

@@ -40,6 +40,9 @@ class TrainerState:
     # however many ids it holds), as [first, last, first seen missing]; rows that commit in them later are
     # trained once, and the range is forgotten after database.max_commit_lag_minutes.
     pending_gaps: list[list[float]] = field(default_factory=list)
+    # The micro-batch that fitted in GPU memory after an out-of-memory back-off, with what it was measured
+    # for: {"micro": m, "effective": batch x accumulation, "max_length": L}; later cycles start from it.
+    micro_batch: dict[str, int] | None = None
 
     def gap_ranges(self) -> list[tuple[int, int]]:
         return [(int(first), int(last)) for first, last, _ in self.pending_gaps]

@@ -57,7 +57,7 @@ def test_a_missing_previous_adapter_is_said_and_recorded(crawler_table, make_set
     config = str(tmp_path / "codelupe.toml")
     assert main(["run-once", "--config", config, "--force"]) == 0
     shutil.rmtree(settings.paths.output_dir)
-    insert_stdlib_rows(crawler_table, start=300, count=30, repo="more")
+    insert_stdlib_rows(crawler_table, start=300, count=60, repo="more")
     caplog.set_level(logging.WARNING)
     assert main(["run-once", "--config", config, "--force"]) == 0
     state = load_state(settings.paths.state_file)
@@ -96,3 +96,43 @@ def test_retention_bounds_the_metrics_file_and_old_online_runs(tmp_path):
     removed = sorted(path.name for path in prune_wandb_runs(tmp_path, max_age_days=14))
     assert removed == ["offline-run-20260101_000000-old", "run-20260101_000000-old"]
     assert (runs / "run-20261125_000000-new").exists()
+
+
+def test_out_of_memory_backs_off_to_a_smaller_micro_batch_with_the_same_effective_batch(
+        crawler_table, make_settings, tmp_path, monkeypatch):
+    """A real torch.OutOfMemoryError from every forward over more than 2 rows: the run retries at micro-batch
+    4, then 2 (accumulation 2, then 4), trains every row once, and later cycles start at 2."""
+    insert_stdlib_rows(crawler_table, start=0, count=40)
+    settings = make_settings(crawler_table, extra=(
+        "[training]\nbatch_size = 8\ngradient_accumulation_steps = 1\nlearning_rate = 5e-3\nlogging_steps = 1\n"
+        "gradient_checkpointing = true\n"
+    ))
+    config = str(tmp_path / "codelupe.toml")
+    monkeypatch.setenv("CODELUPE_FAULT", "oom-above:2")
+    assert main(["run-once", "--config", config, "--force"]) == 0
+    state = load_state(settings.paths.state_file)
+    assert state.last_run["oom_backoffs"] == 2 and state.last_run["micro_batch"] == 2
+    assert state.micro_batch == {"micro": 2, "max_length": 256, "effective": 8}
+    [run_file] = find_run_files(tmp_path)
+    run = read_run(run_file)
+    assert run.config["hyperparams/effective_micro_batch"] == 2
+    assert run.config["hyperparams/effective_gradient_accumulation_steps"] == 4
+    assert [value for _, value in run.values("performance/oom_backoffs")] == [2]
+    assert all(value <= 8 * 256 for _, value in run.values("performance/tokens_per_step"))
+    eligible = state.total_samples_trained + state.total_samples_held_out
+    assert eligible > 0 and state.last_trained_id > 0
+
+    insert_stdlib_rows(crawler_table, start=300, count=60, repo="more")
+    assert main(["run-once", "--config", config, "--force"]) == 0
+    again = load_state(settings.paths.state_file)
+    assert again.total_training_runs == 2
+    assert again.last_run["oom_backoffs"] == 0 and again.last_run["micro_batch"] == 2  # started at the size that fits
+
+
+def test_out_of_memory_at_micro_batch_1_is_one_clear_failure(crawler_table, make_settings, tmp_path, monkeypatch):
+    insert_stdlib_rows(crawler_table, start=0, count=20)
+    settings = make_settings(crawler_table)
+    monkeypatch.setenv("CODELUPE_FAULT", "oom-above:0")
+    assert main(["run-once", "--config", str(tmp_path / "codelupe.toml"), "--force"]) == 1
+    state = load_state(settings.paths.state_file)
+    assert "out of GPU memory even at micro-batch 1" in state.last_error and state.last_trained_id == 0

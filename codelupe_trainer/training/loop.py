@@ -18,6 +18,7 @@ from ..config import TrainingSettings
 from ..data.collate import COUNT_KEYS, SAMPLES_KEY, TOKENS_KEY, PackedCollator
 from ..data.packing import Block
 from ..errors import TrainingError, TrainingInterrupted
+from ..faults import memory_fault
 from .loss import chunked_model_loss, resolve_loss
 from .model import count_parameters
 from .telemetry import Frequencies, ReportingCallback, TrainingReporter
@@ -130,6 +131,7 @@ class TimedTrainer(Trainer):
     loss_mode: str = "standard"
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        memory_fault(inputs["input_ids"].shape[0])
         if self.loss_mode == "chunked" and not return_outputs:
             result = chunked_model_loss(model, inputs, num_items_in_batch)
         else:

@@ -1,0 +1,72 @@
+"""Out-of-memory back-off: one CUDA OOM must not turn into a failure on every cycle.
+
+On `torch.OutOfMemoryError` in training or evaluation the attempt is undone (the adapter's trainable weights
+restored from a host copy taken before it; the optimizer lived only in the attempt), the micro-batch halves
+and gradient accumulation doubles, so the effective batch and the data stay the same, and the run starts
+again. The size that worked is remembered in the state for later cycles. At micro-batch 1 it gives up with
+a message naming the settings that reduce memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..config import TrainingSettings
+from ..errors import TrainingError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BackoffOutcome:
+    micro_batch: int
+    accumulation: int
+    backoffs: int
+
+
+def sized(training: TrainingSettings, micro_batch: int) -> TrainingSettings:
+    """The same effective batch (batch_size x accumulation) at another micro-batch size."""
+    effective = training.batch_size * training.gradient_accumulation_steps
+    return training.model_copy(update={"batch_size": micro_batch,
+                                       "gradient_accumulation_steps": max(1, math.ceil(effective / micro_batch))})
+
+
+def train_with_oom_backoff(model, training: TrainingSettings, start_micro_batch: int | None,
+                           attempt: Callable[[TrainingSettings], object]):
+    micro_batch = min(start_micro_batch or training.batch_size, training.batch_size)
+    snapshot = {name: parameter.detach().to("cpu", copy=True)
+                for name, parameter in model.named_parameters() if parameter.requires_grad}
+    backoffs = 0
+    while True:
+        settings = sized(training, micro_batch)
+        try:
+            result = attempt(settings)
+            return result, BackoffOutcome(micro_batch, settings.gradient_accumulation_steps, backoffs)
+        except torch.OutOfMemoryError:
+            if micro_batch == 1:
+                raise TrainingError(
+                    "out of GPU memory even at micro-batch 1: lower data.max_length or model.lora_r, keep "
+                    "training.gradient_checkpointing on and training.loss on auto/chunked, or use a larger GPU"
+                ) from None
+            _undo_attempt(model, snapshot)
+            micro_batch //= 2
+            backoffs += 1
+            log.warning("CUDA out of memory: retrying with micro-batch %d x accumulation %d (same effective batch)",
+                        micro_batch, sized(training, micro_batch).gradient_accumulation_steps)
+
+
+def _undo_attempt(model, snapshot: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name in snapshot:
+                parameter.copy_(snapshot[name].to(parameter.device))
+                parameter.grad = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
