@@ -1,15 +1,34 @@
 #!/usr/bin/env bash
-# The device check, one script: what the GPU box has, then the throughput benchmark on the 7B architecture.
-# Run on a CUDA machine from the repository root; wheels for what the machine lacks may sit in .gpu-wheels/.
+# The device check, one script: what the GPU box has, the GPU-marked tests, the self-check, then the throughput
+# benchmark on the 7B architecture. Run on a CUDA machine from the repository root; wheels for what the machine
+# lacks may sit in .gpu-wheels/ (it has no registry access).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 if ls .gpu-wheels/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-deps --no-index .gpu-wheels/*.whl 2>&1 | tail -2
+    python3 -m pip install -q --no-deps --no-index .gpu-wheels/bitsandbytes-*.whl .gpu-wheels/peft-*.whl \
+        .gpu-wheels/liger_kernel-*.whl 2>&1 | tail -2
+    python3 -m pip install -q --no-index --find-links .gpu-wheels pydantic-settings pytest 2>&1 | tail -2
 fi
 python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__)" | tee -a "$OUT/gpu.txt"
-python3 -c "import liger_kernel, triton; print('liger-kernel ok, triton', triton.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-python3 benchmarks/train_throughput.py --model qwen2.5-7b --model-dir /tmp/bench-models \
-    --variants "${VARIANTS:-ours,ours-std-loss,seed,ours-fused}" 2>&1 | grep -v Warning | tee "$OUT/throughput.txt"
+# GPU-marked tests (self-contained: --noconftest, the database client is not needed).
+python3 -m pytest -q --noconftest -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu-tests.txt"
+# The self-check doctor runs on CUDA, with the estimate for the shipped settings on the 7B architecture.
+python3 - <<'PY' 2>&1 | tee "$OUT/self-check.txt"
+from codelupe_trainer.config import load_settings
+from codelupe_trainer.training.gpu_check import cuda_checks, describe_estimate, estimate_memory_gb
+settings = load_settings("config/codelupe.toml")
+qwen = {"hidden_size": 3584, "num_hidden_layers": 28, "vocab_size": 152064, "intermediate_size": 18944,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "tie_word_embeddings": False}
+for loss in ("fused", "chunked", "standard"):
+    print(loss, describe_estimate(estimate_memory_gb(qwen, settings, True, loss)))
+required = estimate_memory_gb(qwen, settings, True, "fused")["total"]
+for name, ok, detail in cuda_checks(required):
+    print("ok  " if ok else "FAIL", name + ":", detail)
+PY
+if [ -z "${SKIP_BENCH:-}" ]; then
+    python3 benchmarks/train_throughput.py --model qwen2.5-7b --model-dir /tmp/bench-models \
+        --variants "${VARIANTS:-ours,ours-std-loss,seed,ours-fused}" ${BENCH_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/throughput.txt"
+fi

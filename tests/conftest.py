@@ -128,3 +128,15 @@ def make_settings(tmp_path, tiny_model, monkeypatch):
         return load_settings(write_config(tmp_path, tiny_model, extra))
 
     return factory
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run wherever CUDA exists and are skipped elsewhere (they never make a GPU necessary)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

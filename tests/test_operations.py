@@ -105,7 +105,27 @@ def test_doctor_names_each_problem(tmp_path, monkeypatch, capsys):
 def test_doctor_passes_on_a_good_setup(crawler_table, make_settings, tmp_path, capsys):
     make_settings(crawler_table)
     assert main(["doctor", "--config", str(tmp_path / "codelupe.toml")]) == 0
-    assert "FAIL" not in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert "FAIL" not in output
+    assert "ok   memory estimate: ~" in output and "micro-batch 4 x 256 tokens" in output
+
+
+QWEN_7B_CONFIG = {"hidden_size": 3584, "num_hidden_layers": 28, "vocab_size": 152064, "intermediate_size": 18944,
+                  "num_attention_heads": 28, "num_key_value_heads": 4, "tie_word_embeddings": False}
+
+
+@pytest.mark.parametrize(("loss", "measured_gb"), [("chunked", 19.4), ("fused", 19.4), ("standard", 26.4)])
+def test_the_memory_estimate_covers_the_measured_7b_peak(loss, measured_gb):
+    """Peaks measured on an H100 with benchmarks/train_throughput.py (Qwen2.5-Coder-7B architecture, 4-bit,
+    batch 4 x 2,048, checkpointing): the estimate must not promise less than the run needs, nor be far above."""
+    from codelupe_trainer.config import load_settings
+    from codelupe_trainer.training.gpu_check import estimate_memory_gb
+
+    settings = load_settings(REPO / "config" / "codelupe.toml")
+    parts = estimate_memory_gb(QWEN_7B_CONFIG, settings, quantized=True, loss=loss)
+    assert measured_gb - 0.5 <= parts["total"] <= measured_gb * 1.15
+    if loss != "standard":
+        assert parts["total"] <= 28  # the shipped defaults fit a 32 GB card with a margin
 
 
 def test_status_shows_the_persisted_state(tmp_path, monkeypatch, capsys):

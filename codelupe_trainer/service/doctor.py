@@ -9,6 +9,7 @@ from pathlib import Path
 from ..config import Settings
 from ..data.source import SourceError, check_table, open_connection
 from ..metrics import effective_wandb_mode
+from ..training.gpu_check import cuda_checks, self_check
 from ..training.model_files import check_model_path
 
 
@@ -26,6 +27,7 @@ def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
     results.append(check_writable("state_dir", settings.paths.state_file.parent))
     mode = effective_wandb_mode(settings.wandb.mode, settings.wandb.enabled)
     results.append(("wandb", True, f"mode {mode}" + (" (no API key: falls back to offline)" if mode != settings.wandb.mode and mode == "offline" else "")))
+    results += self_check(settings)
     return results
 
 
@@ -44,7 +46,23 @@ def fatal_startup_problems(settings: Settings) -> list[str]:
     except SourceError as error:
         if not str(error).startswith("cannot connect"):
             problems.append(str(error))
+    problems += gpu_problems()
     return problems
+
+
+def gpu_problems() -> list[str]:
+    """On a CUDA machine: a torch build without kernels for the card, no bf16, or a broken 4-bit matmul would
+    fail every cycle the same way; refuse to start instead (memory is only warned about: the OOM back-off
+    copes)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [detail for name, ok, detail in cuda_checks(None) if not ok and name in ("gpu", "bf16", "4-bit")]
 
 
 def check_writable(name: str, directory: Path) -> tuple[str, bool, str]:
