@@ -118,14 +118,14 @@ def test_sigterm_mid_training_changes_nothing_and_the_next_run_trains_those_rows
 
 @pytest.mark.parametrize("phase", ["fetch", "tokenize", "train", "save", "state"])
 def test_kill_9_in_any_phase_loses_no_row_and_counts_none_twice(phase, crawler_table, tiny_model, tmp_path):
-    insert_stdlib_rows(crawler_table, start=0, count=50)
+    insert_stdlib_rows(crawler_table, start=0, count=30)
     config = write_config(tmp_path, tiny_model)
     env = environment(crawler_table)
     first = subprocess.run(CLI + ["run-once", "--config", str(config)], env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     before = load_state(tmp_path / "state.json")
 
-    insert_stdlib_rows(crawler_table, start=200, count=40, repo="second")
+    insert_stdlib_rows(crawler_table, start=200, count=30, repo="second")
     killed = subprocess.run(CLI + ["run-once", "--config", str(config)], env={**env, "CODELUPE_FAULT": f"{phase}:kill"},
                             capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -213,7 +213,8 @@ def test_a_cycle_that_raises_cuda_oom_leaves_the_daemon_running(crawler_table, t
         state_file = tmp_path / "state.json"
         wait_for(lambda: load_state(state_file).consecutive_failures >= 2, 180, "two failed cycles", daemon, tmp_path / "daemon.log")
         state = load_state(state_file)
-        assert "OutOfMemoryError" in state.last_error
+        # Every micro-batch size runs out of memory here: the back-off ends in one clear error, the daemon lives.
+        assert "out of GPU memory even at micro-batch 1" in state.last_error
         assert state.last_trained_id == 0 and state.total_training_runs == 0
         assert daemon.poll() is None
         assert stop_daemon(daemon, tmp_path / "daemon.log") == 0

@@ -198,3 +198,16 @@ def test_a_connection_dropped_mid_fetch_raises_without_the_password(crawler_tabl
         with pytest.raises(psycopg.OperationalError) as raised:
             list(stream)
     assert "Sup3rSecretPw" not in str(raised.value)
+
+
+def test_counting_stops_at_what_the_schedule_needs(crawler_table):
+    """count_new_samples(up_to=n) reads no more than n eligible rows of a large backlog."""
+    database = DatabaseSettings(url=crawler_table)
+    data = DataSettings(min_quality=0)
+    with psycopg.connect(crawler_table, autocommit=True) as connection:
+        connection.execute(
+            "INSERT INTO processed_files (relative_path, content, language, lines, size, hash, repo_name, quality_score)"
+            " SELECT 'f' || i, %s || i, 'python', 4, 100, 'h' || i, 'r', 80 FROM generate_series(1, 3000) AS i", (GOOD,))
+    with open_connection(database) as connection:
+        assert count_new_samples(connection, database, data, 0) == 3000
+        assert count_new_samples(connection, database, data, 0, up_to=1000) == 1000

@@ -136,3 +136,33 @@ def test_out_of_memory_at_micro_batch_1_is_one_clear_failure(crawler_table, make
     assert main(["run-once", "--config", str(tmp_path / "codelupe.toml"), "--force"]) == 1
     state = load_state(settings.paths.state_file)
     assert "out of GPU memory even at micro-batch 1" in state.last_error and state.last_trained_id == 0
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_saves_nothing(crawler_table, make_settings, tmp_path):
+    insert_stdlib_rows(crawler_table, start=0, count=30)
+    settings = make_settings(crawler_table, extra=(
+        "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nlearning_rate = 1e30\nmax_grad_norm = 0\n"
+        "logging_steps = 1\nepochs = 50\ngradient_checkpointing = true\n"
+    ))
+    assert main(["run-once", "--config", str(tmp_path / "codelupe.toml"), "--force"]) == 1
+    state = load_state(settings.paths.state_file)
+    assert "NaN or infinite at step" in state.last_error and state.last_trained_id == 0
+    step = int(state.last_error.split("at step ")[1].split(";")[0])
+    assert step < 20  # stopped there, not 50 epochs later
+    assert not (settings.paths.output_dir / "run-000001").exists()
+
+
+def test_the_daemon_records_a_failure_only_under_the_trainer_lock(tmp_path, monkeypatch):
+    """A run-once holding the lock may be saving its state: the daemon must not overwrite it."""
+    from codelupe_trainer.config import load_settings
+    from codelupe_trainer.lock import trainer_lock
+    from codelupe_trainer.service.scheduler import Daemon
+
+    monkeypatch.setenv("CODELUPE_PATHS__STATE_FILE", str(tmp_path / "state.json"))
+    settings = load_settings(None)
+    daemon = Daemon(settings)
+    with trainer_lock(settings.paths.state_file):
+        daemon._record_failure("cycle process died with exit code -9")
+    assert load_state(settings.paths.state_file).total_failures == 0
+    daemon._record_failure("cycle process died with exit code -9")
+    assert load_state(settings.paths.state_file).total_failures == 1
