@@ -100,7 +100,8 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
     stop.CURRENT.check("after the dataset build")
     if not dataset.train_blocks:
         # Everything was skipped or blocked: nothing to train, but those rows are done with.
-        save_state(advance_state(state, fetched, 0, None, None, process_started), settings.paths.state_file)
+        save_state(advance_state(state, fetched, 0, None, None, process_started, samples_held_out=dataset.eval_samples),
+                   settings.paths.state_file)
         duplicate_store.commit()
         return CycleOutcome("filtered_out", f"all {fetched.rows_examined} new rows were skipped or blocked")
     return _train_and_save(settings, state, tokenizer, dataset, fetched, duplicate_store, dataset_seconds, should_stop,

@@ -133,10 +133,10 @@ def advance_state(state: TrainerState, fetched: FetchResult, samples_trained: in
     new_state.last_trained_id = max(state.last_trained_id, fetched.last_examined_id)
     if process_started is not None:
         account_uptime(new_state, process_started, now)
+    new_state.total_samples_held_out += samples_held_out
     if adapter_path is not None:
         new_state.total_training_runs += 1
         new_state.total_samples_trained += samples_trained
-        new_state.total_samples_held_out += samples_held_out
         new_state.latest_adapter = str(adapter_path)
         new_state.last_run = summary
     new_state.consecutive_failures = 0
