@@ -71,7 +71,16 @@ def command_show_config(settings: Settings, arguments) -> int:
 def command_status(settings: Settings, arguments) -> int:
     from .service.status import print_status
 
-    return print_status(settings, as_json=arguments.json)
+    try:
+        return print_status(settings, as_json=arguments.json)
+    except PermissionError:
+        print(f"codelupe-trainer: cannot read {settings.paths.state_file}: permission denied (the state is readable by "
+              "its owner and the `codelupe` group; run as one of them, or with sudo)", file=sys.stderr)
+        return EXIT_USAGE
+    except (IsADirectoryError, ValueError) as error:
+        print(f"codelupe-trainer: cannot read {settings.paths.state_file}: {type(error).__name__}: "
+              f"{str(error).splitlines()[0] if str(error) else ''}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def command_run_once(settings: Settings, arguments) -> int:
@@ -88,7 +97,7 @@ def command_run_once(settings: Settings, arguments) -> int:
 
 def _run_once(settings: Settings, arguments) -> int:
     from .cycle import run_cycle
-    from .data.source import SourceError
+    from .data.source import SchemaError, SourceError
     from .lock import AlreadyRunning
     from .outcome import describe_outcome
 
@@ -98,6 +107,10 @@ def _run_once(settings: Settings, arguments) -> int:
     except AlreadyRunning as busy:
         print(f"codelupe-trainer: {busy}", file=sys.stderr)
         return EXIT_BUSY
+    except SchemaError as error:
+        # Like `run`: a missing table or column is a setting to fix (exit 2), not a failure to retry.
+        log.error("database: %s", error)
+        return EXIT_USAGE
     except SourceError as error:
         log.error("database: %s", error)
         return EXIT_FAILED

@@ -197,17 +197,31 @@ def resolve_config_path(path: str | Path | None) -> Path:
     return DEFAULT_CONFIG_PATH
 
 
+def read_toml(config_path: Path) -> dict[str, Any]:
+    """The file's TOML, or one line saying why it cannot be read."""
+    source = "CODELUPE_CONFIG" if os.environ.get("CODELUPE_CONFIG") == str(config_path) else "config file"
+    try:
+        return tomllib.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{source} {config_path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{source} {config_path} is a directory, not a TOML file") from None
+    except PermissionError:
+        raise ConfigError(f"{source} {config_path} is not readable by this user") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{config_path}: not UTF-8 text (byte {error.start})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{config_path}: not valid TOML: {error}") from None
+
+
 def load_settings(path: str | Path | None = None) -> Settings:
     """Read the TOML file (if it exists) and the environment; raise ConfigError on anything wrong."""
     config_path = resolve_config_path(path)
+    # Named explicitly (--config or CODELUPE_CONFIG), a file must exist: a typo must not run on the defaults.
+    explicit = path is not None or bool(os.environ.get("CODELUPE_CONFIG"))
     toml_values: dict[str, Any] = {}
-    if config_path.exists():
-        try:
-            toml_values = tomllib.loads(config_path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{config_path}: not valid TOML: {error}") from None
-    elif path is not None:
-        raise ConfigError(f"config file {config_path} does not exist")
+    if config_path.exists() or explicit:
+        toml_values = read_toml(config_path)
     check_environment(os.environ)
     known_sections = set(Settings.model_fields)
     for section, values in toml_values.items():

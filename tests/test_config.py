@@ -151,3 +151,29 @@ def test_show_config_redacts_every_secret(tmp_path, monkeypatch, capsys):
     assert "hunter22" not in output and "wandb-key-abcdef123456" not in output
     assert "postgresql://trainer:***@db:5432/code" in output
     assert public_settings(load_settings(CONFIG_DIR / "codelupe.toml"))["database"]["url"].startswith("postgresql://")
+
+
+@pytest.mark.parametrize(("make", "expected"), [
+    (lambda path: path.mkdir(), "is a directory, not a TOML file"),
+    (lambda path: path.write_bytes(b"[data]\nmin_quality = 70 # \xff\xfe\n"), "not UTF-8 text"),
+])
+def test_an_unreadable_config_file_is_one_line_and_exit_2(tmp_path, capsys, make, expected):
+    path = tmp_path / "codelupe.toml"
+    make(path)
+    assert main(["status", "--config", str(path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert expected in error and str(path) in error and "\n" not in error and "Traceback" not in error
+
+
+def test_a_missing_config_named_by_codelupe_config_is_an_error_not_the_defaults(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CODELUPE_CONFIG", str(tmp_path / "codelupe.tmol"))
+    assert main(["status"]) == 2
+    assert f"CODELUPE_CONFIG {tmp_path / 'codelupe.tmol'} does not exist" in capsys.readouterr().err
+
+
+def test_status_on_an_unreadable_state_file_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "state.json").mkdir()  # as root every file is readable: a directory stands in for it
+    monkeypatch.setenv("CODELUPE_PATHS__STATE_FILE", str(tmp_path / "state.json"))
+    assert main(["status", "--config", str(CONFIG_DIR / "codelupe.toml")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("codelupe-trainer: cannot read") and "\n" not in error

@@ -135,7 +135,7 @@ def test_run_once_waits_for_enough_rows(crawler_table, make_settings, tmp_path, 
 
 def test_missing_table_is_one_clear_error(db_url, make_settings, tmp_path, caplog):
     make_settings(db_url)
-    assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 1
+    assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 2
     messages = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert any("table 'processed_files' does not exist" in message for message in messages)
     assert TEST_PASSWORD not in caplog.text

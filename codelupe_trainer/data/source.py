@@ -25,6 +25,10 @@ class SourceError(Exception):
     """The database cannot be read as configured; the message never contains the password."""
 
 
+class SchemaError(SourceError):
+    """The table or a configured column does not exist: a configuration problem no retry fixes."""
+
+
 @contextmanager
 def open_connection(database: DatabaseSettings) -> Iterator[psycopg.Connection]:
     try:
@@ -78,7 +82,7 @@ def check_table(connection: psycopg.Connection, database: DatabaseSettings) -> N
         (database.table,),
     ).fetchall()
     if not rows:
-        raise SourceError(f"table {database.table!r} does not exist (database.table)")
+        raise SchemaError(f"table {database.table!r} does not exist (database.table)")
     present = {row[0] for row in rows}
     wanted = {
         "database.id_column": database.id_column,
@@ -88,7 +92,7 @@ def check_table(connection: psycopg.Connection, database: DatabaseSettings) -> N
     }
     missing = [f"{key}={column!r}" for key, column in wanted.items() if column not in present]
     if missing:
-        raise SourceError(f"table {database.table!r} has no column {', '.join(missing)}")
+        raise SchemaError(f"table {database.table!r} has no column {', '.join(missing)}")
 
 
 def _names(database: DatabaseSettings) -> dict[str, sql.Composable]:
