@@ -1,4 +1,4 @@
-"""Command line: `codelupe-trainer run | run-once | status | show-config | doctor | demo`.
+"""Command line: `codelupe-trainer run | run-once | status | adapters | rollback | show-config | doctor | demo`.
 
 Exit codes: 0 success or nothing to do; 1 the run failed; 2 bad configuration or usage; 3 another cycle
 holds the trainer lock. Heavy imports (torch, transformers) happen only in the commands that train.
@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("run", "the daemon: a cycle every schedule.interval_minutes")
     status = with_config("status", "the persisted state")
     status.add_argument("--json", action="store_true")
+    adapters = with_config("adapters", "every adapter trained: promoted or rejected, and why")
+    adapters.add_argument("--json", action="store_true")
+    rollback = with_config("rollback", "put an earlier promoted adapter back in use")
+    rollback.add_argument("run", type=int, help="the run number, as `adapters` lists it")
     with_config("show-config", "the effective configuration, secrets redacted")
     with_config("doctor", "check config, database, table, model path, output directory and W&B mode")
     demo = commands.add_parser("demo", help="fill a throwaway PostgreSQL with real code and train a tiny model")
@@ -57,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         "run-once": command_run_once,
         "run": command_run,
         "status": command_status,
+        "adapters": command_adapters,
+        "rollback": command_rollback,
         "show-config": command_show_config,
         "doctor": command_doctor,
     }[arguments.command]
@@ -81,6 +87,28 @@ def command_status(settings: Settings, arguments) -> int:
         print(f"codelupe-trainer: cannot read {settings.paths.state_file}: {type(error).__name__}: "
               f"{str(error).splitlines()[0] if str(error) else ''}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def command_adapters(settings: Settings, arguments) -> int:
+    from .service.lineage import print_adapters
+
+    return print_adapters(settings, as_json=arguments.json)
+
+
+def command_rollback(settings: Settings, arguments) -> int:
+    from .lock import AlreadyRunning
+    from .service.lineage import RollbackError, rollback
+
+    try:
+        adapter = rollback(settings, arguments.run)
+    except AlreadyRunning as busy:
+        print(f"codelupe-trainer: {busy}; try again when the cycle has finished", file=sys.stderr)
+        return EXIT_BUSY
+    except RollbackError as error:
+        print(f"codelupe-trainer: cannot roll back: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"the adapter in use is now run {arguments.run} ({adapter}); the next run continues from it")
+    return EXIT_OK
 
 
 def command_run_once(settings: Settings, arguments) -> int:

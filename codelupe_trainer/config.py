@@ -148,6 +148,28 @@ class ServiceSettings(Section):
         3, ge=1, description="Consecutive failed cycles (or failures at one watermark) before a W&B alert is sent.")
 
 
+class PromotionSettings(Section):
+    mode: Literal["gate", "always"] = Field(
+        "gate", description="gate: a new adapter becomes `latest` only if it is no worse on the fixed holdout than the "
+        "adapter in use; always: every finished run becomes `latest`.")
+    holdout_samples: int = Field(
+        256, ge=0, description="Size of the fixed holdout, frozen from the first run's rows (0: no holdout; needs mode = always).")
+    holdout_min_per_language: int = Field(
+        8, ge=1, description="Holdout samples each language gets at least; a language the holdout lacks joins it "
+        "with this many of its rows (at most half of them) when it first appears.")
+    max_loss_increase: float = Field(
+        0.01, ge=0.0, description="Largest relative rise of the overall holdout loss a promoted adapter may have (0.01 = 1 %).")
+    max_language_loss_increase: float = Field(
+        0.03, ge=0.0, description="The same, for each language's holdout loss.")
+    replay_fraction: float = Field(
+        0.1, ge=0.0, le=1.0, description="Older, already-trained samples mixed into each run, as a fraction of its new "
+        "training samples (re-read from PostgreSQL by id).")
+    on_promote: list[str] = Field(
+        default_factory=list, description="A command (argv list) run after each promotion or rollback, with "
+        "CODELUPE_ADAPTER_PATH, CODELUPE_RUN_NUMBER and the losses in its environment.")
+    on_promote_timeout_s: float = Field(60.0, gt=0, description="The on_promote command is killed after this long.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CODELUPE_",
@@ -167,6 +189,14 @@ class Settings(BaseSettings):
     wandb: WandbSettings = Field(default_factory=WandbSettings)
     paths: PathsSettings = Field(default_factory=PathsSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
+    promotion: PromotionSettings = Field(default_factory=PromotionSettings)
+
+    @field_validator("promotion")
+    @classmethod
+    def _gate_needs_holdout(cls, promotion: PromotionSettings) -> PromotionSettings:
+        if promotion.mode == "gate" and promotion.holdout_samples == 0:
+            raise ValueError("holdout_samples = 0 leaves the gate nothing to compare on; set mode = \"always\" or a holdout size")
+        return promotion
 
     @field_validator("data")
     @classmethod

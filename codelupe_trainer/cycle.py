@@ -9,6 +9,7 @@ failure before that changes nothing but the failure counters.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -17,18 +18,22 @@ from pathlib import Path
 from . import stop
 from .config import Settings, metrics_file, wandb_directory
 from .data import filters
-from .data.dataset import (BLOCK_FILTERS, BuiltDataset, build_dataset, format_raw, make_completion_formatter,
-                           within_block_budget)
-from .data.packing import one_sample_per_block
-from .data.records import FetchResult
-from .data.source import check_table, count_new_samples, fetch_new_samples, open_connection
+from .data.dataset import (BLOCK_FILTERS, BuiltDataset, admitted, build_dataset, format_raw, is_eval_sample,
+                           make_completion_formatter, pack_by_language, pack_samples, within_block_budget)
+from .data.holdout import holdout_store
+from .data.packing import Block, one_sample_per_block
+from .data.records import FetchResult, Sample
+from .data.source import (check_table, count_new_samples, fetch_new_samples, fetch_replay_samples, fetch_samples_by_id,
+                          open_connection, select_holdout)
 from .errors import TrainingError, TrainingInterrupted
 from .faults import crash_point
+from .hooks import run_on_promote
 from .lock import trainer_lock
 from .metrics import (MetricsRun, SystemMonitor, WandbOptions, effective_wandb_mode, prune_wandb_runs,
                       rotate_metrics_file, send_alert)
 from .outcome import CycleOutcome
 from .progress import write_cycle_progress
+from .promotion import Decision, decide_promotion, holdout_metrics
 from .report import HEARTBEAT_S, ProgressReporter, final_metrics, model_config, run_config
 from .state import TrainerState, advance_state, expire_gaps, load_state, record_failure, save_state
 from .training.adapters import prune_adapters, save_adapter
@@ -77,11 +82,16 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
                  available, state.last_trained_id)
         write_cycle_progress(settings.paths.state_file, "dataset", new_samples=available)
         tokenizer = load_tokenizer(settings.model.base_model)
+        format_text = make_completion_formatter(tokenizer) if settings.data.format == "completion" else format_raw
+        holdout = load_holdout(connection, settings, state)
         fetched = FetchResult(last_examined_id=state.last_trained_id)
         blockers, duplicate_store = filters.build_blockers(settings.data, settings.paths.state_file.parent)
+        # A copy of a holdout sample would leak the evaluation into training: it is blocked as a duplicate.
+        holdout_digests = {filters.content_hash(sample.content) for sample in holdout.samples}
+        blockers.insert(0, ("duplicates", lambda sample: filters.content_hash(sample.content) in holdout_digests))
         phase_started = time.perf_counter()
-        format_text = make_completion_formatter(tokenizer) if settings.data.format == "completion" else format_raw
         rows = fetch_new_samples(connection, settings.database, settings.data, state.last_trained_id, fetched, gaps)
+        rows = _without_holdout(rows, holdout)
         # No more than training.max_steps can train: a row is recorded as trained only if training saw it.
         rows = within_block_budget(rows, block_budget(settings.training), tokenizer, settings.data.max_length, format_text,
                                    settings.data.eval_fraction, settings.data.seed, fetched)
@@ -95,21 +105,100 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
             skipped_upstream=fetched.skipped,
             format_text=format_text,
         )
+        dataset.data_metrics["data/holdout_rows"] = holdout.rows_in_fetch
+        if dataset.train_blocks:
+            add_replay(connection, settings, state, dataset, holdout, blockers, tokenizer, format_text)
+        holdout.blocks = pack_by_language(holdout.samples, tokenizer, settings.data.max_length, format_text)
         dataset_seconds = time.perf_counter() - phase_started
         crash_point("tokenize")
     stop.CURRENT.check("after the dataset build")
+    held_out = dataset.eval_samples + holdout.rows_in_fetch
     if not dataset.train_blocks:
         # Everything was skipped or blocked: nothing to train, but those rows are done with.
-        save_state(advance_state(state, fetched, 0, None, None, process_started, samples_held_out=dataset.eval_samples),
+        save_state(advance_state(state, fetched, 0, None, None, process_started, samples_held_out=held_out),
                    settings.paths.state_file)
         duplicate_store.commit()
-        return CycleOutcome("filtered_out", f"all {fetched.rows_examined} new rows were skipped or blocked")
+        return CycleOutcome("filtered_out", f"all {fetched.rows_examined} new rows were skipped, blocked or held out")
     return _train_and_save(settings, state, tokenizer, dataset, fetched, duplicate_store, dataset_seconds, should_stop,
-                           process_started)
+                           process_started, holdout)
+
+
+class Holdout:
+    """The fixed holdout as this run sees it: its ids, its rows re-read from PostgreSQL, their blocks per
+    language, and how many of this run's new rows belong to it (consumed, never trained)."""
+
+    def __init__(self, ids: set[int], samples: list[Sample]):
+        self.ids = ids
+        self.samples = samples
+        self.blocks: dict[str, list[Block]] = {}
+        self.rows_in_fetch = 0
+
+
+def load_holdout(connection, settings: Settings, state: TrainerState) -> Holdout:
+    """Freeze the holdout on the first run (stratified by language); add a language it lacks when one first
+    appears; re-read its rows. The ids are committed before anything trains."""
+    promotion = settings.promotion
+    if promotion.holdout_samples == 0:
+        return Holdout(set(), [])
+    store = holdout_store(settings.paths.state_file.parent)
+    try:
+        languages = store.languages()
+        added = select_holdout(connection, settings.database, settings.data, state.last_trained_id,
+                               settings.data.max_samples_per_run, set(languages),
+                               size=0 if languages else promotion.holdout_samples,
+                               min_per_language=promotion.holdout_min_per_language)
+        if added:
+            store.add(added, state.total_training_runs + 1)
+            log.info("holdout: %d samples added (%s)", len(added),
+                     ", ".join(sorted({language for _, language in added})))
+        ids = store.ids()
+    finally:
+        store.close()
+    samples = fetch_samples_by_id(connection, settings.database, settings.data, ids)
+    if len(samples) < len(ids):
+        log.warning("holdout: %d of its %d rows are gone from the table or no longer eligible", len(ids) - len(samples), len(ids))
+    return Holdout(set(ids), samples)
+
+
+def _without_holdout(samples: Iterator[Sample], holdout: Holdout) -> Iterator[Sample]:
+    for sample in samples:
+        if sample.id in holdout.ids:
+            holdout.rows_in_fetch += 1
+            continue
+        yield sample
+
+
+def add_replay(connection, settings: Settings, state: TrainerState, dataset: BuiltDataset, holdout: Holdout,
+               blockers, tokenizer, format_text) -> None:
+    """Mix older, already-trained samples into the training blocks, against forgetting: re-read by id,
+    through the content filters again (not the duplicate stores: they are known by definition), never from
+    the evaluation split, the holdout or a pending gap. Within a step budget they only fill what the new rows
+    leave free, so a new row is never pushed out of training by replay."""
+    wanted = math.ceil(settings.promotion.replay_fraction * dataset.train_samples)
+    if wanted == 0 or state.last_trained_id == 0:
+        return
+    gaps = state.gap_ranges()
+    drawn = fetch_replay_samples(connection, settings.database, settings.data, state.last_trained_id, wanted,
+                                 sorted(holdout.ids), salt=state.total_training_runs + 1)
+    usable = [sample for sample in drawn
+              if not is_eval_sample(sample.id, settings.data.seed, settings.data.eval_fraction)
+              and not any(first <= sample.id <= last for first, last in gaps)]
+    content_filters = [(name, blocker) for name, blocker in blockers if name not in ("duplicates", "near_duplicates")]
+    replay = admitted(usable, content_filters)
+    packed = pack_samples(replay, tokenizer, settings.data.max_length, format_text)
+    budget = block_budget(settings.training)
+    blocks = packed if budget is None else packed[: max(0, budget - len(dataset.train_blocks))]
+    # Cut by a step budget: count the sample pieces that made it (a long sample may be split in two).
+    replayed = len(replay) if len(blocks) == len(packed) else int(sum(len(block.lengths) for block in blocks))
+    dataset.train_blocks.extend(blocks)
+    dataset.replay_samples = replayed
+    dataset.data_metrics["data/replay_samples"] = replayed
+    dataset.dataset_metrics["dataset/replay_blocks"] = len(blocks)
 
 
 def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltDataset, fetched: FetchResult,
-                    duplicate_store, dataset_seconds: float, should_stop, process_started: float) -> CycleOutcome:
+                    duplicate_store, dataset_seconds: float, should_stop, process_started: float,
+                    holdout: Holdout) -> CycleOutcome:
     run_number = state.total_training_runs + 1
     device = pick_device()
     options = wandb_options(settings)
@@ -134,6 +223,7 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
         if packing != "position_ids":
             dataset.train_blocks = one_sample_per_block(dataset.train_blocks)
             dataset.eval_blocks = one_sample_per_block(dataset.eval_blocks)
+            holdout.blocks = {language: one_sample_per_block(blocks) for language, blocks in holdout.blocks.items()}
         model = attach_adapter(base, settings.model, previous)
         trainable, total = count_parameters(model)
         metrics.update_config(model_config(settings, trainable, total, quantization, previous) | {"packing": packing})
@@ -144,19 +234,24 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
             with tempfile.TemporaryDirectory(prefix="codelupe-trainer-") as scratch:
                 return train_adapter(model, tokenizer, dataset.train_blocks, dataset.eval_blocks, training, Path(scratch),
                                      reporter, frequencies, should_stop, monitor.read, settings.data.seed, device,
-                                     quantized=quantization != "none", packed=packing == "position_ids")
+                                     quantized=quantization != "none", packed=packing == "position_ids",
+                                     holdout=holdout.blocks)
 
         result, sizing = train_with_oom_backoff(model, settings.training, remembered_micro_batch(state, settings), attempt)
         metrics.update_config({"hyperparams/effective_micro_batch": sizing.micro_batch,
                                "hyperparams/effective_gradient_accumulation_steps": sizing.accumulation})
         metrics.log(result.global_step, {"performance/oom_backoffs": sizing.backoffs})
         stop.CURRENT.check("after training")
+        decision = decide_promotion(settings.promotion, result.holdout_before, result.holdout_after)
+        log.info("%s run %d: %s", "promoting" if decision.promoted else "rejecting", run_number, decision.reason)
         write_cycle_progress(settings.paths.state_file, "saving adapter", run=run_number)
         # From here the run is published as a whole: a stop signal waits for the state and the store.
         with stop.CURRENT.deferred():
             outcome = _publish(settings, state, model, run_number, previous, dataset, fetched, result, duplicate_store,
-                               device, quantization, packing, process_started, metrics, dataset_seconds, sizing)
+                               device, quantization, packing, process_started, metrics, dataset_seconds, sizing,
+                               decision, holdout)
         exit_code = 0
+        announce_decision(settings, decision, outcome)
         return outcome
     finally:
         monitor.close()
@@ -166,9 +261,10 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
 def _publish(settings: Settings, state: TrainerState, model, run_number: int, previous: Path | None,
              dataset: BuiltDataset, fetched: FetchResult, result, duplicate_store, device: str, quantization: str,
              packing: str, process_started: float, metrics: MetricsRun, dataset_seconds: float,
-             sizing: BackoffOutcome) -> CycleOutcome:
-    """Adapter, then state, then duplicate store: the order that makes a crash at any point safe."""
-    adapter_path = save_adapter(model, settings.paths.output_dir, run_number)
+             sizing: BackoffOutcome, decision: Decision, holdout: Holdout) -> CycleOutcome:
+    """Adapter, then state, then duplicate store: the order that makes a crash at any point safe.
+    A candidate the gate rejected is saved too (for inspection), but `latest` stays where it was."""
+    adapter_path = save_adapter(model, settings.paths.output_dir, run_number, promote=decision.promoted)
     crash_point("save")
     summary = {
         "run_number": run_number,
@@ -191,19 +287,44 @@ def _publish(settings: Settings, state: TrainerState, model, run_number: int, pr
         "packing": packing,
         "micro_batch": sizing.micro_batch,
         "oom_backoffs": sizing.backoffs,
+        "replay_samples": dataset.replay_samples,
+        "holdout_rows": holdout.rows_in_fetch,
+        "promoted": decision.promoted,
+        "promotion_reason": decision.reason,
+        "holdout_loss": decision.candidate_loss,
+        "holdout_loss_in_use": decision.in_use_loss,
         "finished_at": time.time(),
     }
+    lineage_entry = {
+        "run": run_number,
+        "adapter": str(adapter_path),
+        "parent": state.adapter_in_use if previous is not None else None,
+        "first_id": state.last_trained_id + 1,
+        "last_id": fetched.last_examined_id,
+        "samples_trained": dataset.train_samples,
+        "replay_samples": dataset.replay_samples,
+        "holdout_loss": decision.candidate_loss,
+        "holdout_loss_in_use": decision.in_use_loss,
+        "holdout_losses": decision.candidate_languages,
+        "promoted": decision.promoted,
+        "reason": decision.reason,
+        "finished_at": summary["finished_at"],
+    }
     new_state = advance_state(state, fetched, dataset.train_samples, adapter_path, summary, process_started,
-                              samples_held_out=dataset.eval_samples)
+                              samples_held_out=dataset.eval_samples + holdout.rows_in_fetch,
+                              lineage_entry=lineage_entry, replay_samples=dataset.replay_samples)
     if sizing.backoffs or state.micro_batch:
         new_state.micro_batch = {"micro": sizing.micro_batch, "max_length": settings.data.max_length,
                                  "effective": settings.training.batch_size * settings.training.gradient_accumulation_steps}
     save_state(new_state, settings.paths.state_file)
     # After the state: a crash in between can at worst let a duplicate through later, never lose a sample.
     duplicate_store.commit()
-    metrics.log(result.global_step, final_metrics(new_state, run_number, result, dataset, dataset_seconds))
-    prune_old_outputs(settings, adapter_path)
-    return CycleOutcome("trained", f"run {run_number} trained {dataset.train_samples} samples",
+    metrics.log(result.global_step, final_metrics(new_state, run_number, result, dataset, dataset_seconds)
+                | holdout_metrics(decision) | {"continuous/promoted": int(decision.promoted)}
+                | ({"continuous/promotion_margin": decision.margin} if decision.margin is not None else {}))
+    prune_old_outputs(settings, adapter_path, new_state)
+    verdict = "" if settings.promotion.mode == "always" else (" (promoted)" if decision.promoted else " (rejected: kept the adapter in use)")
+    return CycleOutcome("trained", f"run {run_number} trained {dataset.train_samples} samples{verdict}",
                         new_samples=dataset.total_samples, run_number=run_number, summary=summary)
 
 
@@ -237,10 +358,40 @@ def alert_stuck(settings: Settings, state: TrainerState) -> None:
                f"({error_class}); see `codelupe-trainer status` on the training host")
 
 
-def prune_old_outputs(settings: Settings, adapter_path: Path) -> None:
-    """Retention runs after the state is saved; a failure here is logged, never a failed run."""
+def announce_decision(settings: Settings, decision: Decision, outcome: CycleOutcome) -> None:
+    """After the state is saved: hand a promoted adapter to the server that uses it (on_promote), or alert
+    that a candidate was rejected. Neither can undo what is published."""
+    summary = outcome.summary
+    if decision.promoted:
+        hook = run_on_promote(settings.promotion, "promote", Path(summary["adapter"]), outcome.run_number,
+                              decision.candidate_loss, decision.in_use_loss)
+        if hook is not None:
+            record_hook_outcome(settings, outcome.run_number, hook)
+    else:
+        # Counts only: never sample text, paths of user data or secrets.
+        state = load_state(settings.paths.state_file)
+        send_alert(wandb_options(settings), metrics_file(settings), "codelupe-trainer rejected an adapter",
+                   f"run {outcome.run_number} was not promoted ({state.rejected_runs} rejected in all); "
+                   f"the adapter in use is still run {state.adapter_in_use or 0}")
+
+
+def record_hook_outcome(settings: Settings, run_number: int, outcome: str) -> None:
+    state = load_state(settings.paths.state_file)
+    for entry in reversed(state.lineage):
+        if entry.get("run") == run_number:
+            entry["on_promote"] = outcome
+            break
+    if state.last_run and state.last_run.get("run_number") == run_number:
+        state.last_run["on_promote"] = outcome
+    save_state(state, settings.paths.state_file)
+
+
+def prune_old_outputs(settings: Settings, adapter_path: Path, state: TrainerState) -> None:
+    """Retention runs after the state is saved; a failure here is logged, never a failed run. The newest
+    `keep_adapters` promoted adapters are kept whatever else is pruned: they are what `rollback` can reach."""
+    promoted = [Path(entry["adapter"]) for entry in state.lineage if entry.get("promoted")][-settings.paths.keep_adapters:]
     try:
-        prune_adapters(settings.paths.output_dir, settings.paths.keep_adapters, [adapter_path])
+        prune_adapters(settings.paths.output_dir, settings.paths.keep_adapters, [adapter_path, *promoted])
         prune_wandb_runs(wandb_directory(settings), settings.wandb.keep_offline_days)
     except OSError as error:
         log.warning("could not remove old adapters or W&B runs: %s", error)

@@ -21,6 +21,9 @@ def run_config(settings: Settings) -> dict[str, Any]:
     """The W&B run config, from an allow-list: no URL, no key, no path that could name a user's secret."""
     dumped = settings.model_dump(mode="json")
     allowed = {section: dumped[section] for section in ("schedule", "data", "model", "training", "metrics")}
+    # The promotion settings, but not the on_promote command line (it may carry a host name or a token).
+    allowed["promotion"] = {key: value for key, value in dumped["promotion"].items() if key != "on_promote"}
+    allowed["promotion"]["on_promote_configured"] = bool(dumped["promotion"]["on_promote"])
     allowed["database"] = {key: dumped["database"][key] for key in ("table", "id_column", "content_column", "language_column", "quality_column")}
     allowed["wandb"] = {"project": dumped["wandb"]["project"], "group": dumped["wandb"]["group"]}
     return allowed
@@ -58,6 +61,9 @@ def final_metrics(state: TrainerState, run_number: int, result, dataset: BuiltDa
         "continuous/total_samples_held_out": state.total_samples_held_out,
         "continuous/uptime_hours": state.uptime_hours,
         "continuous/pending_gaps": len(state.pending_gaps),
+        "continuous/rejected_runs": state.rejected_runs,
+        "continuous/adapter_in_use": state.adapter_in_use or 0,
+        "continuous/total_replay_samples": state.total_replay_samples,
         "performance/run_samples_per_second": dataset.train_samples / seconds,
         "performance/run_train_seconds": result.train_seconds,
         # What the optimizer steps consumed, not the dataset's tokens (which include the eval split).

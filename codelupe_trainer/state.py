@@ -43,6 +43,12 @@ class TrainerState:
     # The micro-batch that fitted in GPU memory after an out-of-memory back-off, with what it was measured
     # for: {"micro": m, "effective": batch x accumulation, "max_length": L}; later cycles start from it.
     micro_batch: dict[str, int] | None = None
+    # The promotion gate: the run whose adapter is `latest`, how many candidates were rejected, and each
+    # adapter's lineage (parent, rows consumed, holdout losses, promoted or rejected and why; newest last).
+    adapter_in_use: int | None = None
+    rejected_runs: int = 0
+    total_replay_samples: int = 0
+    lineage: list[dict[str, Any]] = field(default_factory=list)
 
     def gap_ranges(self) -> list[tuple[int, int]]:
         return [(int(first), int(last)) for first, last, _ in self.pending_gaps]
@@ -120,11 +126,17 @@ def record_failure(path: Path, error: BaseException | str, process_started: floa
 # ---------------------------------------------------------------- pure transitions
 
 
+LINEAGE_KEPT = 1000  # entries; older adapters' folders are long pruned by then
+
+
 def advance_state(state: TrainerState, fetched: FetchResult, samples_trained: int, adapter_path: Path | None,
                   summary: dict[str, Any] | None, process_started: float | None = None,
-                  samples_held_out: int = 0) -> TrainerState:
+                  samples_held_out: int = 0, lineage_entry: dict[str, Any] | None = None,
+                  replay_samples: int = 0) -> TrainerState:
     """The state after a successful cycle: a pure function of the old state and what the cycle consumed.
-    `process_started`: when the trainer process began, for the uptime (None: no uptime added)."""
+    `process_started`: when the trainer process began, for the uptime (None: no uptime added).
+    A run whose adapter the gate rejected (`lineage_entry["promoted"]` false) consumed its rows and trained
+    on them, but `latest_adapter` stays on the adapter in use."""
     now = time.time()
     gaps = remove_ids(state.pending_gaps, sorted(set(fetched.filled_gaps)))
     gaps += [[first, last, now] for first, last in fetched.new_gaps]
@@ -137,8 +149,15 @@ def advance_state(state: TrainerState, fetched: FetchResult, samples_trained: in
     if adapter_path is not None:
         new_state.total_training_runs += 1
         new_state.total_samples_trained += samples_trained
-        new_state.latest_adapter = str(adapter_path)
+        new_state.total_replay_samples += replay_samples
         new_state.last_run = summary
+        if lineage_entry is None or lineage_entry.get("promoted", True):
+            new_state.latest_adapter = str(adapter_path)
+            new_state.adapter_in_use = new_state.total_training_runs
+        else:
+            new_state.rejected_runs += 1
+        if lineage_entry is not None:
+            new_state.lineage = [*state.lineage, lineage_entry][-LINEAGE_KEPT:]
     new_state.consecutive_failures = 0
     return new_state
 

@@ -96,6 +96,21 @@ def tiny_model(tmp_path_factory):
     return build_tiny_model(directory, corpus)
 
 
+@pytest.fixture(scope="session")
+def learned_model(tmp_path_factory, tiny_model):
+    """The tiny model after a few seconds of full training on Python and C, so a LoRA run on it can measurably
+    help or hurt (the random-init model sits at the uniform loss, where nothing gets worse)."""
+    import shutil
+
+    from codelupe_trainer.demo.tinymodel import pretrain_tiny_model
+
+    directory = tmp_path_factory.mktemp("learned-qwen2")
+    shutil.copytree(tiny_model, directory, dirs_exist_ok=True)
+    python = [path.read_text(encoding="utf-8", errors="replace") for path in standard_library_files(100)]
+    c_code = [path.read_text(encoding="utf-8", errors="replace") for path in sorted(Path("/usr/include").glob("*.h"))[:60]]
+    return pretrain_tiny_model(directory, python + c_code, steps=150)
+
+
 def write_config(directory: Path, model_dir: Path, extra: str = "") -> Path:
     """A small, fast configuration in the production shape (gradient accumulation 4, gradient checkpointing,
     by epochs as shipped; tests of a step budget set max_steps); `extra` TOML sections replace these defaults."""
@@ -107,6 +122,8 @@ def write_config(directory: Path, model_dir: Path, extra: str = "") -> Path:
         "metrics": "system_every_steps = 2\ngradient_metrics_every_steps = 2\nper_layer_sample = 4",
         "wandb": f'mode = "offline"\ndir = "{directory}"\ninit_timeout_s = 60',
         "paths": f'state_file = "{directory / "state.json"}"\noutput_dir = "{directory / "adapters"}"',
+        # The gate, the holdout and replay have their own tests (test_promotion.py), in the shipped shape.
+        "promotion": 'mode = "always"\nholdout_samples = 0\nreplay_fraction = 0.0',
     }
     current = None
     for line in extra.strip().splitlines():
@@ -123,9 +140,9 @@ def write_config(directory: Path, model_dir: Path, extra: str = "") -> Path:
 
 @pytest.fixture
 def make_settings(tmp_path, tiny_model, monkeypatch):
-    def factory(url: str, extra: str = ""):
+    def factory(url: str, extra: str = "", model_dir: Path | None = None):
         monkeypatch.setenv("CODELUPE_DATABASE__URL", url)
-        return load_settings(write_config(tmp_path, tiny_model, extra))
+        return load_settings(write_config(tmp_path, model_dir or tiny_model, extra))
 
     return factory
 

@@ -17,8 +17,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "codelupe_trainer"
 ALLOWED = {
     "data": {"config", "faults", "data"},
     "training": {"config", "errors", "faults", "data", "training"},
-    "service": {"config", "cycle", "data", "errors", "faults", "lock", "logs", "metrics", "outcome", "progress", "stop",
-                "state", "training", "service"},
+    "service": {"config", "cycle", "data", "errors", "faults", "hooks", "lock", "logs", "metrics", "outcome", "progress",
+                "stop", "state", "training", "service"},
 }
 
 

@@ -44,6 +44,8 @@ class BuiltDataset:
     eval_samples: int
     data_metrics: dict[str, float]
     dataset_metrics: dict[str, float]
+    # Older samples mixed into train_blocks against forgetting (not in sample_ids, never counted as new).
+    replay_samples: int = 0
 
     @property
     def total_samples(self) -> int:
@@ -324,3 +326,31 @@ def summarize_dataset(
         "dataset/packed_blocks": len(blocks),
         "dataset/real_token_fraction": real_tokens / (len(blocks) * max_length) if blocks else 0.0,
     }
+
+
+# ------------------------------------------------------------------ holdout and replay blocks
+
+
+def pack_samples(samples: list[Sample], tokenizer: Tokenizer, max_length: int, format_text: Formatter = format_raw) -> list[Block]:
+    """Tokenize and pack a small, already-filtered list of samples (the holdout, the replay draw)."""
+    packer = Packer(max_length)
+    for chunk in chunked(samples, TOKENIZE_CHUNK):
+        for piece in tokenize_samples(chunk, tokenizer, max_length, format_text):
+            packer.add(piece)
+    return packer.finish()
+
+
+def pack_by_language(samples: list[Sample], tokenizer: Tokenizer, max_length: int,
+                     format_text: Formatter = format_raw) -> dict[str, list[Block]]:
+    """One set of blocks per language, so each block's loss belongs to one language."""
+    by_language: dict[str, list[Sample]] = {}
+    for sample in samples:
+        by_language.setdefault(sample.language, []).append(sample)
+    return {language: pack_samples(group, tokenizer, max_length, format_text)
+            for language, group in sorted(by_language.items())}
+
+
+def admitted(samples: Iterable[Sample], blockers: Iterable[tuple[str, Blocker]]) -> list[Sample]:
+    """The samples no blocker stops (for replay: the content filters only, not the duplicate stores)."""
+    blockers = list(blockers)
+    return [sample for sample in samples if _first_block_reason(sample, blockers) is None]

@@ -229,3 +229,81 @@ def _classify(row: tuple, result: FetchResult) -> Sample | None:
         result.skipped[skip_reason] += 1
         return None
     return Sample(id=row_id, content=content, language=str(language).strip().lower(), quality=int(quality))
+
+
+# ------------------------------------------------------------------ the holdout and replay reads
+
+
+def select_holdout(
+    connection: psycopg.Connection, database: DatabaseSettings, data: DataSettings, after_id: int, window: int,
+    known_languages: set[str], size: int, min_per_language: int,
+) -> list[tuple[int, str]]:
+    """(id, language) of the rows to add to the fixed holdout, from the next `window` eligible rows past
+    `after_id` (the rows this run will read).
+
+    Languages already in the holdout are left alone. The others get a share of `size` proportional to their
+    rows in the window, at least `min_per_language`, never more than half their rows (so each language
+    still trains). `size` is 0 after the first run: a language that appears later gets `min_per_language`.
+    Rows are picked by a hash of their id, so the choice is spread over the window and repeatable.
+    """
+    names = _names(database)
+    reason, parameters = _skip_reason_sql(data)
+    query = sql.SQL(
+        "WITH window_rows AS ("
+        "  SELECT {id} AS id, lower(btrim({language})) AS language FROM {table}"
+        "  WHERE {id} > %(after_id)s AND ({reason}) IS NULL ORDER BY {id} LIMIT %(window)s"
+        "), ranked AS ("
+        "  SELECT id, language, row_number() OVER (PARTITION BY language ORDER BY md5(id::text)) AS rank,"
+        "         count(*) OVER (PARTITION BY language) AS language_rows, count(*) OVER () AS all_rows"
+        "  FROM window_rows WHERE NOT (language = ANY(%(known)s))"
+        ") SELECT id, language FROM ranked"
+        "  WHERE rank <= GREATEST(%(min_per_language)s, ceil(%(size)s * language_rows::float8 / all_rows))"
+        "    AND rank <= language_rows / 2 ORDER BY id"
+    ).format(reason=reason.format(**names), **names)
+    parameters.update(after_id=after_id, window=window, known=sorted(known_languages), size=size,
+                      min_per_language=min_per_language)
+    return [(row[0], row[1]) for row in _run(connection, database, query, parameters).fetchall()]
+
+
+def fetch_samples_by_id(connection: psycopg.Connection, database: DatabaseSettings, data: DataSettings,
+                        ids: list[int]) -> list[Sample]:
+    """The rows with these ids that are still eligible (a row deleted or edited into ineligibility drops out)."""
+    if not ids:
+        return []
+    names = _names(database)
+    reason, parameters = _skip_reason_sql(data)
+    query = sql.SQL(
+        "SELECT {id}, NULL, {content}, {language}, {quality} FROM {table} "
+        "WHERE {id} = ANY(%(ids)s) AND ({reason}) IS NULL ORDER BY {id}"
+    ).format(reason=reason.format(**names), **names)
+    parameters["ids"] = list(ids)
+    result = FetchResult(last_examined_id=0)
+    return [sample for row in _run(connection, database, query, parameters).fetchall()
+            if (sample := _classify(row, result)) is not None]
+
+
+def fetch_replay_samples(
+    connection: psycopg.Connection, database: DatabaseSettings, data: DataSettings, up_to_id: int, count: int,
+    exclude_ids: list[int], salt: int,
+) -> list[Sample]:
+    """About `count` eligible rows at or below the watermark (already trained), stratified by language in
+    proportion to each language's share of them, picked by a hash of id and `salt` (each run draws anew).
+
+    Reads every eligible row's id and language below the watermark once: seconds for millions of rows.
+    """
+    if count <= 0 or up_to_id <= 0:
+        return []
+    names = _names(database)
+    reason, parameters = _skip_reason_sql(data)
+    query = sql.SQL(
+        "WITH trained AS ("
+        "  SELECT {id} AS id, lower(btrim({language})) AS language FROM {table}"
+        "  WHERE {id} <= %(up_to_id)s AND ({reason}) IS NULL AND NOT ({id} = ANY(%(exclude)s))"
+        "), ranked AS ("
+        "  SELECT id, row_number() OVER (PARTITION BY language ORDER BY md5(id::text || ':' || %(salt)s)) AS rank,"
+        "         count(*) OVER (PARTITION BY language) AS language_rows, count(*) OVER () AS all_rows FROM trained"
+        ") SELECT id FROM ranked WHERE rank <= ceil(%(count)s * language_rows::float8 / all_rows)"
+    ).format(reason=reason.format(**names), **names)
+    parameters.update(up_to_id=up_to_id, exclude=list(exclude_ids), salt=str(salt), count=count)
+    ids = [row[0] for row in _run(connection, database, query, parameters).fetchall()]
+    return fetch_samples_by_id(connection, database, data, ids)

@@ -25,6 +25,8 @@ def print_status(settings: Settings, as_json: bool) -> int:
         "last_error": state.last_error,
         "last_error_at": state.last_error_at,
         "latest_adapter": state.latest_adapter,
+        "adapter_in_use": state.adapter_in_use,
+        "rejected_runs": state.rejected_runs,
         "last_run": state.last_run,
         "pending_gaps": len(state.pending_gaps),
         "live": read_live_status(settings.paths.state_file),
@@ -38,7 +40,11 @@ def print_status(settings: Settings, as_json: bool) -> int:
     print(f"last trained id:       {state.last_trained_id}")
     print(f"samples trained:       {state.total_samples_trained}")
     print(f"uptime:                {state.uptime_hours:.2f} h")
-    print(f"latest adapter:        {state.latest_adapter or '-'}")
+    in_use = f" (run {state.adapter_in_use})" if state.adapter_in_use else ""
+    print(f"adapter in use:        {state.latest_adapter or '-'}{in_use}")
+    if state.lineage:
+        print(f"promotion gate:        {state.rejected_runs} of {state.total_training_runs} runs rejected "
+              "(`codelupe-trainer adapters` lists them)")
     print(f"failures:              {state.consecutive_failures} in a row, {state.total_failures} in all")
     if state.consecutive_failures >= settings.service.alert_after_failures:
         print(f"STUCK:                 {state.consecutive_failures} cycles in a row failed at id {state.last_trained_id}; "
@@ -46,8 +52,13 @@ def print_status(settings: Settings, as_json: bool) -> int:
     if state.last_error:
         print(f"last error:            {time.ctime(state.last_error_at or 0)}: {state.last_error}")
     if state.last_run:
-        print(f"last run:              run {state.last_run.get('run_number')}, {state.last_run.get('samples_trained')} samples, "
-              f"eval loss {state.last_run.get('eval_loss')}")
+        last = state.last_run
+        eval_loss = last.get("eval_loss")
+        print(f"last run:              run {last.get('run_number')}, {last.get('samples_trained')} samples, "
+              f"eval loss {'-' if eval_loss is None else f'{eval_loss:.4f}'}")
+        if "promoted" in last and settings.promotion.mode == "gate":
+            verdict = "promoted" if last["promoted"] else "rejected, the adapter in use stays"
+            print(f"                       {verdict}: {last.get('promotion_reason')}")
     live, cycle = view["live"], view["cycle"]
     if live:
         print(f"daemon:                {live.get('phase')} (pid {live.get('pid')}), next run {live.get('next_run') or '-'}")

@@ -11,8 +11,6 @@ import shutil
 import uuid
 from pathlib import Path
 
-import torch
-
 from ..errors import TrainingError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -20,11 +18,14 @@ LATEST_LINK = "latest"
 
 
 def adapter_is_finite(model) -> bool:
+    import torch  # here, so `rollback` and `adapters` start without loading torch
+
     return all(torch.isfinite(parameter).all() for parameter in model.parameters() if parameter.requires_grad)
 
 
-def save_adapter(model, output_dir: Path, run_number: int) -> Path:
-    """Write the adapter to a new folder, complete before it becomes visible, and point `latest` at it."""
+def save_adapter(model, output_dir: Path, run_number: int, promote: bool = True) -> Path:
+    """Write the adapter to a new folder, complete before it becomes visible, and point `latest` at it
+    (unless the promotion gate rejected it: then it is kept for inspection, `latest` stays)."""
     if not adapter_is_finite(model):
         raise TrainingError("adapter weights are NaN or infinite; nothing was saved")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -39,7 +40,8 @@ def save_adapter(model, output_dir: Path, run_number: int) -> Path:
             # A folder from a run that crashed after saving but before the state was written: replace it.
             shutil.rmtree(final)
         os.replace(staging, final)
-        point_latest(output_dir, final.name)
+        if promote:
+            point_latest(output_dir, final.name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

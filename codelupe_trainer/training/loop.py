@@ -19,7 +19,7 @@ from ..data.collate import COUNT_KEYS, SAMPLES_KEY, TOKENS_KEY, PackedCollator
 from ..data.packing import Block
 from ..errors import TrainingError, TrainingInterrupted
 from ..faults import memory_fault
-from .loss import chunked_model_loss, resolve_loss
+from .loss import IGNORE_INDEX, chunked_causal_lm_loss, causal_lm_parts, chunked_model_loss, resolve_loss
 from .model import count_parameters
 from .telemetry import Frequencies, ReportingCallback, TrainingReporter
 
@@ -172,6 +172,39 @@ class TrainingResult:
     device: str
     # Real (non-padding) tokens the optimizer steps consumed; a token seen in two epochs counts twice.
     tokens_seen: int = 0
+    # The fixed holdout's loss per language, {language: (mean token loss, tokens)}, with the weights this run
+    # started from (the adapter in use, or the base model for a first adapter) and with the trained ones.
+    holdout_before: dict[str, tuple[float, int]] | None = None
+    holdout_after: dict[str, tuple[float, int]] | None = None
+
+
+@torch.no_grad()
+def evaluate_holdout(model, holdout: dict[str, list[Block]], pad_token_id: int, batch_size: int,
+                     device: str) -> dict[str, tuple[float, int]]:
+    """Mean token loss per language over the holdout's blocks, in a fixed order (the same batches every time
+    it is called), through the chunked loss so no vocabulary-sized logits are made."""
+    collator = PackedCollator(pad_token_id)
+    was_training = model.training
+    model.eval()
+    parameter_device = next(model.parameters()).device
+    losses: dict[str, tuple[float, int]] = {}
+    try:
+        for language, blocks in holdout.items():
+            total, tokens = 0.0, 0
+            for start in range(0, len(blocks), batch_size):
+                batch = {key: value.to(parameter_device) for key, value in collator(blocks[start : start + batch_size]).items()}
+                counted = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+                    decoder, lm_head = causal_lm_parts(model)
+                    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                     use_cache=False).last_hidden_state
+                    total += float(chunked_causal_lm_loss(hidden, lm_head.weight, batch["labels"], num_items_in_batch=1))
+                tokens += counted
+            if tokens:
+                losses[language] = (total / tokens, tokens)
+    finally:
+        model.train(was_training)
+    return losses
 
 
 def steps_per_epoch(train_blocks: int, batch_size: int, accumulation: int) -> int:
@@ -256,6 +289,7 @@ def train_adapter(
     device: str,
     quantized: bool = False,
     packed: bool = True,
+    holdout: dict[str, list[Block]] | None = None,
 ) -> TrainingResult:
     """Train the adapter in place (fresh optimizer and schedule each cycle) and evaluate it."""
     collator = PackedCollator(tokenizer.pad_token_id, with_counts=True)
@@ -279,8 +313,11 @@ def train_adapter(
     initial_eval_loss = None
     # bitsandbytes on CPU repacks 4-bit weights for inference the first time a layer runs in eval mode, and
     # the repacked path cannot train afterwards; there the loss before training is not measured.
-    if eval_blocks and not (quantized and device == "cpu"):
+    measurable = not (quantized and device == "cpu")
+    if eval_blocks and measurable:
         initial_eval_loss = float(trainer.evaluate(metric_key_prefix="initial")["initial_loss"])
+    holdout_before = evaluate_holdout(model, holdout, tokenizer.pad_token_id, training.batch_size, device) \
+        if holdout and measurable else None
     started = time.perf_counter()
     output = trainer.train()
     train_seconds = time.perf_counter() - started
@@ -292,6 +329,8 @@ def train_adapter(
     eval_loss = None
     if eval_blocks:
         eval_loss = float(trainer.evaluate()["eval_loss"])
+    holdout_after = evaluate_holdout(model, holdout, tokenizer.pad_token_id, training.batch_size, device) \
+        if holdout and measurable else None
     trainable, total = count_parameters(model)
     return TrainingResult(
         global_step=trainer.state.global_step,
@@ -303,4 +342,6 @@ def train_adapter(
         total_params=total,
         device=device,
         tokens_seen=trainer.meter.run_tokens,
+        holdout_before=holdout_before,
+        holdout_after=holdout_after,
     )

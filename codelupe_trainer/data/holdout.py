@@ -1,0 +1,54 @@
+"""The fixed holdout: the ids of the samples every run is evaluated on and none is trained on.
+
+Kept by id (and language) in the daemon's own SQLite store beside the state, never as a copy of the code:
+each run re-reads the rows from PostgreSQL. Ids are only ever added (a language the holdout lacks joins it
+when it first appears), never removed, so holdout losses are comparable across runs.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections import Counter
+from pathlib import Path
+
+STORE_FILE = "dedup.sqlite3"  # the exact- and near-duplicate stores live in the same file
+
+
+class HoldoutStore:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._connection = sqlite3.connect(path, isolation_level=None, timeout=30)
+        self._connection.execute("PRAGMA journal_mode=DELETE")
+        self._connection.execute("PRAGMA synchronous=FULL")
+        self._connection.execute(
+            "CREATE TABLE IF NOT EXISTS holdout (id INTEGER PRIMARY KEY, language TEXT NOT NULL, "
+            "added_by_run INTEGER NOT NULL, added_at REAL NOT NULL)")
+
+    def ids(self) -> list[int]:
+        return [row[0] for row in self._connection.execute("SELECT id FROM holdout ORDER BY id")]
+
+    def languages(self) -> Counter:
+        return Counter(dict(self._connection.execute("SELECT language, count(*) FROM holdout GROUP BY language")))
+
+    def add(self, rows: list[tuple[int, str]], run_number: int) -> None:
+        """Committed at once, before the run trains: a sample chosen for the holdout is never trained, even if
+        this run fails and the next one reads it again."""
+        if not rows:
+            return
+        now = time.time()
+        with self._connection:
+            self._connection.execute("BEGIN IMMEDIATE")
+            self._connection.executemany(
+                "INSERT OR IGNORE INTO holdout (id, language, added_by_run, added_at) VALUES (?, ?, ?, ?)",
+                [(row_id, language, run_number, now) for row_id, language in rows])
+
+    def __len__(self) -> int:
+        return self._connection.execute("SELECT count(*) FROM holdout").fetchone()[0]
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+def holdout_store(store_dir: Path) -> HoldoutStore:
+    return HoldoutStore(store_dir / STORE_FILE)

@@ -1,0 +1,56 @@
+"""The hand-off to the server that uses the adapter: `promotion.on_promote`, run after each promotion and
+rollback. The only module that starts a user's command.
+
+The command gets the adapter's path, the run number and the holdout losses in its environment; its output
+goes to our log; it is killed after `promotion.on_promote_timeout_s`. A failure is recorded and logged, and
+never undoes the promotion: the adapter is already `latest` on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+from .config import PromotionSettings
+
+log = logging.getLogger(__name__)
+OUTPUT_LIMIT = 4000  # characters of the command's output kept in the log
+
+
+def run_on_promote(settings: PromotionSettings, event: str, adapter_path: Path, run_number: int,
+                   candidate_loss: float | None = None, in_use_loss: float | None = None) -> str | None:
+    """Run the command; returns None when none is configured, else "ok" or what went wrong (one line)."""
+    if not settings.on_promote:
+        return None
+    environment = dict(os.environ)
+    environment.update({
+        "CODELUPE_EVENT": event,  # "promote" or "rollback"
+        "CODELUPE_ADAPTER_PATH": str(adapter_path.resolve()),
+        "CODELUPE_ADAPTER_NAME": adapter_path.name,
+        "CODELUPE_RUN_NUMBER": str(run_number),
+        "CODELUPE_HOLDOUT_LOSS": "" if candidate_loss is None else f"{candidate_loss:.6f}",
+        "CODELUPE_PREVIOUS_HOLDOUT_LOSS": "" if in_use_loss is None else f"{in_use_loss:.6f}",
+    })
+    # Never hand the database password or the W&B key to a command that only needs to reload an adapter.
+    for name in ("CODELUPE_DATABASE__URL", "WANDB_API_KEY"):
+        environment.pop(name, None)
+    try:
+        completed = subprocess.run(settings.on_promote, env=environment, stdin=subprocess.DEVNULL,
+                                   capture_output=True, text=True, errors="replace",
+                                   timeout=settings.on_promote_timeout_s)
+    except subprocess.TimeoutExpired:
+        outcome = f"killed after promotion.on_promote_timeout_s = {settings.on_promote_timeout_s:g} s"
+    except OSError as error:
+        outcome = f"could not start {settings.on_promote[0]!r}: {error.strerror or error}"
+    else:
+        output = (completed.stdout + completed.stderr).strip()
+        if output:
+            log.info("on_promote output: %s", output[-OUTPUT_LIMIT:])
+        outcome = "ok" if completed.returncode == 0 else f"exited with status {completed.returncode}"
+    if outcome == "ok":
+        log.info("on_promote ran for run %d (%s)", run_number, event)
+    else:
+        log.warning("on_promote for run %d (%s) failed: %s; the adapter stays promoted", run_number, event, outcome)
+    return outcome

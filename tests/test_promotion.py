@@ -1,0 +1,227 @@
+"""The promotion gate, the fixed holdout, replay, lineage, rollback and the on_promote hand-off, on real parts:
+PostgreSQL, the tiny Qwen2 model trained for real (gradient accumulation 4, gradient checkpointing), the
+real CLI as a subprocess, and the W&B run read back from its `.wandb` file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import insert_stdlib_rows
+from wandb_reader import find_run_files, read_run
+
+from codelupe_trainer.config import PromotionSettings
+from codelupe_trainer.cycle import run_cycle
+from codelupe_trainer.data.filters import content_hash
+from codelupe_trainer.demo.demo import insert_rows
+from codelupe_trainer.promotion import decide_promotion, overall_loss
+from codelupe_trainer.state import load_state
+
+# ------------------------------------------------------------------ the decision, table-style
+
+GATE = PromotionSettings(mode="gate", max_loss_increase=0.01, max_language_loss_increase=0.03)
+
+
+@pytest.mark.parametrize("in_use, candidate, promoted, reason_part", [
+    ({"python": (2.0, 100)}, {"python": (1.9, 100)}, True, "2.0000 -> 1.9000"),
+    ({"python": (2.0, 100)}, {"python": (2.019, 100)}, True, "2.0000 -> 2.0190"),  # within 1 %
+    ({"python": (2.0, 100)}, {"python": (2.03, 100)}, False, "more than promotion.max_loss_increase"),
+    # Python improves a lot, C gets 10 % worse: the overall loss falls, the per-language rule still rejects.
+    ({"python": (2.0, 900), "c": (2.0, 100)}, {"python": (1.5, 900), "c": (2.2, 100)}, False, "c holdout loss rose"),
+    ({"python": (2.0, 100)}, {"python": (math.nan, 100)}, False, "not finite"),
+    (None, None, True, "no holdout loss"),
+])
+def test_decide_promotion(in_use, candidate, promoted, reason_part):
+    decision = decide_promotion(GATE, in_use, candidate)
+    assert decision.promoted is promoted
+    assert reason_part in decision.reason
+
+
+def test_always_promotes_a_worse_adapter_and_says_why():
+    decision = decide_promotion(PromotionSettings(mode="always"), {"python": (1.0, 10)}, {"python": (3.0, 10)})
+    assert decision.promoted and decision.reason == "promotion.mode = always" and decision.margin == pytest.approx(-2.0)
+
+
+def test_overall_loss_is_token_weighted():
+    assert overall_loss({"python": (1.0, 300), "c": (3.0, 100)}) == pytest.approx(1.5)
+
+
+# ------------------------------------------------------------------ the gate on real runs
+
+
+def insert_files(url: str, files: list[tuple[str, str]], language: str, repo: str) -> None:
+    rows = []
+    for name, content in files:
+        lines = content.count("\n") + 1
+        rows.append((1, name, name, content, language, lines, len(content.encode()),
+                     hashlib.sha256(content.encode()).hexdigest(), repo, 70))
+    with psycopg.connect(url, autocommit=True) as connection:
+        insert_rows(connection, rows)
+
+
+def c_headers(count: int, skip: int = 0) -> list[tuple[str, str]]:
+    files = []
+    for path in sorted(Path("/usr/include").glob("*.h")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if 10 <= text.count("\n") <= 500 and 50 <= len(text) <= 8000:
+            files.append((str(path), text))
+        if len(files) == skip + count:
+            break
+    return files[skip:]
+
+
+def noise_files(count: int, seed: int) -> list[tuple[str, str]]:
+    """Token soup labelled as Python: training hard on it makes the adapter worse at real Python."""
+    generator = random.Random(seed)
+    alphabet = "qxzjvkw0123456789{}[]<>|~^`"
+    files = []
+    for index in range(count):
+        lines = ["".join(generator.choice(alphabet) for _ in range(60)) for _ in range(40)]
+        files.append((f"noise/{seed}/{index}.py", "\n".join(lines)))
+    return files
+
+
+HOOK = """import json, os, sys
+keys = ["CODELUPE_EVENT", "CODELUPE_ADAPTER_PATH", "CODELUPE_ADAPTER_NAME", "CODELUPE_RUN_NUMBER",
+        "CODELUPE_HOLDOUT_LOSS", "CODELUPE_PREVIOUS_HOLDOUT_LOSS", "CODELUPE_DATABASE__URL"]
+with open(sys.argv[1], "a") as handle:
+    handle.write(json.dumps({key: os.environ.get(key) for key in keys}) + "\\n")
+print("reloaded")
+"""
+
+
+def gate_config(tmp_path: Path, learning_rate: float = 2e-3, replay: float = 0.5, epochs: int = 1) -> str:
+    hook = tmp_path / "hook.py"
+    hook.write_text(HOOK)
+    calls = tmp_path / "hook-calls.jsonl"
+    return (
+        "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\n"
+        f"learning_rate = {learning_rate}\nepochs = {epochs}\nmax_steps = -1\nlogging_steps = 2\ngradient_checkpointing = true\n"
+        "max_grad_norm = 1.0\n"
+        "[promotion]\nmode = \"gate\"\nholdout_samples = 24\nholdout_min_per_language = 6\n"
+        f"max_loss_increase = 0.01\nmax_language_loss_increase = 0.03\nreplay_fraction = {replay}\n"
+        f'on_promote = ["{sys.executable}", "{hook}", "{calls}"]\non_promote_timeout_s = 30\n'
+    )
+
+
+def hook_calls(tmp_path: Path) -> list[dict]:
+    path = tmp_path / "hook-calls.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def holdout_ids(state_dir: Path) -> dict[int, str]:
+    with sqlite3.connect(state_dir / "dedup.sqlite3") as connection:
+        return dict(connection.execute("SELECT id, language FROM holdout"))
+
+
+def trained_digests(state_dir: Path) -> set[bytes]:
+    with sqlite3.connect(state_dir / "dedup.sqlite3") as connection:
+        return {row[0] for row in connection.execute("SELECT digest FROM trained_hashes")}
+
+
+def contents(url: str, ids) -> list[str]:
+    with psycopg.connect(url) as connection:
+        return [row[0] for row in connection.execute("SELECT content FROM processed_files WHERE id = ANY(%s)", (list(ids),))]
+
+
+def cli(tmp_path: Path, url: str, *arguments: str) -> subprocess.CompletedProcess:
+    environment = dict(os.environ, CODELUPE_DATABASE__URL=url)
+    return subprocess.run([sys.executable, "-m", "codelupe_trainer.cli", *arguments, "--config", str(tmp_path / "codelupe.toml")],
+                          capture_output=True, text=True, env=environment, timeout=120)
+
+
+@pytest.mark.slow
+def test_gate_rejects_a_worse_adapter_promotes_a_better_one_and_rolls_back(crawler_table, tmp_path, make_settings,
+                                                                           learned_model):
+    url = crawler_table
+    insert_stdlib_rows(url, start=0, count=70)
+    insert_files(url, c_headers(30), "c", "glibc")
+    settings = make_settings(url, gate_config(tmp_path), learned_model)
+    state_dir = settings.paths.state_file.parent
+    latest = settings.paths.output_dir / "latest"
+
+    # Run 1: the holdout is frozen from these rows, stratified by language; the adapter beats the base model.
+    first = run_cycle(settings, force=True)
+    assert first.status == "trained" and "(promoted)" in first.message
+    holdout = holdout_ids(state_dir)
+    assert set(holdout.values()) == {"python", "c"} and len(holdout) >= 24
+    state = load_state(settings.paths.state_file)
+    assert state.adapter_in_use == 1 and latest.resolve().name == "run-000001"
+    assert state.lineage[0]["promoted"] and state.lineage[0]["holdout_loss"] < state.lineage[0]["holdout_loss_in_use"]
+    # Never trained on: no holdout sample's hash is among the trained ones, and the counts add up.
+    assert not trained_digests(state_dir) & {content_hash(text) for text in contents(url, holdout)}
+    assert state.last_run["holdout_rows"] == len(holdout)
+    calls = hook_calls(tmp_path)
+    assert len(calls) == 1 and calls[0]["CODELUPE_EVENT"] == "promote" and calls[0]["CODELUPE_RUN_NUMBER"] == "1"
+    assert calls[0]["CODELUPE_ADAPTER_PATH"] == str((settings.paths.output_dir / "run-000001").resolve())
+    assert float(calls[0]["CODELUPE_HOLDOUT_LOSS"]) == pytest.approx(state.lineage[0]["holdout_loss"], rel=1e-5)
+    assert calls[0]["CODELUPE_DATABASE__URL"] is None  # the password is not handed to the hook
+
+    # Run 2: noise at a harmful learning rate: the candidate is worse on the holdout and is not promoted.
+    insert_files(url, noise_files(80, seed=1), "python", "noise")
+    harmful = make_settings(url, gate_config(tmp_path, learning_rate=0.05, replay=0.0), learned_model)
+    second = run_cycle(harmful, force=True)
+    assert second.status == "trained" and "rejected" in second.message
+    state = load_state(settings.paths.state_file)
+    assert latest.resolve().name == "run-000001" and state.latest_adapter.endswith("run-000001")
+    assert state.adapter_in_use == 1 and state.rejected_runs == 1
+    rejected = state.lineage[-1]
+    assert rejected["run"] == 2 and not rejected["promoted"] and "holdout loss rose" in rejected["reason"]
+    assert rejected["holdout_loss"] > rejected["holdout_loss_in_use"]
+    assert (settings.paths.output_dir / "run-000002").is_dir()  # kept for inspection
+    assert len(hook_calls(tmp_path)) == 1  # the hook did not run for a rejected adapter
+    assert holdout_ids(state_dir) == holdout  # the same holdout every run
+
+    run = read_run(find_run_files(tmp_path)[-1])
+    assert [value for _, value in run.values("continuous/promoted")] == [0]
+    assert run.values("continuous/rejected_runs")[-1][1] == 1
+    assert run.values("holdout/loss")[-1][1] > run.values("holdout/loss_in_use")[-1][1]
+    assert run.values("holdout/loss_c") and run.values("holdout/loss_in_use_python")
+    assert run.config["promotion"]["mode"] == "gate"
+
+    status = cli(tmp_path, url, "status")
+    assert status.returncode == 0 and "rejected" in status.stdout and "run 1" in status.stdout, status.stdout
+    listed = cli(tmp_path, url, "adapters", "--json")
+    assert listed.returncode == 0, listed.stderr
+    entries = {entry["run"]: entry for entry in json.loads(listed.stdout)}
+    assert entries[1]["in_use"] and entries[1]["promoted"] and not entries[2]["promoted"]
+    assert entries[2]["reason"].startswith("holdout loss rose")
+
+    # Run 3: more real code, with replay of older rows: promoted, continued from run 1 (the adapter in use).
+    insert_stdlib_rows(url, start=70, count=60)
+    insert_files(url, c_headers(20, skip=30), "c", "glibc")
+    third = run_cycle(settings, force=True)
+    state = load_state(settings.paths.state_file)
+    assert "(promoted)" in third.message, state.lineage[-1]["reason"]
+    assert state.last_run["continued_from"].endswith("run-000001") and state.lineage[-1]["parent"] == 1
+    assert latest.resolve().name == "run-000003" and state.adapter_in_use == 3
+    replayed = state.last_run["replay_samples"]
+    assert replayed > 0 and state.total_replay_samples == replayed
+    # Replay is not new data: samples trained counts each new row once.
+    assert state.total_samples_trained == sum(entry["samples_trained"] for entry in state.lineage)
+    run = read_run(find_run_files(tmp_path)[-1])
+    assert run.values("data/replay_samples")[-1][1] == replayed
+
+    # Rollback to run 1: `latest`, the state and the hook; the next run continues from it.
+    assert cli(tmp_path, url, "rollback", "2").returncode == 1  # a rejected adapter is not a rollback target
+    rolled = cli(tmp_path, url, "rollback", "1")
+    assert rolled.returncode == 0, rolled.stderr
+    state = load_state(settings.paths.state_file)
+    assert latest.resolve().name == "run-000001" and state.adapter_in_use == 1
+    assert state.latest_adapter.endswith("run-000001")
+    assert hook_calls(tmp_path)[-1]["CODELUPE_EVENT"] == "rollback"
+    assert hook_calls(tmp_path)[-1]["CODELUPE_RUN_NUMBER"] == "1"
+    insert_stdlib_rows(url, start=130, count=30)
+    fourth = run_cycle(settings, force=True)
+    state = load_state(settings.paths.state_file)
+    assert fourth.status == "trained" and state.last_run["continued_from"].endswith("run-000001")
+    assert state.lineage[-1]["parent"] == 1 and holdout_ids(state_dir) == holdout
