@@ -74,6 +74,11 @@ class DataSettings(Section):
     block_malicious: bool = True
     malicious_patterns: list[str] = Field(default_factory=list, description="Extra regexes, added to the defaults.")
     block_duplicates: bool = True
+    block_near_duplicates: bool = Field(
+        True, description="Block samples whose 5-token shingles overlap a trained sample's (MinHash LSH).")
+    near_duplicate_threshold: float = Field(
+        0.7, gt=0.0, lt=1.0, description="Jaccard similarity at which a sample counts as a near-duplicate "
+        "(BigCode's value for The Stack).")
 
 
 class ModelSettings(Section):

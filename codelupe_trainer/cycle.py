@@ -89,6 +89,8 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
         # A copy of a holdout sample would leak the evaluation into training: it is blocked as a duplicate.
         holdout_digests = {filters.content_hash(sample.content) for sample in holdout.samples}
         blockers.insert(0, ("duplicates", lambda sample: filters.content_hash(sample.content) in holdout_digests))
+        if duplicate_store.near is not None:  # and so would a near-copy
+            duplicate_store.near.protect(sample.content for sample in holdout.samples)
         phase_started = time.perf_counter()
         rows = fetch_new_samples(connection, settings.database, settings.data, state.last_trained_id, fetched, gaps)
         rows = _without_holdout(rows, holdout)

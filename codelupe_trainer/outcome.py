@@ -34,10 +34,21 @@ def describe_outcome(outcome: CycleOutcome, settings: Settings) -> str:
         f"train loss: {summary['train_loss']:.4f}",
         f"eval loss: before {before:.4f} -> after {after:.4f}" if before is not None and after is not None else "eval loss: no eval split",
         f"adapter: {summary['adapter']}" + (f" (continued from {summary['continued_from']})" if summary["continued_from"] else " (new)"),
+        *promotion_lines(summary, settings),
         f"state: {settings.paths.state_file}",
         f"metrics: {metrics_file(settings)}; W&B dir: {wandb_directory(settings) / 'wandb'}",
     ]
     return "\n".join(lines)
+
+
+def promotion_lines(summary: dict[str, Any], settings: Settings) -> list[str]:
+    lines = []
+    if summary.get("replay_samples"):
+        lines.append(f"replay: {summary['replay_samples']} older samples mixed in (not counted as new)")
+    if settings.promotion.mode == "gate" and "promoted" in summary:
+        verdict = "promoted: now `latest`" if summary["promoted"] else "REJECTED: `latest` still points at the adapter in use"
+        lines.append(f"promotion gate: {verdict} ({summary.get('promotion_reason')})")
+    return lines
 
 
 def counts_in_words(counts: dict[str, int]) -> str:

@@ -272,7 +272,7 @@ def _first_block_reason(sample: Sample, blockers: Iterable[tuple[str, Blocker]])
     return None
 
 
-BLOCK_FILTERS = ("secrets", "license", "malicious", "duplicates")
+BLOCK_FILTERS = ("secrets", "license", "malicious", "duplicates", "near_duplicates")
 
 
 def summarize_data(

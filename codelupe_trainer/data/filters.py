@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..config import DataSettings
 from ..faults import crash_point
+from .neardup import NearDuplicateIndex
 from .patternset import PatternSet
 from .records import Blocker, Sample
 
@@ -199,10 +200,11 @@ class DuplicateStore:
     imported once, its complete records only.
     """
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, near_threshold: float | None = None):
         self.path = path
         self._pending: set[bytes] = set()
         self._connection: sqlite3.Connection | None = None
+        self.near: NearDuplicateIndex | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._connection = sqlite3.connect(path, isolation_level=None)
@@ -211,6 +213,8 @@ class DuplicateStore:
             self._connection.execute("PRAGMA synchronous=FULL")
             self._connection.execute("CREATE TABLE IF NOT EXISTS trained_hashes (digest BLOB PRIMARY KEY) WITHOUT ROWID")
             self._import_legacy(path.with_name(LEGACY_HASH_FILE))
+        if near_threshold is not None:
+            self.near = NearDuplicateIndex(self._connection, near_threshold)
 
     def _import_legacy(self, legacy: Path) -> None:
         if not legacy.exists():
@@ -219,11 +223,14 @@ class DuplicateStore:
         self._insert(data[index : index + 16] for index in range(0, len(data) - len(data) % 16, 16))
         legacy.rename(legacy.with_suffix(".bin.imported"))
 
-    def _insert(self, digests) -> None:
+    def _insert(self, digests, with_near: bool = False) -> None:
+        """One transaction: the exact hashes and (with_near) the near-duplicate index's pending keys."""
         self._connection.execute("BEGIN IMMEDIATE")
         try:
             self._connection.executemany("INSERT OR IGNORE INTO trained_hashes (digest) VALUES (?)",
                                          ((digest,) for digest in digests))
+            if with_near and self.near is not None:
+                self.near.write_pending()
             crash_point("dedup")
             self._connection.execute("COMMIT")
         except BaseException:
@@ -242,11 +249,16 @@ class DuplicateStore:
         self._pending.add(digest)
         return False
 
+    def near_seen(self, sample: Sample) -> bool:
+        return self.near is not None and self.near.seen(sample.content)
+
     def commit(self) -> None:
-        if self._connection is None or not self._pending:
+        if self._connection is None:
             return
-        self._insert(sorted(self._pending))
+        self._insert(sorted(self._pending), with_near=True)
         self._pending = set()
+        if self.near is not None:
+            self.near.clear_pending()
 
     def __len__(self) -> int:
         if self._connection is None:
@@ -271,8 +283,12 @@ def build_blockers(data: DataSettings, store_dir: Path | None) -> tuple[list[tup
         blockers.append(("malicious", prefiltered(malicious_pattern(data.malicious_patterns))))
     if data.block_secrets:
         blockers.append(("secrets", contains_secret))
-    store = DuplicateStore(store_dir / DEDUP_STORE_FILE if (store_dir is not None and data.block_duplicates) else None)
+    persistent = store_dir is not None and (data.block_duplicates or data.block_near_duplicates)
+    store = DuplicateStore(store_dir / DEDUP_STORE_FILE if persistent else None,
+                           data.near_duplicate_threshold if data.block_near_duplicates else None)
     if data.block_duplicates:
         blockers.append(("duplicates", store.seen))
+    if data.block_near_duplicates:
+        blockers.append(("near_duplicates", store.near_seen))
     return blockers, store
 
