@@ -124,12 +124,23 @@ def command_run_once(settings: Settings, arguments) -> int:
 
 
 def _run_once(settings: Settings, arguments) -> int:
+    from .data.source import SchemaError, SourceError, check_table, open_connection
+
+    log = logging.getLogger("codelupe_trainer")
+    # The table is checked before torch is imported: a misspelt table or column is one line in a second.
+    try:
+        with open_connection(settings.database) as connection:
+            check_table(connection, settings.database)
+    except SchemaError as error:
+        log.error("database: %s", error)
+        return EXIT_USAGE
+    except SourceError:
+        pass  # an outage: the cycle below reports it and records the failure
+
     from .cycle import run_cycle
-    from .data.source import SchemaError, SourceError
     from .lock import AlreadyRunning
     from .outcome import describe_outcome
 
-    log = logging.getLogger("codelupe_trainer")
     try:
         outcome = run_cycle(settings, force=arguments.force)
     except AlreadyRunning as busy:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +35,8 @@ from .metrics import (MetricsRun, SystemMonitor, WandbOptions, effective_wandb_m
 from .outcome import CycleOutcome
 from .progress import write_cycle_progress
 from .promotion import Decision, decide_promotion, holdout_metrics
-from .report import HEARTBEAT_S, ProgressReporter, final_metrics, model_config, run_config
+from .report import (HEARTBEAT_S, ProgressReporter, adapter_card, continuous_metrics, final_metrics, model_config,
+                     run_config)
 from .state import TrainerState, advance_state, expire_gaps, load_state, record_failure, save_state
 from .training.adapters import prune_adapters, save_adapter
 from .training.backoff import BackoffOutcome, train_with_oom_backoff
@@ -207,12 +209,13 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
     config = run_config(settings) | {"device": device}
     rotate_metrics_file(metrics_file(settings))
     metrics = MetricsRun(run_number, metrics_file(settings), options, config, settings.metrics.queue_size,
-                         attempt=state.consecutive_failures + 1)
-    reporter = ProgressReporter(metrics, settings.paths.state_file, run_number)
+                         step_offset=state.total_steps)
+    reporter = ProgressReporter(metrics, settings.paths.state_file, run_number, interactive=sys.stderr.isatty())
     monitor = SystemMonitor(settings.paths.output_dir)
     exit_code = 1
     try:
-        metrics.log(0, dataset.data_metrics | dataset.dataset_metrics | {"performance/dataset_build_seconds": dataset_seconds})
+        metrics.log(0, dataset.data_metrics | dataset.dataset_metrics | {"performance/dataset_build_seconds": dataset_seconds}
+                    | continuous_metrics(state, run_number))
         write_cycle_progress(settings.paths.state_file, "loading model", run=run_number)
         base, quantization = load_base_model(settings.model, device)
         stop.CURRENT.check("after loading the model")
@@ -253,9 +256,12 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
                                device, quantization, packing, process_started, metrics, dataset_seconds, sizing,
                                decision, holdout)
         exit_code = 0
+        if settings.promotion.mode == "gate":
+            metrics.rename("promoted" if decision.promoted else "rejected")
         announce_decision(settings, decision, outcome)
         return outcome
     finally:
+        reporter.line.close()
         monitor.close()
         metrics.finish(exit_code)
 
@@ -266,11 +272,9 @@ def _publish(settings: Settings, state: TrainerState, model, run_number: int, pr
              sizing: BackoffOutcome, decision: Decision, holdout: Holdout) -> CycleOutcome:
     """Adapter, then state, then duplicate store: the order that makes a crash at any point safe.
     A candidate the gate rejected is saved too (for inspection), but `latest` stays where it was."""
-    adapter_path = save_adapter(model, settings.paths.output_dir, run_number, promote=decision.promoted)
-    crash_point("save")
     summary = {
         "run_number": run_number,
-        "adapter": str(adapter_path),
+        "adapter": str(settings.paths.output_dir / f"run-{run_number:06d}"),
         "continued_from": str(previous) if previous else None,
         "previous_adapter_missing": bool(state.latest_adapter) and previous is None,
         "samples_trained": dataset.train_samples,
@@ -295,8 +299,14 @@ def _publish(settings: Settings, state: TrainerState, model, run_number: int, pr
         "promotion_reason": decision.reason,
         "holdout_loss": decision.candidate_loss,
         "holdout_loss_in_use": decision.in_use_loss,
+        "tokens_trained": result.tokens_seen,
         "finished_at": time.time(),
     }
+    card = adapter_card(settings, run_number, summary | {"continued_from_run": f"run {state.adapter_in_use}" if previous and state.adapter_in_use else None},
+                        state.last_trained_id + 1, fetched.last_examined_id, metrics.run_id)
+    adapter_path = save_adapter(model, settings.paths.output_dir, run_number, promote=decision.promoted, card=card)
+    summary["adapter"] = str(adapter_path)
+    crash_point("save")
     lineage_entry = {
         "run": run_number,
         "adapter": str(adapter_path),
@@ -314,7 +324,8 @@ def _publish(settings: Settings, state: TrainerState, model, run_number: int, pr
     }
     new_state = advance_state(state, fetched, dataset.train_samples, adapter_path, summary, process_started,
                               samples_held_out=dataset.eval_samples + holdout.rows_in_fetch,
-                              lineage_entry=lineage_entry, replay_samples=dataset.replay_samples)
+                              lineage_entry=lineage_entry, replay_samples=dataset.replay_samples,
+                              steps=result.global_step, tokens=result.tokens_seen)
     if sizing.backoffs or state.micro_batch:
         new_state.micro_batch = {"micro": sizing.micro_batch, "max_length": settings.data.max_length,
                                  "effective": settings.training.batch_size * settings.training.gradient_accumulation_steps}

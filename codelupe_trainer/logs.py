@@ -26,6 +26,18 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+# Lines that tell an operator nothing to act on, dropped by their text: bitsandbytes' optional CPU kernel
+# from the hub (never needed here), and APScheduler's note on every tick while a long cycle runs (the
+# scheduler runs one cycle at a time by design).
+NOISE = ("Failed to load CPU gemm_4bit_forward", "maximum number of running instances reached")
+
+
+class NoiseFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in NOISE)
+
+
 def secrets_of(settings: Settings) -> list[str]:
     url = settings.database.url.get_secret_value()
     # The passwords first: a message may hold the password without the whole connection string.
@@ -40,8 +52,11 @@ def setup_logging(settings: Settings | None, verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(NoiseFilter())
     if settings is not None:
         handler.addFilter(RedactingFilter(secrets_of(settings)))
+    # Library warnings go through the same handler, so every line has the same timestamped format.
+    logging.captureWarnings(True)
     handler._codelupe = True  # replaced, not stacked, when set up again in the same process
     root = logging.getLogger()
     root.handlers[:] = [existing for existing in root.handlers if not getattr(existing, "_codelupe", False)]

@@ -77,14 +77,39 @@ def wandb_settings_kwargs(options: WandbOptions) -> dict[str, Any]:
     }
 
 
+LIFETIME_STEP = "lifetime/step"
+LIFETIME_CHARTS = ("train/*", "eval/*", "holdout/*", "continuous/*", "batch/*", "performance/*", "progress/*")
+
+
+def count_starts(jsonl_path: Path, run_number: int) -> int:
+    """How many W&B runs were already started for `run_number` (its "start" records in the metrics file)."""
+    if not jsonl_path.exists():
+        return 0
+    marker = '"event": "start"'
+    count = 0
+    with open(jsonl_path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if marker in line:
+                try:
+                    count += json.loads(line).get("run") == run_number
+                except ValueError:
+                    continue
+    return count
+
+
 class MetricsRun:
     """One training cycle's metrics: one JSON-lines stream plus one W&B run named run-<n>."""
 
     def __init__(self, run_number: int, jsonl_path: Path, options: WandbOptions, config: dict[str, Any], queue_size: int = 10_000,
-                 attempt: int = 1):
+                 attempt: int | None = None, step_offset: int = 0):
         self.run_number = run_number
-        # Each attempt at run n is its own W&B run: "run-4", then "run-4-attempt-2" after a failure.
+        # Each attempt at run n is its own W&B run: "run-4", then "run-4-attempt-2" after a failed, killed or
+        # interrupted one (counted from this file's start records, so a kill -9 cannot reuse a name).
+        attempt = attempt or 1 + count_starts(jsonl_path, run_number)
         self.name = f"run-{run_number}" if attempt <= 1 else f"run-{run_number}-attempt-{attempt}"
+        # The daemon's lifetime step before this run: `lifetime/step` = offset + the trainer's step, the x-axis
+        # of the train/eval/holdout/continuous charts, so the runs of the group line up as one curve.
+        self.step_offset = step_offset
         self.jsonl_path = jsonl_path
         self.options = options
         self.mode = options.mode
@@ -121,6 +146,9 @@ class MetricsRun:
                 settings=wandb.Settings(**wandb_settings_kwargs(self.options)),
             )
             self.wandb_dir = Path(self.wandb_run.dir).parent
+            self.wandb_run.define_metric(LIFETIME_STEP)
+            for pattern in LIFETIME_CHARTS:
+                self.wandb_run.define_metric(pattern, step_metric=LIFETIME_STEP)
         except Exception as error:  # W&B must never fail a training run
             log.warning("W&B could not start (%s: %s); metrics go to %s only",
                         type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "", self.jsonl_path)
@@ -150,6 +178,7 @@ class MetricsRun:
         step = max(int(step), self.last_step)
         self.last_step = step
         clean = {key: _plain_number(value) for key, value in metrics.items()}
+        clean[LIFETIME_STEP] = self.step_offset + step
         self._write_jsonl({"run": self.run_number, "step": step, "time": time.time(), **clean})
         if self._worker is not None:
             try:
@@ -164,6 +193,19 @@ class MetricsRun:
                 self.wandb_run.config.update(values, allow_val_change=True)
             except Exception as error:
                 log.warning("W&B config update failed (%s)", type(error).__name__)
+
+    @property
+    def run_id(self) -> str | None:
+        return getattr(self.wandb_run, "id", None)
+
+    def rename(self, suffix: str) -> None:
+        """Add the outcome to the W&B run's name ("run-4-promoted"), so the group's list says it."""
+        self._write_jsonl({"event": "name", "run": self.run_number, "name": f"{self.name}-{suffix}"})
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.name = f"{self.name}-{suffix}"
+            except Exception as error:
+                log.warning("W&B run rename failed (%s)", type(error).__name__)
 
     def finish(self, exit_code: int = 0) -> None:
         """Flush and close; never blocks longer than the finish timeout."""

@@ -3,6 +3,7 @@ per-run metrics, and a reporter that forwards training metrics and keeps `status
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from .state import TrainerState
 from .training.telemetry import safe_perplexity
 
 HEARTBEAT_S = 5.0
+PROGRESS_LOG_S = 60.0
+log = logging.getLogger(__name__)
 
 
 def run_config(settings: Settings) -> dict[str, Any]:
@@ -51,9 +54,9 @@ def model_config(settings: Settings, trainable: int, total: int, quantization: s
     }
 
 
-def final_metrics(state: TrainerState, run_number: int, result, dataset: BuiltDataset, dataset_seconds: float) -> dict[str, float]:
-    seconds = max(result.train_seconds, 1e-9)
-    metrics = {
+def continuous_metrics(state: TrainerState, run_number: int) -> dict[str, float]:
+    """The daemon's lifetime figures; logged at a run's start (from the state before it) and end (after)."""
+    return {
         "continuous/run_number": run_number,
         "continuous/total_runs": state.total_training_runs,
         "continuous/last_trained_id": state.last_trained_id,
@@ -64,6 +67,14 @@ def final_metrics(state: TrainerState, run_number: int, result, dataset: BuiltDa
         "continuous/rejected_runs": state.rejected_runs,
         "continuous/adapter_in_use": state.adapter_in_use or 0,
         "continuous/total_replay_samples": state.total_replay_samples,
+        "continuous/total_steps": state.total_steps,
+        "continuous/total_tokens_trained": state.total_tokens_trained,
+    }
+
+
+def final_metrics(state: TrainerState, run_number: int, result, dataset: BuiltDataset, dataset_seconds: float) -> dict[str, float]:
+    seconds = max(result.train_seconds, 1e-9)
+    metrics = continuous_metrics(state, run_number) | {
         "performance/run_samples_per_second": dataset.train_samples / seconds,
         "performance/run_train_seconds": result.train_seconds,
         # What the optimizer steps consumed, not the dataset's tokens (which include the eval split).
@@ -75,14 +86,50 @@ def final_metrics(state: TrainerState, run_number: int, result, dataset: BuiltDa
     return metrics
 
 
-class ProgressReporter:
-    """Forwards training metrics to the metrics run and keeps `status` informed of the progress."""
+class ProgressLine:
+    """Training progress for a person watching: a tqdm bar on a terminal; elsewhere (the journal, a pipe)
+    one log line every PROGRESS_LOG_S seconds, so a long run is never silent and never floods the log."""
 
-    def __init__(self, metrics: MetricsRun, state_file: Path, run_number: int):
+    def __init__(self, interactive: bool):
+        self.interactive = interactive
+        self.bar = None
+        self._last_line = time.monotonic()
+
+    def update(self, values: dict[str, float]) -> None:
+        step, total = int(values["progress/step"]), int(values.get("progress/total_steps", 0))
+        loss, tokens = values.get("train/loss"), values.get("performance/tokens_per_second")
+        if self.interactive:
+            if self.bar is None:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total or None, unit="step", desc="training", dynamic_ncols=True, leave=True)
+            self.bar.n = step
+            self.bar.set_postfix_str(", ".join(part for part in (
+                f"loss {loss:.4f}" if loss is not None else "", f"{tokens:,.0f} tokens/s" if tokens else "") if part),
+                refresh=False)
+            self.bar.refresh()
+        elif time.monotonic() - self._last_line >= PROGRESS_LOG_S or (total and step >= total):
+            self._last_line = time.monotonic()
+            log.info("training: step %d/%d (%.0f %%), loss %s, %s tokens/s, ETA %.1f min", step, total,
+                     values.get("progress/step_percent", 0.0), "-" if loss is None else f"{loss:.4f}",
+                     f"{tokens:,.0f}" if tokens else "-", values.get("progress/eta_minutes", 0.0))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class ProgressReporter:
+    """Forwards training metrics to the metrics run, keeps `status` informed of the progress, and shows it
+    to a person (`ProgressLine`)."""
+
+    def __init__(self, metrics: MetricsRun, state_file: Path, run_number: int, interactive: bool = False):
         self.metrics = metrics
         self.state_file = state_file
         self.run_number = run_number
         self._last_heartbeat = 0.0
+        self.line = ProgressLine(interactive)
 
     def heartbeat(self, phase: str, step: int) -> None:
         """Proof of life for the daemon's stall watch during long stretches without a logging step
@@ -95,6 +142,50 @@ class ProgressReporter:
     def log(self, step: int, values: dict[str, float]) -> None:
         self.metrics.log(step, values)
         if "progress/step_percent" in values:
+            self.line.update(values)
             write_cycle_progress(self.state_file, "training", run=self.run_number, step=step,
                                  percent=round(values["progress/step_percent"], 1),
                                  eta_minutes=round(values["progress/eta_minutes"], 1))
+
+
+def adapter_card(settings: Settings, run_number: int, summary: dict[str, Any], first_id: int, last_id: int,
+                 wandb_run_id: str | None) -> str:
+    """The adapter folder's README.md: what it is and how it was made. Numbers and settings only: never
+    sample text, paths of user data, the database URL or any other secret."""
+
+    def number(value, digits: int = 4) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    training = settings.training
+    verdict = ("promoted" if summary.get("promoted") else "rejected by the promotion gate") \
+        if settings.promotion.mode == "gate" else "promoted (promotion.mode = always)"
+    return f"""---
+base_model: {settings.model.base_model}
+library_name: peft
+tags: [lora, codelupe-trainer, code]
+---
+
+# codelupe-trainer adapter, run {run_number}
+
+A LoRA adapter for `{settings.model.base_model}`, fine-tuned by codelupe-trainer on rows {first_id}-{last_id}
+of the table `{settings.database.table}`, continuing from {summary.get("continued_from_run") or "a new LoRA"}.
+
+| | |
+| --- | --- |
+| status | {verdict}: {summary.get("promotion_reason") or "-"} |
+| samples trained | {summary.get("samples_trained")} new (+ {summary.get("replay_samples", 0)} replayed), {summary.get("eval_samples")} held out for evaluation |
+| tokens trained | {summary.get("tokens_trained")} |
+| optimizer steps | {summary.get("steps")} |
+| eval loss | {number(summary.get("eval_loss_before"))} before, {number(summary.get("eval_loss"))} after |
+| holdout loss | {number(summary.get("holdout_loss_in_use"))} with the adapter in use, {number(summary.get("holdout_loss"))} with this one |
+| LoRA | r {settings.model.lora_r}, alpha {settings.model.lora_alpha}, dropout {settings.model.lora_dropout}, modules {", ".join(settings.model.target_modules)} |
+| training | learning rate {training.learning_rate}, micro-batch {summary.get("micro_batch")}, accumulation {training.gradient_accumulation_steps}, max length {settings.data.max_length}, epochs {training.epochs}, quantization {summary.get("quantization")} |
+| W&B | project `{settings.wandb.project}`, group `{settings.wandb.group}`, run id `{wandb_run_id or "-"}` |
+
+Load it with peft:
+
+```python
+from peft import AutoPeftModelForCausalLM
+model = AutoPeftModelForCausalLM.from_pretrained("<this folder>")
+```
+"""

@@ -48,6 +48,9 @@ class TrainerState:
     adapter_in_use: int | None = None
     rejected_runs: int = 0
     total_replay_samples: int = 0
+    # Optimizer steps and real tokens trained over the daemon's lifetime (W&B's `lifetime/step` axis).
+    total_steps: int = 0
+    total_tokens_trained: int = 0
     lineage: list[dict[str, Any]] = field(default_factory=list)
 
     def gap_ranges(self) -> list[tuple[int, int]]:
@@ -132,7 +135,7 @@ LINEAGE_KEPT = 1000  # entries; older adapters' folders are long pruned by then
 def advance_state(state: TrainerState, fetched: FetchResult, samples_trained: int, adapter_path: Path | None,
                   summary: dict[str, Any] | None, process_started: float | None = None,
                   samples_held_out: int = 0, lineage_entry: dict[str, Any] | None = None,
-                  replay_samples: int = 0) -> TrainerState:
+                  replay_samples: int = 0, steps: int = 0, tokens: int = 0) -> TrainerState:
     """The state after a successful cycle: a pure function of the old state and what the cycle consumed.
     `process_started`: when the trainer process began, for the uptime (None: no uptime added).
     A run whose adapter the gate rejected (`lineage_entry["promoted"]` false) consumed its rows and trained
@@ -150,6 +153,8 @@ def advance_state(state: TrainerState, fetched: FetchResult, samples_trained: in
         new_state.total_training_runs += 1
         new_state.total_samples_trained += samples_trained
         new_state.total_replay_samples += replay_samples
+        new_state.total_steps += steps
+        new_state.total_tokens_trained += tokens
         new_state.last_run = summary
         if lineage_entry is None or lineage_entry.get("promoted", True):
             new_state.latest_adapter = str(adapter_path)

@@ -52,3 +52,14 @@ def test_an_interrupted_demo_stops_its_server_and_removes_its_directory(tmp_path
     assert "stopped the throwaway PostgreSQL" in output
     assert not data_dir.exists()
     assert postgres_processes_under(data_dir) == []
+
+
+def test_the_demo_ends_with_what_to_try_next(tmp_path):
+    from codelupe_trainer.demo.demo import next_steps
+
+    (tmp_path / "wandb" / "offline-run-20261126_010203-abc").mkdir(parents=True)
+    text = next_steps(tmp_path / "codelupe.toml", tmp_path, throwaway_server=True)
+    assert f"codelupe-trainer status --config {tmp_path / 'codelupe.toml'}" in text
+    assert "codelupe-trainer run --config" in text and "CODELUPE_DATABASE__URL" in text
+    assert f"wandb sync {tmp_path / 'wandb' / 'offline-run-20261126_010203-abc'}" in text
+    assert f"jq -c . {tmp_path / 'metrics.jsonl'}" in text

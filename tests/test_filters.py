@@ -60,7 +60,8 @@ def test_secret_lines_are_found_where_they_are():
 
 def test_filters_can_be_switched_off():
     blockers, _ = filters.build_blockers(
-        DataSettings(block_secrets=False, block_license=False, block_malicious=False, block_duplicates=False), None)
+        DataSettings(block_secrets=False, block_license=False, block_malicious=False, block_duplicates=False,
+                     block_near_duplicates=False), None)
     assert blockers == []
 
 

@@ -97,7 +97,8 @@ def test_doctor_names_each_problem(tmp_path, monkeypatch, capsys):
     output = capsys.readouterr().out
     assert "FAIL database: cannot connect" in output
     assert "FAIL model:" in output and "no-such-model" in output
-    assert "ok   output_dir" in output
+    assert "ok   output_dir" in output and "does not exist yet" in output
+    assert not (tmp_path / "adapters").exists()  # doctor creates nothing
     assert "wandb: mode offline (no API key" in output
     assert "NotShown1" not in output
 

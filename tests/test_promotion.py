@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
+import stat
 import math
 import os
 import random
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import insert_stdlib_rows
+from conftest import TEST_PASSWORD, insert_stdlib_rows
 from wandb_reader import find_run_files, read_run
 
 from codelupe_trainer.config import PromotionSettings
@@ -165,6 +167,16 @@ def test_gate_rejects_a_worse_adapter_promotes_a_better_one_and_rolls_back(crawl
     assert calls[0]["CODELUPE_ADAPTER_PATH"] == str((settings.paths.output_dir / "run-000001").resolve())
     assert float(calls[0]["CODELUPE_HOLDOUT_LOSS"]) == pytest.approx(state.lineage[0]["holdout_loss"], rel=1e-5)
     assert calls[0]["CODELUPE_DATABASE__URL"] is None  # the password is not handed to the hook
+    # The adapter is ready to serve: group-readable files and a real card, with numbers and no sample text.
+    adapter = settings.paths.output_dir / "run-000001"
+    assert stat.S_IMODE((adapter / "adapter_model.safetensors").stat().st_mode) == 0o640
+    card = (adapter / "README.md").read_text()
+    assert "run 1" in card and str(learned_model) in card and "More Information Needed" not in card
+    assert f"rows 1-{state.last_trained_id}" in card and f"{state.lineage[0]['holdout_loss']:.4f}" in card
+    trained_texts = contents(url, range(1, state.last_trained_id + 1))
+    assert not [line for text in trained_texts for line in text.splitlines() if len(line) > 30 and line in card]
+    assert TEST_PASSWORD not in card
+    first_run_steps = state.total_steps
 
     # Run 2: noise at a harmful learning rate: the candidate is worse on the holdout and is not promoted.
     insert_files(url, noise_files(80, seed=1), "python", "noise")
@@ -182,6 +194,11 @@ def test_gate_rejects_a_worse_adapter_promotes_a_better_one_and_rolls_back(crawl
     assert holdout_ids(state_dir) == holdout  # the same holdout every run
 
     run = read_run(find_run_files(tmp_path)[-1])
+    assert run.run["name"] == "run-2-rejected" and run.run["host"] != socket.gethostname()
+    # One lifetime axis across runs: run 2 starts where run 1's steps ended.
+    assert run.values("lifetime/step")[0][1] == first_run_steps > 0
+    assert run.values("continuous/total_runs")[0][1] == 1 and run.values("continuous/total_runs")[-1][1] == 2
+    assert run.values("eval/initial_loss")
     assert [value for _, value in run.values("continuous/promoted")] == [0]
     assert run.values("continuous/rejected_runs")[-1][1] == 1
     assert run.values("holdout/loss")[-1][1] > run.values("holdout/loss_in_use")[-1][1]

@@ -102,7 +102,8 @@ def _decode_run(run_file: Path) -> RunReadBack:
                 key = "/".join(item.nested_key) if item.nested_key else item.key
                 result.config[key] = json.loads(item.value_json)
         elif kind == "run":
-            result.run = {"name": record.run.display_name, "group": record.run.run_group, "project": record.run.project}
+            result.run = {"name": record.run.display_name, "group": record.run.run_group, "project": record.run.project,
+                          "host": record.run.host}
             for item in record.run.config.update:
                 key = "/".join(item.nested_key) if item.nested_key else item.key
                 result.config[key] = json.loads(item.value_json)

@@ -102,6 +102,9 @@ mode = "offline"
 [paths]
 state_file = "{directory / 'state.json'}"
 output_dir = "{directory / 'adapters'}"
+
+[promotion]
+holdout_samples = 64             # a smaller holdout than the shipped 256: evaluated twice per run on a CPU
 """
 
 
@@ -112,6 +115,23 @@ def forget_previous_demo(directory: Path) -> None:
         (directory / name).unlink(missing_ok=True)
     for name in ("adapters", "wandb"):
         shutil.rmtree(directory / name, ignore_errors=True)
+
+
+def next_steps(config_path: Path, directory: Path, throwaway_server: bool) -> str:
+    runs = sorted((directory / "wandb").glob("offline-run-*"))
+    offline_run = runs[-1] if runs else directory / "wandb" / "offline-run-..."
+    database = ("   (the throwaway PostgreSQL is removed when the demo ends: point CODELUPE_DATABASE__URL at yours)\n"
+                if throwaway_server else "")
+    return f"""
+what to try next:
+  .venv/bin/codelupe-trainer status --config {config_path}      # the state: runs, samples, adapter in use
+  .venv/bin/codelupe-trainer adapters --config {config_path}    # each adapter: promoted or rejected, and why
+  .venv/bin/codelupe-trainer run --config {config_path}         # the daemon: a cycle every few minutes (Ctrl-C stops it)
+{database}  the W&B run (offline): {offline_run}
+   look at it:  jq -c . {directory / 'metrics.jsonl'} | less      (the same numbers, as JSON lines)
+   upload it:   WANDB_API_KEY=... .venv/bin/wandb sync {offline_run}
+  production:   README.md, "On the GPU box" and "Operations (systemd)"
+"""
 
 
 def run_demo(directory: Path = DEMO_DIR) -> int:
@@ -163,6 +183,7 @@ def run_demo(directory: Path = DEMO_DIR) -> int:
             return 0
         print(describe_outcome(outcome, settings))
         print(f"config used: {config_path}")
+        print(next_steps(config_path, directory, server is not None))
         return 0
     except TrainingInterrupted as interruption:
         print(f"codelupe-trainer: {interruption}; nothing was saved")

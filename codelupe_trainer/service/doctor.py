@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from ..config import Settings
@@ -37,7 +36,8 @@ def fatal_startup_problems(settings: Settings) -> list[str]:
     An unreachable database is not among them: the daemon retries it with backoff.
     """
     problems = []
-    name, ok, detail = check_model_path(settings.model.base_model)
+    # A hub id that is not cached is not fatal here: the network may come back; each cycle says so.
+    name, ok, detail = check_model_path(settings.model.base_model, probe_hub=False)
     if not ok:
         problems.append(detail)
     try:
@@ -66,11 +66,15 @@ def gpu_problems() -> list[str]:
 
 
 def check_writable(name: str, directory: Path) -> tuple[str, bool, str]:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory):
-            pass
-        free_gb = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize / 1e9
-        return (name, True, f"{directory} writable, {free_gb:.1f} GB free")
-    except OSError as error:
-        return (name, False, f"{directory} is not writable: {error.strerror}")
+    """Whether the daemon could write there, judged without creating anything (doctor may run as root)."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return (name, False, f"{directory} cannot be created: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return (name, False, f"{existing} is not writable by this user ({os.getuid()})")
+    free_gb = os.statvfs(existing).f_bavail * os.statvfs(existing).f_frsize / 1e9
+    if existing != directory:
+        return (name, True, f"{directory} does not exist yet; it will be created in {existing} ({free_gb:.1f} GB free)")
+    return (name, True, f"{directory} writable, {free_gb:.1f} GB free")

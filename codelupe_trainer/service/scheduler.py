@@ -80,6 +80,9 @@ class Daemon:
         self._progress_seen: tuple[object, float] = (None, time.monotonic())
         self.phase = "idle"
         self.started_at = time.time()
+        # The back-off counts this daemon's own failed cycles: failures a manual run-once left in the state
+        # (a bad config tried by hand) must not make the daemon's first real failure wait minutes.
+        self.failures_in_a_row = 0
         self.context = multiprocessing.get_context("spawn")
         self.scheduler = BackgroundScheduler(job_defaults={
             "max_instances": 1,
@@ -103,16 +106,17 @@ class Daemon:
         if self.stopping.is_set() or code == CHILD_EXIT_INTERRUPTED:
             return
         if code == 0:
+            self.failures_in_a_row = 0
             self._reschedule(self.interval_s)
             return
+        self.failures_in_a_row += 1
         if self.stall_reason is not None:
             self._record_failure(self.stall_reason)
         elif code not in (1, 3):
             # Killed by a signal or died without reporting (OOM killer, segfault): record it here.
             self._record_failure(f"cycle process died with exit code {code}")
-        failures = load_state(self.settings.paths.state_file).consecutive_failures
-        delay = backoff_seconds(max(failures, 1), self.interval_s)
-        log.warning("cycle failed (exit %s, %d in a row); retrying in %.0f s", code, failures, delay)
+        delay = backoff_seconds(self.failures_in_a_row, self.interval_s)
+        log.warning("cycle failed (exit %s, %d in a row); retrying in %.0f s", code, self.failures_in_a_row, delay)
         self._reschedule(delay)
 
     def _record_failure(self, message: str) -> None:

@@ -15,6 +15,10 @@ from ..errors import TrainingError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LATEST_LINK = "latest"
+CARD = "README.md"
+# Readable by the owner and its group (the `codelupe` group under systemd), so an inference server running
+# as another user in that group can load `latest`; never world-readable (an adapter can recite its data).
+FILE_MODE, FOLDER_MODE = 0o640, 0o750
 
 
 def adapter_is_finite(model) -> bool:
@@ -23,7 +27,7 @@ def adapter_is_finite(model) -> bool:
     return all(torch.isfinite(parameter).all() for parameter in model.parameters() if parameter.requires_grad)
 
 
-def save_adapter(model, output_dir: Path, run_number: int, promote: bool = True) -> Path:
+def save_adapter(model, output_dir: Path, run_number: int, promote: bool = True, card: str | None = None) -> Path:
     """Write the adapter to a new folder, complete before it becomes visible, and point `latest` at it
     (unless the promotion gate rejected it: then it is kept for inspection, `latest` stays)."""
     if not adapter_is_finite(model):
@@ -33,7 +37,11 @@ def save_adapter(model, output_dir: Path, run_number: int, promote: bool = True)
     staging = output_dir / f".staging-{final.name}-{uuid.uuid4().hex[:8]}"
     try:
         model.save_pretrained(str(staging), safe_serialization=True)
+        if card is not None:  # ours, instead of peft's template full of "[More Information Needed]"
+            (staging / CARD).write_text(card, encoding="utf-8")
+        os.chmod(staging, FOLDER_MODE)
         for path in staging.iterdir():
+            os.chmod(path, FILE_MODE)
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         if final.exists():

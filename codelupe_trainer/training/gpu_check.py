@@ -136,7 +136,10 @@ def self_check(settings: Settings) -> list[tuple[str, bool, str]]:
     if config is None:
         results.append(("memory estimate", True, "model config not available locally: estimate after the first download"))
     else:
-        parts = estimate_memory_gb(config, settings, quantized, loss)
+        try:
+            parts = estimate_memory_gb(config, settings, quantized, loss)
+        except (KeyError, TypeError, ValueError) as error:  # a config.json that is not a causal LM's
+            return [("memory estimate", False, f"the model's config.json cannot be read as a decoder's ({error!r} missing)")]
         required = parts["total"]
         results.append(("memory estimate", True,
                         f"{describe_estimate(parts)} for micro-batch {settings.training.batch_size} x "

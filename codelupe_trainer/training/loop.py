@@ -315,7 +315,10 @@ def train_adapter(
     # the repacked path cannot train afterwards; there the loss before training is not measured.
     measurable = not (quantized and device == "cpu")
     if eval_blocks and measurable:
+        log.info("evaluating %d blocks before training", len(eval_blocks))
         initial_eval_loss = float(trainer.evaluate(metric_key_prefix="initial")["initial_loss"])
+    if holdout and measurable:
+        log.info("evaluating the holdout (%d blocks) with the adapter in use", sum(map(len, holdout.values())))
     holdout_before = evaluate_holdout(model, holdout, tokenizer.pad_token_id, training.batch_size, device) \
         if holdout and measurable else None
     started = time.perf_counter()
@@ -328,7 +331,10 @@ def train_adapter(
         raise TrainingInterrupted(f"stopped at step {trainer.state.global_step} on request")
     eval_loss = None
     if eval_blocks:
+        log.info("evaluating %d blocks after training", len(eval_blocks))
         eval_loss = float(trainer.evaluate()["eval_loss"])
+    if holdout and measurable:
+        log.info("evaluating the holdout with the new adapter")
     holdout_after = evaluate_holdout(model, holdout, tokenizer.pad_token_id, training.batch_size, device) \
         if holdout and measurable else None
     trainable, total = count_parameters(model)

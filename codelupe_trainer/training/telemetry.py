@@ -218,6 +218,10 @@ class ReportingCallback(TrainerCallback):
                 metrics["batch/perplexity"] = safe_perplexity(batch_loss)
             metrics.update(self._performance_window())
             metrics.update(self._progress(state))
+        if isinstance(logs.get("initial_loss"), (int, float)):
+            # The loss before this run trained: each run's improvement is a chart, not only a state-file line.
+            metrics["eval/initial_loss"] = float(logs["initial_loss"])
+            metrics["eval/initial_perplexity"] = safe_perplexity(float(logs["initial_loss"]))
         for key, value in logs.items():
             if key.startswith("eval_") and isinstance(value, (int, float)):
                 name = key.removeprefix("eval_")
@@ -256,6 +260,7 @@ class ReportingCallback(TrainerCallback):
         eta_seconds = elapsed / max(step, 1) * max(max_steps - step, 0)
         return {
             "progress/step": step,
+            "progress/total_steps": max_steps,
             "progress/step_percent": min(100.0, 100.0 * step / max_steps),
             "progress/epoch": float(state.epoch or 0.0),
             "progress/epoch_percent": min(100.0, 100.0 * float(state.epoch or 0.0) / epochs),

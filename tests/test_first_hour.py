@@ -1,0 +1,70 @@
+"""A new user's first hour, outside the happy path: one line and the right exit code, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import insert_stdlib_rows, write_config
+
+QWEN_7B_CONFIG = {"model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers": 28, "vocab_size": 152064,
+                  "intermediate_size": 18944, "num_attention_heads": 28, "num_key_value_heads": 4,
+                  "tie_word_embeddings": False}
+CLI = [sys.executable, "-m", "codelupe_trainer.cli"]
+# A closed local port: the hub "cannot be reached" at once and the same way on every machine.
+NO_HUB = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": "", "HF_HUB_OFFLINE": ""}
+
+
+def run_cli(arguments: list[str], url: str, tmp_path: Path, **extra: str) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("CODELUPE_", "HF_"))}
+    env.update(CODELUPE_DATABASE__URL=url, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env.update({key: value for key, value in extra.items() if value})
+    env.setdefault("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    return subprocess.run(CLI + arguments, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_hub_model_that_cannot_be_downloaded_is_one_line(crawler_table, tiny_model, tmp_path):
+    insert_stdlib_rows(crawler_table, start=0, count=20)
+    config = write_config(tmp_path, tiny_model, '[model]\nbase_model = "Qwen/Qwen2.5-Coder-7B-Instruct"\n')
+    completed = run_cli(["run-once", "--force", "--config", str(config)], crawler_table, tmp_path, **NO_HUB)
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr
+    errors = [line for line in completed.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "is not in the local Hugging Face cache and the hub cannot be reached" in errors[0]
+
+
+def test_doctor_says_whether_a_hub_model_is_cached(crawler_table, tiny_model, tmp_path):
+    cache = tmp_path / "hf-cache"
+    snapshot = cache / "models--Qwen--Qwen2.5-Coder-7B-Instruct" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(QWEN_7B_CONFIG))
+    (cache / "models--Qwen--Qwen2.5-Coder-7B-Instruct" / "refs").mkdir()
+    (cache / "models--Qwen--Qwen2.5-Coder-7B-Instruct" / "refs" / "main").write_text("0123abc")
+    config = write_config(tmp_path, tiny_model, '[model]\nbase_model = "Qwen/Qwen2.5-Coder-7B-Instruct"\n')
+    cached = run_cli(["doctor", "--config", str(config)], crawler_table, tmp_path, **NO_HUB)
+    assert "ok   model: hub id 'Qwen/Qwen2.5-Coder-7B-Instruct', in the local Hugging Face cache" in cached.stdout
+    assert "ok   memory estimate: ~" in cached.stdout  # from the cached config.json
+
+    config = write_config(tmp_path, tiny_model, '[model]\nbase_model = "Qwen/Not-Downloaded"\n')
+    missing = run_cli(["doctor", "--config", str(config)], crawler_table, tmp_path, **NO_HUB)
+    assert missing.returncode == 1
+    assert "FAIL model: model.base_model 'Qwen/Not-Downloaded' is not in the local Hugging Face cache" in missing.stdout
+
+
+def test_run_once_names_a_missing_table_before_loading_torch(db_url, tiny_model, tmp_path):
+    config = write_config(tmp_path, tiny_model)
+    # -X importtime would be noisy; instead, a poisoned torch on the path proves it is never imported.
+    poison = tmp_path / "poison"
+    (poison / "torch").mkdir(parents=True)
+    (poison / "torch" / "__init__.py").write_text("raise SystemExit('torch was imported')\n")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CODELUPE_")}
+    env.update(CODELUPE_DATABASE__URL=db_url, PYTHONPATH=f"{poison}:{Path(__file__).resolve().parent.parent}")
+    completed = subprocess.run(CLI + ["run-once", "--config", str(config)], env=env, capture_output=True, text=True,
+                               timeout=120)
+    assert completed.returncode == 2, completed.stderr
+    assert "table 'processed_files' does not exist" in completed.stderr and "torch was imported" not in completed.stderr
