@@ -81,6 +81,8 @@ def write_json_atomically(value: Any, path: Path, before_replace: Callable[[], N
     where a crash may lose the latest version but must never leave a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # Owner and group (`codelupe` under systemd) may read it: `status` works for the group; it holds no secret.
+    os.fchmod(descriptor, 0o640)
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             json.dump(value, handle, indent=2, sort_keys=True)

@@ -107,7 +107,7 @@ def test_sigterm_mid_training_changes_nothing_and_the_next_run_trains_those_rows
     log = (tmp_path / "daemon.log").read_text()
     assert "cycle: interrupted: stopped" in log
     # Every line in the project's format (library warnings included), and none of the known noise.
-    assert [line for line in log.splitlines() if not LOG_LINE.match(line)] == []
+    assert [line for line in log.splitlines() if not LOG_LINE.match(line)] == [], log[-3000:]
     assert "maximum number of running instances" not in log and "gemm_4bit_forward" not in log
     assert "stopping: waiting" not in log
     state = load_state(tmp_path / "state.json")

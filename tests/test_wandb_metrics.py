@@ -171,7 +171,7 @@ def test_filters_block_planted_samples_and_the_counts_reach_wandb(trained_run):
     assert data_row["data/language_python_pass_rate"] == pytest.approx(100 * passed / (passed + 7))
     assert data_row["data/skipped_total"] == sum(load_state(settings.paths.state_file).last_run["skipped"].values()) > 0
     state = load_state(settings.paths.state_file)
-    assert state.last_run["blocked"] == {"secrets": 4, "license": 1, "malicious": 1, "duplicates": 1}
+    assert state.last_run["blocked"] == {"secrets": 4, "license": 1, "malicious": 1, "duplicates": 1, "near_duplicates": 0}
     # The MIT-headed file and clean code passed: they are among the trained samples.
     assert data_row["data/total_samples"] == state.total_samples_trained + state.total_samples_held_out
 

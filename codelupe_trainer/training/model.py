@@ -4,6 +4,7 @@ adapter, and the packing probe. Imports torch, transformers and peft; knows noth
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,18 @@ def load_tokenizer(base_model: str):
     return tokenizer
 
 
+def quiet_progress_bars_off_a_terminal() -> None:
+    """transformers' "Loading weights" bars are for a person at a terminal; in the journal or a pipe they are
+    lines of control characters (and tqdm's lock leaks a semaphore warning when a cycle is stopped)."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
 def load_base_model(model_settings: ModelSettings, device: str):
     crash_point("load")
+    quiet_progress_bars_off_a_terminal()
     quantization = resolve_quantization(model_settings.quantization, device)
     compute_dtype = torch.bfloat16 if device == "cuda" else torch.float32
     kwargs: dict[str, Any] = {"dtype": compute_dtype, "attn_implementation": model_settings.attn_implementation}
