@@ -26,11 +26,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-VARIANTS = [  # (name, promotion mode, replay fraction)
-    ("no gate, no replay", "always", 0.0),
-    ("no gate, replay 0.5", "always", 0.5),
-    ("gate, no replay", "gate", 0.0),
-    ("gate, replay 0.5", "gate", 0.5),
+VARIANTS = [  # (name, promotion mode, replay fraction, per-language tolerance)
+    ("no gate, no replay", "always", 0.0, 0.03),
+    ("no gate, replay 0.5", "always", 0.5, 0.03),
+    ("no gate, replay 1.0", "always", 1.0, 0.03),
+    ("gate, no replay", "gate", 0.0, 0.03),
+    ("gate, replay 0.5", "gate", 0.5, 0.03),
+    ("gate 0 %, replay 0.5", "gate", 0.5, 0.0),
 ]
 
 
@@ -71,7 +73,8 @@ def insert(url: str, files: list[tuple[str, str]], language: str) -> None:
         insert_rows(connection, rows)
 
 
-def config_text(directory: Path, model_dir: Path, mode: str, replay: float, learning_rate: float, epochs: int) -> str:
+def config_text(directory: Path, model_dir: Path, mode: str, replay: float, learning_rate: float, epochs: int,
+                language_tolerance: float) -> str:
     return f"""
 [schedule]
 min_new_samples = 10
@@ -105,11 +108,13 @@ mode = "{mode}"
 holdout_samples = 48
 holdout_min_per_language = 16
 replay_fraction = {replay}
+max_language_loss_increase = {language_tolerance}
+max_loss_increase = {min(language_tolerance, 0.01)}
 """
 
 
-def run_variant(name: str, mode: str, replay: float, admin_url: str, model_dir: Path, work: Path,
-                arguments) -> dict:
+def run_variant(name: str, mode: str, replay: float, language_tolerance: float, admin_url: str, model_dir: Path,
+                work: Path, arguments) -> dict:
     import psycopg
 
     from codelupe_trainer.config import load_settings
@@ -124,7 +129,8 @@ def run_variant(name: str, mode: str, replay: float, admin_url: str, model_dir: 
     directory = work / database
     directory.mkdir()
     config = directory / "codelupe.toml"
-    config.write_text(config_text(directory, model_dir, mode, replay, arguments.learning_rate, arguments.epochs))
+    config.write_text(config_text(directory, model_dir, mode, replay, arguments.learning_rate, arguments.epochs,
+                                  language_tolerance))
     os.environ["CODELUPE_DATABASE__URL"] = url
     settings = load_settings(config)
     try:
@@ -140,7 +146,10 @@ def run_variant(name: str, mode: str, replay: float, admin_url: str, model_dir: 
         state = load_state(settings.paths.state_file)
         in_use = next(entry for entry in state.lineage if entry.get("run") == state.adapter_in_use and "event" not in entry)
         a_final = in_use["holdout_losses"]["python"]
-        b_final = in_use["holdout_losses"].get("c")
+        # The adapter in use as the last run measured it (an adapter from before B existed was measured on
+        # B's holdout rows only once they were in the holdout).
+        b_final = state.lineage[-1].get("holdout_losses_in_use", {}).get("c") if in_use is not state.lineage[-1] \
+            else in_use["holdout_losses"].get("c")
         b_first = next((entry["holdout_losses"]["c"] for entry in state.lineage if "c" in entry.get("holdout_losses", {})), None)
         # Worse than the adapter in use, and promoted anyway: what the gate exists to prevent.
         worse_promoted = sum(1 for entry in state.lineage if entry.get("promoted") and entry.get("holdout_loss_in_use")
@@ -188,7 +197,8 @@ def main() -> None:
         corpus = [path.read_text(encoding="utf-8", errors="replace") for path in standard_library_files(200)]
         model_dir = build_tiny_model(work / "model", corpus + [text for _, text in c_files(100, skip=400)])
         pretrain_tiny_model(model_dir, corpus[:100] + [text for _, text in c_files(60, skip=400)], steps=150)
-        results = [run_variant(name, mode, replay, url, model_dir, work, arguments) for name, mode, replay in VARIANTS]
+        results = [run_variant(name, mode, replay, tolerance, url, model_dir, work, arguments)
+                   for name, mode, replay, tolerance in VARIANTS]
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if server is not None:

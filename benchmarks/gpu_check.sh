@@ -28,6 +28,9 @@ required = estimate_memory_gb(qwen, settings, True, "fused")["total"]
 for name, ok, detail in cuda_checks(required):
     print("ok  " if ok else "FAIL", name + ":", detail)
 PY
+if [ -n "${CYCLE_OVERHEAD:-}" ]; then
+    python3 benchmarks/cycle_overhead.py --model-dir /tmp/bench-models/qwen2.5-7b 2>&1 | grep -v Warning | tee "$OUT/cycle-overhead.txt"
+fi
 if [ -z "${SKIP_BENCH:-}" ]; then
     python3 benchmarks/train_throughput.py --model qwen2.5-7b --model-dir /tmp/bench-models \
         --variants "${VARIANTS:-ours,ours-std-loss,seed,ours-fused}" ${BENCH_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/throughput.txt"

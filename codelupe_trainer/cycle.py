@@ -318,6 +318,7 @@ def _publish(settings: Settings, state: TrainerState, model, run_number: int, pr
         "holdout_loss": decision.candidate_loss,
         "holdout_loss_in_use": decision.in_use_loss,
         "holdout_losses": decision.candidate_languages,
+        "holdout_losses_in_use": decision.in_use_languages,
         "promoted": decision.promoted,
         "reason": decision.reason,
         "finished_at": summary["finished_at"],

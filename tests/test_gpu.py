@@ -95,3 +95,26 @@ def test_fused_loss_matches_the_model_loss(four_bit_lora):
         fused = liger_fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]).to(head.weight.dtype),
                                                  head.weight, targets, ignore_index=-100).item()
     assert fused == pytest.approx(standard, rel=5e-3)
+
+
+def test_the_holdout_evaluation_matches_the_model_loss_on_the_4bit_path(four_bit_lora):
+    """The promotion gate's evaluation (chunked loss under bf16 autocast, token-weighted) is the model's own
+    loss on the same batch: one batch of three packed blocks."""
+    from codelupe_trainer.data.packing import Block, TokenizedSample
+    from codelupe_trainer.training.loop import evaluate_holdout
+
+    generator = torch.Generator().manual_seed(3)
+    blocks = []
+    for lengths in ([700, 300], [1000], [512, 200, 200]):
+        block = Block()
+        for index, length in enumerate(lengths):
+            block.add(TokenizedSample.of(index, torch.randint(10, 150000, (length,), generator=generator).tolist()))
+        blocks.append(block.seal())
+    model = four_bit_lora
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        standard = model(**batch()).loss.item()
+    measured = evaluate_holdout(model, {"python": blocks}, pad_token_id=0, batch_size=4, device="cuda")
+    assert measured["python"][0] == pytest.approx(standard, rel=5e-3)
+    again = evaluate_holdout(model, {"python": blocks}, pad_token_id=0, batch_size=4, device="cuda")
+    assert again["python"][0] == pytest.approx(measured["python"][0], rel=1e-5)  # the same batches every time
+    assert model.training  # evaluation puts the model back in training mode
