@@ -62,6 +62,9 @@ class DataSettings(Section):
     languages: list[str] = Field(default_factory=list, description="Empty means every language.")
     max_samples_per_run: int = Field(100_000, ge=1)
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    max_eval_samples: int = Field(
+        500, ge=1, description="Cap on each run's evaluation split (evaluated before and after training); the rest "
+        "of the eval_fraction share trains, so two evaluations never dominate a short cycle.")
     max_length: int = Field(2048, ge=8)
     seed: int = 42
     format: Literal["raw", "completion"] = "raw"

@@ -98,7 +98,7 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
         rows = _without_holdout(rows, holdout)
         # No more than training.max_steps can train: a row is recorded as trained only if training saw it.
         rows = within_block_budget(rows, block_budget(settings.training), tokenizer, settings.data.max_length, format_text,
-                                   settings.data.eval_fraction, settings.data.seed, fetched)
+                                   settings.data.eval_fraction, settings.data.seed, fetched, settings.data.max_eval_samples)
         dataset = build_dataset(
             _with_progress(rows, settings.paths.state_file),
             tokenizer,
@@ -108,6 +108,7 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
             blockers=blockers,
             skipped_upstream=fetched.skipped,
             format_text=format_text,
+            max_eval_samples=settings.data.max_eval_samples,
         )
         dataset.data_metrics["data/holdout_rows"] = holdout.rows_in_fetch
         if dataset.train_blocks:

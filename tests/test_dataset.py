@@ -209,3 +209,21 @@ def test_packing_probe_finds_isolation_on_real_backends(tiny_model, attention):
     # With a KV cache in play the packed layout is not detected: the probe must notice the leak.
     model.config.use_cache = True
     assert not packing_is_isolated(model)
+
+
+def test_the_evaluation_split_is_capped_and_the_rest_of_its_share_trains():
+    from codelupe_trainer.data.dataset import within_block_budget
+    from codelupe_trainer.data.records import FetchResult
+
+    samples = [Sample(index, "b" * 40, "python", 80) for index in range(1, 41)]
+    eval_share = sum(is_eval_sample(sample.id, 0, 0.5) for sample in samples)
+    assert eval_share > 5  # the cap below bites
+    built = build_dataset(samples, CharTokenizer(), max_length=64, eval_fraction=0.5, seed=0, max_eval_samples=5)
+    assert built.eval_samples == 5 and built.train_samples == 35
+    assert len(built.eval_blocks) == 5 and len(built.train_blocks) == 35  # one 57-token sample a block
+    # The step budget's shadow packer applies the same cap: it lets through exactly what 35 blocks hold.
+    fetched = FetchResult(last_examined_id=40)
+    taken = list(within_block_budget(samples, 20, CharTokenizer(), 64, lambda sample: ("", sample.content), 0.5, 0,
+                                     fetched, max_eval_samples=5))
+    capped = build_dataset(taken, CharTokenizer(), max_length=64, eval_fraction=0.5, seed=0, max_eval_samples=5)
+    assert len(capped.train_blocks) == 20 and fetched.last_examined_id == taken[-1].id

@@ -90,7 +90,8 @@ def is_eval_sample(sample_id: int, seed: int, eval_fraction: float) -> bool:
 
 
 def within_block_budget(samples: Iterable[Sample], budget: int | None, tokenizer: Tokenizer, max_length: int,
-                        format_text: Formatter, eval_fraction: float, seed: int, fetched: FetchResult) -> Iterator[Sample]:
+                        format_text: Formatter, eval_fraction: float, seed: int, fetched: FetchResult,
+                        max_eval_samples: int | None = None) -> Iterator[Sample]:
     """Pass samples on while the training blocks they make fit `budget` (None: no budget, nothing is done).
 
     A step budget (training.max_steps) trains only so many blocks, and a row may be recorded as trained only
@@ -103,9 +104,13 @@ def within_block_budget(samples: Iterable[Sample], budget: int | None, tokenizer
         yield from samples
         return
     shadow = Packer(max_length)
-    taken = 0
+    taken = evaluated = 0
     for sample in samples:
-        if not is_eval_sample(sample.id, seed, eval_fraction):
+        # The same eval cap as build_dataset's; this count includes samples a filter will block, so it
+        # reaches the cap no later than the build's: the shadow never counts fewer training blocks.
+        if is_eval_sample(sample.id, seed, eval_fraction) and (max_eval_samples is None or evaluated < max_eval_samples):
+            evaluated += 1
+        else:
             for piece in tokenize_samples([sample], tokenizer, max_length, format_text):
                 shadow.add(TokenizedSample(piece.sample_id, np.empty(len(piece.input_ids), dtype=np.int8)))
             # The first sample is always taken (even one larger than the budget), so every cycle makes progress.
@@ -174,6 +179,7 @@ def build_dataset(
     blockers: list[tuple[str, Blocker]] = (),
     skipped_upstream: Counter | None = None,
     format_text: Formatter = format_raw,
+    max_eval_samples: int | None = None,
 ) -> BuiltDataset:
     """Run every sample through the blockers, tokenize the survivors once, split by id and pack.
 
@@ -195,7 +201,9 @@ def build_dataset(
                     token_stats.add(current_tokens)
                 current_id, current_tokens = tokenized.sample_id, 0
             current_tokens += len(tokenized.input_ids)
-            if is_eval_sample(tokenized.sample_id, seed, eval_fraction):
+            # Past data.max_eval_samples the evaluation split is full and the rest of its share trains.
+            if tokenized.sample_id in eval_ids or (is_eval_sample(tokenized.sample_id, seed, eval_fraction) and (
+                    max_eval_samples is None or len(eval_ids) < max_eval_samples)):
                 eval_ids.add(tokenized.sample_id)
                 eval_packer.add(tokenized)
             else:
