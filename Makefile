@@ -26,6 +26,7 @@ bench: install
 	$(BIN)/python benchmarks/metrics_overhead.py
 	$(BIN)/python benchmarks/ingest.py --rows 100000 1000000
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/forgetting.py
 
 install-service: install
 	bash systemd/install.sh
