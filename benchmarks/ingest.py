@@ -93,7 +93,12 @@ def run_ours(url: str, model_dir: str, max_samples: int, max_length: int, near: 
     started = time.perf_counter()
     result = FetchResult(last_examined_id=0)
     with open_connection(database) as connection:
-        built = build_dataset(fetch_new_samples(connection, database, data, 0, result), tokenizer, max_length,
+        rows = fetch_new_samples(connection, database, data, 0, result)
+        if store.near is not None:  # as the cycle does
+            from codelupe_trainer.data.neardup import signed_ahead
+
+            rows = signed_ahead(rows, store.near)
+        built = build_dataset(rows, tokenizer, max_length,
                               eval_fraction=0.05, seed=0, blockers=blockers, skipped_upstream=result.skipped)
     commit_started = time.perf_counter()
     store.commit()
@@ -158,6 +163,8 @@ def child_main(arguments) -> None:
         result = run_ours(arguments.url, arguments.model, arguments.max_samples, arguments.max_length,
                           near=arguments.child == "ours-near")
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    # The near-duplicate signing process (the largest of this child's children).
+    result["helper_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
     print(json.dumps(result))
 
 
@@ -170,7 +177,8 @@ def compare_near_duplicates(url: str, model_dir: str, rows: int, max_length: int
           f"store {off['store_bytes'] / 1e6:.1f} MB", flush=True)
     print(f"[{rows:,} rows] near-duplicates on:  {on['rows_per_second']:,.0f} rows/s, peak {on['peak_rss_gb']:.2f} GB, "
           f"store {on['store_bytes'] / 1e6:.1f} MB ({on['near_keys']:,} LSH keys; commit {on['commit_seconds']:.1f} s), "
-          f"blocked as near-duplicates {on['blocked_near']:,}", flush=True)
+          f"blocked as near-duplicates {on['blocked_near']:,}; the signing process peaked at "
+          f"{on['helper_peak_rss_gb']:.2f} GB", flush=True)
     print(f"[{rows:,} rows] near-duplicates on/off: throughput {on['rows_per_second'] / off['rows_per_second']:.2f}x, "
           f"peak memory {on['peak_rss_gb'] / off['peak_rss_gb']:.2f}x; store on disk {per_sample:.0f} bytes a sample "
           f"(exact + near), projected to 10 million samples: {per_sample * 1e7 / 1e9:.1f} GB on disk; in memory the "

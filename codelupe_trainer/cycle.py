@@ -22,6 +22,7 @@ from .data import filters
 from .data.dataset import (BLOCK_FILTERS, BuiltDataset, admitted, build_dataset, format_raw, is_eval_sample,
                            make_completion_formatter, pack_by_language, pack_samples, within_block_budget)
 from .data.holdout import holdout_store
+from .data.neardup import signed_ahead
 from .data.packing import Block, one_sample_per_block
 from .data.records import FetchResult, Sample
 from .data.source import (check_table, count_new_samples, fetch_new_samples, fetch_replay_samples, fetch_samples_by_id,
@@ -99,6 +100,9 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
         # No more than training.max_steps can train: a row is recorded as trained only if training saw it.
         rows = within_block_budget(rows, block_budget(settings.training), tokenizer, settings.data.max_length, format_text,
                                    settings.data.eval_fraction, settings.data.seed, fetched, settings.data.max_eval_samples)
+        if duplicate_store.near is not None:
+            # After the budget: reading ahead must not read rows this run will leave for the next one.
+            rows = signed_ahead(rows, duplicate_store.near)
         dataset = build_dataset(
             _with_progress(rows, settings.paths.state_file),
             tokenizer,
