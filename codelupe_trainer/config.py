@@ -113,6 +113,9 @@ class TrainingSettings(Section):
     eval_steps: int = Field(0, ge=0, description="0 evaluates once, at the end of the run.")
     gradient_checkpointing: bool = True
     max_grad_norm: float = Field(1.0, ge=0.0)
+    num_processes: int = Field(
+        1, ge=1, le=64, description="Training processes (one per GPU) on this machine: DDP through the Trainer, rank 0 "
+        "does everything else. The effective batch becomes batch_size x gradient_accumulation_steps x num_processes.")
     loss: Literal["auto", "fused", "chunked", "standard"] = Field(
         "auto",
         description="How the loss avoids vocabulary-sized fp32 logits: fused (Liger-Kernel, CUDA), chunked (pure "

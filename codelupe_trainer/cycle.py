@@ -41,6 +41,7 @@ from .report import (HEARTBEAT_S, ProgressReporter, adapter_card, continuous_met
 from .state import TrainerState, advance_state, expire_gaps, load_state, record_failure, save_state
 from .training.adapters import prune_adapters, save_adapter
 from .training.backoff import BackoffOutcome, train_with_oom_backoff
+from .training.distributed import RankGroup, RankSpec
 from .training.loop import block_budget, train_adapter
 from .training.model import attach_adapter, choose_packing, count_parameters, load_base_model, load_tokenizer, pick_device
 from .training.model_files import check_model_path
@@ -217,8 +218,11 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
                          step_offset=state.total_steps)
     reporter = ProgressReporter(metrics, settings.paths.state_file, run_number, interactive=sys.stderr.isatty())
     monitor = SystemMonitor(settings.paths.output_dir)
+    # Several training processes: this one is rank 0, the rendezvous is set before anything builds a Trainer.
+    ranks = RankGroup(settings.training.num_processes, device).__enter__() if settings.training.num_processes > 1 else None
     exit_code = 1
     try:
+        dataset.dataset_metrics["dataset/train_blocks"] = len(dataset.train_blocks)
         metrics.log(0, dataset.data_metrics | dataset.dataset_metrics | {"performance/dataset_build_seconds": dataset_seconds}
                     | continuous_metrics(state, run_number))
         write_cycle_progress(settings.paths.state_file, "loading model", run=run_number)
@@ -247,7 +251,17 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
                                      quantized=quantization != "none", packed=packing == "position_ids",
                                      holdout=holdout.blocks)
 
-        result, sizing = train_with_oom_backoff(model, settings.training, remembered_micro_batch(state, settings), attempt)
+        if ranks is None:
+            result, sizing = train_with_oom_backoff(model, settings.training, remembered_micro_batch(state, settings),
+                                                    attempt)
+        else:
+            # All ranks must train with the same sizes: no back-off here (an out-of-memory fails the cycle).
+            ranks.start(RankSpec(settings.model, settings.training, str(previous) if previous else None,
+                                 dataset.train_blocks, dataset.eval_blocks, tokenizer.pad_token_id, settings.data.seed,
+                                 device, quantization != "none", packing == "position_ids"))
+            result = attempt(settings.training)
+            ranks.finish()
+            sizing = BackoffOutcome(settings.training.batch_size, settings.training.gradient_accumulation_steps, 0)
         metrics.update_config({"hyperparams/effective_micro_batch": sizing.micro_batch,
                                "hyperparams/effective_gradient_accumulation_steps": sizing.accumulation})
         metrics.log(result.global_step, {"performance/oom_backoffs": sizing.backoffs})
@@ -266,6 +280,8 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
         announce_decision(settings, decision, outcome)
         return outcome
     finally:
+        if ranks is not None:
+            ranks.__exit__(None, None, None)
         reporter.line.close()
         monitor.close()
         metrics.finish(exit_code)

@@ -21,6 +21,7 @@ from ..errors import TrainingError, TrainingInterrupted
 from ..faults import memory_fault
 from .loss import IGNORE_INDEX, chunked_causal_lm_loss, causal_lm_parts, chunked_model_loss, resolve_loss
 from .model import count_parameters
+from .ranks import all_ranks_sum
 from .telemetry import Frequencies, ReportingCallback, TrainingReporter
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,8 @@ class TimedTrainer(Trainer):
         return super()._clip_grad_norm(model)
 
     def _get_train_sampler(self, train_dataset=None):
-        if self.group_lengths is None:
+        # Length grouping is for one process; several ranks take the Trainer's own distributed sampler.
+        if self.group_lengths is None or self.args.world_size > 1:
             return super()._get_train_sampler(train_dataset)
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -207,9 +209,10 @@ def evaluate_holdout(model, holdout: dict[str, list[Block]], pad_token_id: int, 
     return losses
 
 
-def steps_per_epoch(train_blocks: int, batch_size: int, accumulation: int) -> int:
-    """Optimizer steps in one pass over the blocks, counted as the Trainer counts them (no batch is dropped)."""
-    batches = math.ceil(train_blocks / batch_size)
+def steps_per_epoch(train_blocks: int, batch_size: int, accumulation: int, processes: int = 1) -> int:
+    """Optimizer steps in one pass over the blocks, counted as the Trainer counts them (no batch is dropped;
+    with several processes each rank gets ceil(blocks / processes) of them, the sampler repeating a few)."""
+    batches = math.ceil(math.ceil(train_blocks / processes) / batch_size)
     return math.ceil(batches / accumulation)
 
 
@@ -221,7 +224,8 @@ def trainer_max_steps(training: TrainingSettings, train_blocks: int) -> int:
     rows than the budget trains (see `block_budget`), and should the filters' removals ever make the packing
     come out larger, the run trains its whole epoch, a few steps over max_steps, rather than lose rows.
     """
-    per_epoch = steps_per_epoch(train_blocks, training.batch_size, training.gradient_accumulation_steps)
+    per_epoch = steps_per_epoch(train_blocks, training.batch_size, training.gradient_accumulation_steps,
+                                training.num_processes)
     if training.max_steps <= 0 or training.max_steps >= math.ceil(training.epochs * per_epoch):
         return -1
     if training.max_steps < per_epoch:
@@ -236,12 +240,17 @@ def block_budget(training: TrainingSettings) -> int | None:
     (None: no step budget, training runs by epochs)."""
     if training.max_steps <= 0:
         return None
-    return training.max_steps * training.batch_size * training.gradient_accumulation_steps
+    return training.max_steps * training.batch_size * training.gradient_accumulation_steps * training.num_processes
 
 
 def build_training_arguments(training: TrainingSettings, scratch_dir: Path, device: str, seed: int, has_eval: bool,
                              max_steps: int | None = None):
+    distributed = {}
+    if training.num_processes > 1:
+        # Every LoRA weight gets a gradient each step: no search for unused parameters.
+        distributed = {"ddp_backend": "nccl" if device == "cuda" else "gloo", "ddp_find_unused_parameters": False}
     return TrainingArguments(
+        **distributed,
         use_liger_kernel=resolve_loss(training.loss, device) == "fused",
         output_dir=str(scratch_dir),
         per_device_train_batch_size=training.batch_size,
@@ -338,6 +347,7 @@ def train_adapter(
     holdout_after = evaluate_holdout(model, holdout, tokenizer.pad_token_id, training.batch_size, device) \
         if holdout and measurable else None
     trainable, total = count_parameters(model)
+    tokens_seen = all_ranks_sum(trainer.meter.run_tokens)
     return TrainingResult(
         global_step=trainer.state.global_step,
         train_loss=float(output.training_loss),
@@ -347,7 +357,7 @@ def train_adapter(
         trainable_params=trainable,
         total_params=total,
         device=device,
-        tokens_seen=trainer.meter.run_tokens,
+        tokens_seen=tokens_seen,
         holdout_before=holdout_before,
         holdout_after=holdout_after,
     )

@@ -45,7 +45,8 @@ def quiet_progress_bars_off_a_terminal() -> None:
         transformers_logging.disable_progress_bar()
 
 
-def load_base_model(model_settings: ModelSettings, device: str):
+def load_base_model(model_settings: ModelSettings, device: str, device_index: int = 0):
+    """`device_index`: the GPU of this training rank (one process per GPU when training.num_processes > 1)."""
     crash_point("load")
     quiet_progress_bars_off_a_terminal()
     quantization = resolve_quantization(model_settings.quantization, device)
@@ -60,7 +61,7 @@ def load_base_model(model_settings: ModelSettings, device: str):
         )
     elif quantization == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    kwargs["device_map"] = {"": 0} if device == "cuda" else "cpu"
+    kwargs["device_map"] = {"": device_index} if device == "cuda" else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_settings.base_model, **kwargs)
     # A KV cache in training would hide the packed-sequence layout from the attention mask builder.
     model.config.use_cache = False

@@ -16,6 +16,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..faults import crash_point
+from .ranks import all_ranks_sum
 
 
 class TrainingReporter(Protocol):
@@ -239,6 +240,8 @@ class ReportingCallback(TrainerCallback):
         now = time.perf_counter()
         window = self.meter.drain()
         elapsed = max(now - self._window_started - window["eval_seconds"], 1e-9)
+        # Several ranks: samples and tokens of all of them (every rank logs at the same steps).
+        window["samples"], window["tokens"] = all_ranks_sum(window["samples"]), all_ranks_sum(window["tokens"])
         steps = max(self._window_steps, 1)
         self._window_started = now
         self._window_steps = 0
