@@ -130,22 +130,39 @@ def test_near_duplicates_are_blocked_across_a_restart_within_a_run_and_against_t
     assert run.values("data/total_samples")[-1][1] + run.values("data/holdout_rows")[-1][1] == 3
 
 
-def test_signing_ahead_in_a_second_process_decides_exactly_as_inline():
+def test_signing_ahead_in_a_second_process_decides_exactly_as_inline(tmp_path, monkeypatch):
+    from codelupe_trainer.data import neardup
     from codelupe_trainer.data.neardup import CHUNK, signed_ahead
     from codelupe_trainer.data.records import Sample
 
+    # Small enough that this run's keys spill to disk in the middle of a chunk.
+    monkeypatch.setattr(neardup, "PENDING_IN_MEMORY", 500)
     files = [path.read_text(encoding="utf-8", errors="replace") for path in sorted(STDLIB.glob("*.py"))[:60]]
     texts = []
     for index in range(CHUNK * 2 + 300):  # three chunks: read-ahead, hand-over and the short tail
         text = files[index % len(files)]
         texts.append(text if index % 3 else f"# copy {index}\n{text}")  # many near-copies, across chunks
     samples = [Sample(index + 1, text, "python", 80) for index, text in enumerate(texts)]
-    inline, ahead = NearDuplicateIndex(None, 0.7), NearDuplicateIndex(None, 0.7)
+
+    def stored_index(name: str) -> NearDuplicateIndex:
+        """An index whose store already holds a few files from an earlier run."""
+        connection = sqlite3.connect(tmp_path / name, isolation_level=None)
+        index = NearDuplicateIndex(connection, 0.7)
+        for text in files[:5]:
+            index.seen(text)
+        connection.execute("BEGIN IMMEDIATE")
+        index.write_pending()
+        connection.execute("COMMIT")
+        index.clear_pending()
+        return index
+
+    inline, ahead = stored_index("inline.sqlite3"), stored_index("ahead.sqlite3")
     expected = [inline.seen(sample.content) for sample in samples]
     got, signed_elsewhere = [], 0
     for sample in signed_ahead(samples, ahead):
         signed_elsewhere += sample.content in ahead.precomputed
         got.append(ahead.seen(sample.content))
     assert got == expected and sum(expected) > CHUNK
+    assert expected[0] is True  # a near-copy of a file in the store, known from the start
     assert signed_elsewhere == len(samples)  # every signature came from the second process
-    assert ahead.precomputed == {}
+    assert ahead._spilled and ahead.precomputed == {}

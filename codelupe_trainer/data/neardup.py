@@ -21,6 +21,7 @@ saved: a crash can let a near-duplicate through later, never block a sample that
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sqlite3
@@ -142,10 +143,13 @@ def signed_ahead(samples, index: "NearDuplicateIndex"):
             following = list(islice(iterator, CHUNK))
             upcoming = (pool.submit(band_keys_of_chunk, [sample.content for sample in following], index.threshold,
                                     index.num_perm) if following else None)
-            index.precomputed = dict(zip((sample.content for sample in current), pending.result()))
+            keys = pending.result()
+            index.look_up_chunk(keys)
+            index.precomputed = dict(zip((sample.content for sample in current), keys))
             yield from current
             current, pending = following, upcoming
     index.precomputed = {}
+    index.end_chunks()
 
 
 @lru_cache(maxsize=4)
@@ -164,8 +168,12 @@ class NearDuplicateIndex:
         # No store (a build without a state directory): the same index, for this run only.
         self._connection = connection if connection is not None else sqlite3.connect(":memory:", isolation_level=None)
         self._protected: set[int] = set()
-        # Band keys computed ahead by `signed_ahead`, by text, for the chunk being read.
+        # Band keys computed ahead by `signed_ahead`, by text, for the chunk being read, and which of them the
+        # stored index holds (one query per chunk instead of one per sample: the stored index does not change
+        # during a run); keys spilled to disk while a chunk is read stay in `_recently_spilled` until the next.
         self.precomputed: dict[str, list[int]] = {}
+        self._chunk_known: set[int] | None = None
+        self._recently_spilled: set[int] = set()
         # This run's keys: a set for speed, spilled to a temporary table (on disk) in bulk when it grows, so
         # memory stays bounded however large the run.
         self._pending: set[int] = set()
@@ -196,9 +204,17 @@ class NearDuplicateIndex:
     def seen(self, text: str) -> bool:
         """True if `text` is a near-duplicate of an indexed, protected or earlier-passed sample; otherwise
         its keys become pending (so of a cluster within a run, the first by id is kept)."""
-        keys = self.precomputed.get(text) or band_keys(text, self.threshold, self.num_perm)
+        precomputed = self.precomputed.get(text)
+        keys = precomputed or band_keys(text, self.threshold, self.num_perm)
         if not (self._protected.isdisjoint(keys) and self._pending.isdisjoint(keys)):
             return True
+        if precomputed is not None and self._chunk_known is not None:
+            if not (self._chunk_known.isdisjoint(keys) and self._recently_spilled.isdisjoint(keys)):
+                return True
+            self._pending.update(keys)
+            if len(self._pending) >= PENDING_IN_MEMORY:
+                self._spill()
+            return False
         placeholders = ",".join("?" * len(keys))
         query = f"SELECT 1 FROM main.near_keys WHERE key IN ({placeholders})"
         if self._spilled:
@@ -210,7 +226,26 @@ class NearDuplicateIndex:
             self._spill()
         return False
 
+    def look_up_chunk(self, chunk_keys: list[list[int]]) -> None:
+        """Which of a chunk's keys the stored index (and this run's spilled keys) already hold, in one query."""
+        wanted = sorted({key for keys in chunk_keys for key in keys})
+        query = "SELECT key FROM main.near_keys WHERE key IN (SELECT value FROM json_each(?))"
+        if self._spilled:
+            query += " UNION SELECT key FROM temp.near_pending WHERE key IN (SELECT value FROM json_each(?))"
+        known: set[int] = set()
+        for start in range(0, len(wanted), 50_000):
+            batch = json.dumps(wanted[start : start + 50_000])
+            known.update(row[0] for row in self._connection.execute(query, (batch, batch) if self._spilled else (batch,)))
+        self._chunk_known = known
+        self._recently_spilled = set()
+
+    def end_chunks(self) -> None:
+        self._chunk_known = None
+        self._recently_spilled = set()
+
     def _spill(self) -> None:
+        if self._chunk_known is not None:
+            self._recently_spilled |= self._pending
         self._connection.execute("BEGIN")
         self._connection.executemany("INSERT OR IGNORE INTO temp.near_pending (key) VALUES (?)",
                                      ((key,) for key in self._pending))
