@@ -93,7 +93,7 @@ class ProgressLine:
     def __init__(self, interactive: bool):
         self.interactive = interactive
         self.bar = None
-        self._last_line = time.monotonic()
+        self._last_line: float | None = None  # the first report is logged at once: training has started
 
     def update(self, values: dict[str, float]) -> None:
         step, total = int(values["progress/step"]), int(values.get("progress/total_steps", 0))
@@ -108,7 +108,8 @@ class ProgressLine:
                 f"loss {loss:.4f}" if loss is not None else "", f"{tokens:,.0f} tokens/s" if tokens else "") if part),
                 refresh=False)
             self.bar.refresh()
-        elif time.monotonic() - self._last_line >= PROGRESS_LOG_S or (total and step >= total):
+        elif (self._last_line is None or time.monotonic() - self._last_line >= PROGRESS_LOG_S
+              or (total and step >= total)):
             self._last_line = time.monotonic()
             log.info("training: step %d/%d (%.0f %%), loss %s, %s tokens/s, ETA %.1f min", step, total,
                      values.get("progress/step_percent", 0.0), "-" if loss is None else f"{loss:.4f}",

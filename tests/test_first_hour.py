@@ -68,3 +68,19 @@ def test_run_once_names_a_missing_table_before_loading_torch(db_url, tiny_model,
                                timeout=120)
     assert completed.returncode == 2, completed.stderr
     assert "table 'processed_files' does not exist" in completed.stderr and "torch was imported" not in completed.stderr
+
+
+def test_progress_off_a_terminal_is_a_line_at_the_start_the_end_and_every_minute(caplog):
+    import logging
+
+    from codelupe_trainer.report import ProgressLine
+
+    caplog.set_level(logging.INFO, logger="codelupe_trainer.report")
+    line = ProgressLine(interactive=False)
+    for step in range(1, 41):
+        line.update({"progress/step": step, "progress/total_steps": 40, "train/loss": 2.0 - step / 100,
+                     "performance/tokens_per_second": 1500.0, "progress/step_percent": step * 2.5,
+                     "progress/eta_minutes": (40 - step) / 60})
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == ["training: step 1/40 (2 %), loss 1.9900, 1,500 tokens/s, ETA 0.7 min",
+                     "training: step 40/40 (100 %), loss 1.6000, 1,500 tokens/s, ETA 0.0 min"]
