@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
 
 from codelupe_trainer.cli import main
-from codelupe_trainer.config import ConfigError, dsn_passwords, load_settings, public_settings, redact_url
+from codelupe_trainer.config import ConfigError, Settings, dsn_passwords, load_settings, public_settings, redact_url
 from codelupe_trainer.logs import setup_logging
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
@@ -177,3 +178,24 @@ def test_status_on_an_unreadable_state_file_is_one_line(tmp_path, monkeypatch, c
     assert main(["status", "--config", str(CONFIG_DIR / "codelupe.toml")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("codelupe-trainer: cannot read") and "\n" not in error
+
+
+def test_every_setting_is_in_the_shipped_config_and_the_readme():
+    """A new key must be documented where users look: the commented TOML and the README's key table."""
+    readme = (CONFIG_DIR.parent / "README.md").read_text()
+    shipped = (CONFIG_DIR / "codelupe.toml").read_text()
+    sections = {}
+    current = None
+    for line in shipped.splitlines():
+        if line.startswith("["):
+            current = line.strip("[] ")
+        elif current and "=" in line:
+            sections.setdefault(current, set()).add(line.lstrip("# ").split("=", 1)[0].strip())
+    missing = []
+    for section, field in Settings.model_fields.items():
+        for key in field.annotation.model_fields:
+            if f"`{section}.{key}`" not in readme and not re.search(rf"`{section}\.[^`]*\b{key}\b[^`]*`", readme):
+                missing.append(f"README: {section}.{key}")
+            if key not in sections.get(section, set()) and f"{section}.{key}" != "database.url":  # a secret: env only
+                missing.append(f"config/codelupe.toml: {section}.{key}")
+    assert missing == []
