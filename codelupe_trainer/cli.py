@@ -159,7 +159,10 @@ def _run_once(settings: Settings, arguments) -> int:
     if outcome.status == "interrupted":
         print(f"codelupe-trainer: {outcome.message}; nothing was saved", file=sys.stderr)
         return EXIT_OK
-    print(describe_outcome(outcome, settings))
+    message = describe_outcome(outcome, settings)
+    if outcome.status == "nothing_to_do" and outcome.new_samples and not arguments.force:
+        message += " (run-once --force trains on them anyway)"  # a hint for a person; the daemon has no --force
+    print(message)
     return EXIT_OK
 
 

@@ -76,7 +76,7 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
         if available == 0 or (available < settings.schedule.min_new_samples and not force):
             return CycleOutcome(
                 "nothing_to_do",
-                f"{available} eligible new samples; waiting for {settings.schedule.min_new_samples} (use --force to train anyway)",
+                f"{available} eligible new samples; waiting for {settings.schedule.min_new_samples}",
                 new_samples=available,
             )
         _, model_found, model_problem = check_model_path(settings.model.base_model)

@@ -131,8 +131,13 @@ def test_run_once_waits_for_enough_rows(crawler_table, make_settings, tmp_path, 
     insert_stdlib_rows(crawler_table, start=0, count=5)
     settings = make_settings(crawler_table, extra="[schedule]\nmin_new_samples = 1000")
     assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 0
-    assert "waiting for 1000" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert "waiting for 1000 (run-once --force trains on them anyway)" in output
     assert not settings.paths.state_file.exists()
+    # The cycle's own message (what the daemon logs) has no hint: the daemon has no --force.
+    from codelupe_trainer.cycle import run_cycle
+
+    assert run_cycle(settings).message.endswith("waiting for 1000")
 
 
 def test_missing_table_is_one_clear_error(db_url, make_settings, tmp_path, caplog):
