@@ -173,7 +173,7 @@ class PromotionSettings(Section):
     max_language_loss_increase: float = Field(
         0.03, ge=0.0, description="The same, for each language's holdout loss.")
     replay_fraction: float = Field(
-        0.1, ge=0.0, le=1.0, description="Older, already-trained samples mixed into each run, as a fraction of its new "
+        0.5, ge=0.0, le=1.0, description="Older, already-trained samples mixed into each run, as a fraction of its new "
         "training samples (re-read from PostgreSQL by id).")
     on_promote: list[str] = Field(
         default_factory=list, description="A command (argv list) run after each promotion or rollback, with "
