@@ -9,7 +9,6 @@ failure before that changes nothing but the failure counters.
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import tempfile
 import time
@@ -19,14 +18,13 @@ from pathlib import Path
 from . import stop
 from .config import Settings, metrics_file, wandb_directory
 from .data import filters
-from .data.dataset import (BLOCK_FILTERS, BuiltDataset, admitted, build_dataset, format_raw, is_eval_sample,
-                           make_completion_formatter, pack_by_language, pack_samples, within_block_budget)
-from .data.holdout import holdout_store
+from .data.dataset import (BLOCK_FILTERS, BuiltDataset, build_dataset, format_raw, make_completion_formatter,
+                           pack_by_language, within_block_budget)
+from .continual import Holdout, add_replay, load_holdout, without_holdout
 from .data.neardup import signed_ahead
-from .data.packing import Block, one_sample_per_block
-from .data.records import FetchResult, Sample
-from .data.source import (check_table, count_new_samples, fetch_new_samples, fetch_replay_samples, fetch_samples_by_id,
-                          open_connection, select_holdout)
+from .data.packing import one_sample_per_block
+from .data.records import FetchResult
+from .data.source import check_table, count_new_samples, fetch_new_samples, open_connection
 from .errors import TrainingError, TrainingInterrupted
 from .faults import crash_point
 from .hooks import run_on_promote
@@ -97,7 +95,7 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
             duplicate_store.near.protect(sample.content for sample in holdout.samples)
         phase_started = time.perf_counter()
         rows = fetch_new_samples(connection, settings.database, settings.data, state.last_trained_id, fetched, gaps)
-        rows = _without_holdout(rows, holdout)
+        rows = without_holdout(rows, holdout)
         # No more than training.max_steps can train: a row is recorded as trained only if training saw it.
         rows = within_block_budget(rows, block_budget(settings.training), tokenizer, settings.data.max_length, format_text,
                                    settings.data.eval_fraction, settings.data.seed, fetched, settings.data.max_eval_samples)
@@ -131,79 +129,6 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
         return CycleOutcome("filtered_out", f"all {fetched.rows_examined} new rows were skipped, blocked or held out")
     return _train_and_save(settings, state, tokenizer, dataset, fetched, duplicate_store, dataset_seconds, should_stop,
                            process_started, holdout)
-
-
-class Holdout:
-    """The fixed holdout as this run sees it: its ids, its rows re-read from PostgreSQL, their blocks per
-    language, and how many of this run's new rows belong to it (consumed, never trained)."""
-
-    def __init__(self, ids: set[int], samples: list[Sample]):
-        self.ids = ids
-        self.samples = samples
-        self.blocks: dict[str, list[Block]] = {}
-        self.rows_in_fetch = 0
-
-
-def load_holdout(connection, settings: Settings, state: TrainerState) -> Holdout:
-    """Freeze the holdout on the first run (stratified by language); add a language it lacks when one first
-    appears; re-read its rows. The ids are committed before anything trains."""
-    promotion = settings.promotion
-    if promotion.holdout_samples == 0:
-        return Holdout(set(), [])
-    store = holdout_store(settings.paths.state_file.parent)
-    try:
-        languages = store.languages()
-        added = select_holdout(connection, settings.database, settings.data, state.last_trained_id,
-                               settings.data.max_samples_per_run, set(languages),
-                               size=0 if languages else promotion.holdout_samples,
-                               min_per_language=promotion.holdout_min_per_language)
-        if added:
-            store.add(added, state.total_training_runs + 1)
-            log.info("holdout: %d samples added (%s)", len(added),
-                     ", ".join(sorted({language for _, language in added})))
-        ids = store.ids()
-    finally:
-        store.close()
-    samples = fetch_samples_by_id(connection, settings.database, settings.data, ids)
-    if len(samples) < len(ids):
-        log.warning("holdout: %d of its %d rows are gone from the table or no longer eligible", len(ids) - len(samples), len(ids))
-    return Holdout(set(ids), samples)
-
-
-def _without_holdout(samples: Iterator[Sample], holdout: Holdout) -> Iterator[Sample]:
-    for sample in samples:
-        if sample.id in holdout.ids:
-            holdout.rows_in_fetch += 1
-            continue
-        yield sample
-
-
-def add_replay(connection, settings: Settings, state: TrainerState, dataset: BuiltDataset, holdout: Holdout,
-               blockers, tokenizer, format_text) -> None:
-    """Mix older, already-trained samples into the training blocks, against forgetting: re-read by id,
-    through the content filters again (not the duplicate stores: they are known by definition), never from
-    the evaluation split, the holdout or a pending gap. Within a step budget they only fill what the new rows
-    leave free, so a new row is never pushed out of training by replay."""
-    wanted = math.ceil(settings.promotion.replay_fraction * dataset.train_samples)
-    if wanted == 0 or state.last_trained_id == 0:
-        return
-    gaps = state.gap_ranges()
-    drawn = fetch_replay_samples(connection, settings.database, settings.data, state.last_trained_id, wanted,
-                                 sorted(holdout.ids), salt=state.total_training_runs + 1)
-    usable = [sample for sample in drawn
-              if not is_eval_sample(sample.id, settings.data.seed, settings.data.eval_fraction)
-              and not any(first <= sample.id <= last for first, last in gaps)]
-    content_filters = [(name, blocker) for name, blocker in blockers if name not in ("duplicates", "near_duplicates")]
-    replay = admitted(usable, content_filters)
-    packed = pack_samples(replay, tokenizer, settings.data.max_length, format_text)
-    budget = block_budget(settings.training)
-    blocks = packed if budget is None else packed[: max(0, budget - len(dataset.train_blocks))]
-    # Cut by a step budget: count the sample pieces that made it (a long sample may be split in two).
-    replayed = len(replay) if len(blocks) == len(packed) else int(sum(len(block.lengths) for block in blocks))
-    dataset.train_blocks.extend(blocks)
-    dataset.replay_samples = replayed
-    dataset.data_metrics["data/replay_samples"] = replayed
-    dataset.dataset_metrics["dataset/replay_blocks"] = len(blocks)
 
 
 def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltDataset, fetched: FetchResult,

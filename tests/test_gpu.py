@@ -35,8 +35,8 @@ def four_bit_lora(tmp_path_factory):
     return model.train()
 
 
-def batch(device: str = "cuda") -> dict:
-    from codelupe_trainer.data.collate import PackedCollator
+def packed_blocks() -> list:
+    """Three packed blocks of random tokens (the same ones every call)."""
     from codelupe_trainer.data.packing import Block, TokenizedSample
 
     generator = torch.Generator().manual_seed(3)
@@ -46,7 +46,13 @@ def batch(device: str = "cuda") -> dict:
         for index, length in enumerate(lengths):
             block.add(TokenizedSample.of(index, torch.randint(10, 150000, (length,), generator=generator).tolist()))
         blocks.append(block.seal())
-    return {key: value.to(device) for key, value in PackedCollator(pad_token_id=0)(blocks).items()}
+    return blocks
+
+
+def batch(device: str = "cuda") -> dict:
+    from codelupe_trainer.data.collate import PackedCollator
+
+    return {key: value.to(device) for key, value in PackedCollator(pad_token_id=0)(packed_blocks()).items()}
 
 
 def lora_grads(model) -> dict[str, torch.Tensor]:
@@ -100,16 +106,9 @@ def test_fused_loss_matches_the_model_loss(four_bit_lora):
 def test_the_holdout_evaluation_matches_the_model_loss_on_the_4bit_path(four_bit_lora):
     """The promotion gate's evaluation (chunked loss under bf16 autocast, token-weighted) is the model's own
     loss on the same batch: one batch of three packed blocks."""
-    from codelupe_trainer.data.packing import Block, TokenizedSample
     from codelupe_trainer.training.loop import evaluate_holdout
 
-    generator = torch.Generator().manual_seed(3)
-    blocks = []
-    for lengths in ([700, 300], [1000], [512, 200, 200]):
-        block = Block()
-        for index, length in enumerate(lengths):
-            block.add(TokenizedSample.of(index, torch.randint(10, 150000, (length,), generator=generator).tolist()))
-        blocks.append(block.seal())
+    blocks = packed_blocks()
     model = four_bit_lora
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         standard = model(**batch()).loss.item()

@@ -22,7 +22,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from ..config import Settings
 from ..lock import AlreadyRunning, trainer_lock
 from ..progress import read_cycle_progress, write_live_status
-from ..state import load_state, record_failure
+from ..state import record_failure
 
 log = logging.getLogger(__name__)
 
