@@ -9,8 +9,9 @@
 - Index: each signature's 25 band hashes (band index folded in, 8 bytes each) are the keys of an SQLite
   table in the daemon's store, `dedup.sqlite3`, beside the exact-duplicate hashes. A sample whose band
   shares a key with an indexed sample is a near-duplicate of it (the LSH candidate rule without a second
-  Jaccard check, as BigCode's pipeline: with 10 rows a band, a pair at Jaccard 0.5 collides 2.4 % of the
-  time, at 0.1 once in 4 x 10^8, so even 10 million indexed samples rarely block a new one by accident).
+  Jaccard check, which would need every signature stored: with 10 rows a band, a pair at Jaccard 0.5
+  collides 2.4 % of the time, at 0.1 once in 4 x 10^8: against 10 million indexed samples of that
+  similarity a new sample is blocked by accident ~2.5 % of the time).
   The band count comes from datasketch's own optimiser (`_optimal_param`, equal weights).
   Memory does not grow with the index: it is on disk (~25 keys of ~15 bytes each per sample), and this
   run's pending keys are a set of at most PENDING_IN_MEMORY keys, spilled in bulk to a temporary table.
