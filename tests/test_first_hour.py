@@ -84,3 +84,48 @@ def test_progress_off_a_terminal_is_a_line_at_the_start_the_end_and_every_minute
     lines = [record.getMessage() for record in caplog.records]
     assert lines == ["training: step 1/40 (2 %), loss 1.9900, 1,500 tokens/s, ETA 0.7 min",
                      "training: step 40/40 (100 %), loss 1.6000, 1,500 tokens/s, ETA 0.0 min"]
+
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = str(REPO / "config" / "codelupe.toml")
+
+
+def not_utf8(directory: Path) -> str:
+    path = directory / "latin1.toml"
+    path.write_bytes(b"[data]\nmin_quality = 70 # \xff\xfe\n")
+    return str(path)
+
+
+def unknown_key(directory: Path) -> str:
+    path = directory / "typo.toml"
+    path.write_text("[data]\nmin_qualty = 70\n")
+    return str(path)
+
+
+def state_is_a_directory(directory: Path) -> str:
+    (directory / "state.json").mkdir()  # as root every file is readable: a directory stands in for it
+    return SHIPPED
+
+
+@pytest.mark.parametrize(("command", "config", "environment", "expected"), [
+    ("status", lambda directory: str(directory), {}, "is a directory, not a TOML file"),
+    ("status", not_utf8, {}, "not UTF-8 text"),
+    ("status", unknown_key, {}, "data.min_qualty: unknown key"),
+    ("status", lambda directory: str(directory / "codelupe.tmol"), {}, "does not exist"),
+    ("status", None, {"CODELUPE_CONFIG": "/etc/codelupe-trainer/codelupe.tmol"}, "CODELUPE_CONFIG"),
+    ("status", lambda directory: SHIPPED, {"CODELUPE_DATA__LANGUAGES": "python"}, "CODELUPE_DATA__"),
+    ("status", lambda directory: SHIPPED, {"CODELUPE_DATA__MIN_QUALTY": "5"},
+     "environment variable CODELUPE_DATA__MIN_QUALTY: unknown key data.min_qualty"),
+    ("status", state_is_a_directory, {"CODELUPE_PATHS__STATE_FILE": "{directory}/state.json"}, "cannot read"),
+    ("run-once", unknown_key, {}, "data.min_qualty: unknown key"),
+])
+def test_each_first_hour_error_is_one_line_and_exit_2_from_the_real_cli(tmp_path, command, config, environment,
+                                                                       expected):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CODELUPE_")}
+    env.update({key: value.format(directory=tmp_path) for key, value in environment.items()},
+               PYTHONPATH=str(REPO))
+    arguments = [command] + (["--config", config(tmp_path)] if config else [])
+    completed = subprocess.run(CLI + arguments, env=env, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2, completed.stderr
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in completed.stderr, completed.stderr
