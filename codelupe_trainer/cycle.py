@@ -87,12 +87,9 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
         format_text = make_completion_formatter(tokenizer) if settings.data.format == "completion" else format_raw
         holdout = load_holdout(connection, settings, state)
         fetched = FetchResult(last_examined_id=state.last_trained_id)
-        blockers, duplicate_store = filters.build_blockers(settings.data, settings.paths.state_file.parent)
-        # A copy of a holdout sample would leak the evaluation into training: it is blocked as a duplicate.
-        holdout_digests = {filters.content_hash(sample.content) for sample in holdout.samples}
-        blockers.insert(0, ("duplicates", lambda sample: filters.content_hash(sample.content) in holdout_digests))
-        if duplicate_store.near is not None:  # and so would a near-copy
-            duplicate_store.near.protect(sample.content for sample in holdout.samples)
+        # A copy or near-copy of a holdout sample would leak the evaluation into training: both are blocked.
+        blockers, duplicate_store = filters.build_blockers(settings.data, settings.paths.state_file.parent,
+                                                           protected=[sample.content for sample in holdout.samples])
         phase_started = time.perf_counter()
         rows = fetch_new_samples(connection, settings.database, settings.data, state.last_trained_id, fetched, gaps)
         rows = without_holdout(rows, holdout)
@@ -202,7 +199,7 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
         exit_code = 0
         if settings.promotion.mode == "gate":
             metrics.rename("promoted" if decision.promoted else "rejected")
-        announce_decision(settings, decision, outcome)
+        announce_decision(settings, decision, outcome, state)
         return outcome
     finally:
         if ranks is not None:
@@ -248,7 +245,8 @@ def _publish(settings: Settings, state: TrainerState, model, run_number: int, pr
         "tokens_trained": result.tokens_seen,
         "finished_at": time.time(),
     }
-    card = adapter_card(settings, run_number, summary | {"continued_from_run": f"run {state.adapter_in_use}" if previous and state.adapter_in_use else None},
+    parent = state.adapter_in_use if previous is not None else None
+    card = adapter_card(settings, run_number, summary | {"continued_from_run": f"run {parent}" if parent else None},
                         state.last_trained_id + 1, fetched.last_examined_id, metrics.run_id)
     adapter_path = save_adapter(model, settings.paths.output_dir, run_number, promote=decision.promoted, card=card)
     summary["adapter"] = str(adapter_path)
@@ -256,7 +254,7 @@ def _publish(settings: Settings, state: TrainerState, model, run_number: int, pr
     lineage_entry = {
         "run": run_number,
         "adapter": str(adapter_path),
-        "parent": state.adapter_in_use if previous is not None else None,
+        "parent": parent,
         "first_id": state.last_trained_id + 1,
         "last_id": fetched.last_examined_id,
         "samples_trained": dataset.train_samples,
@@ -318,9 +316,10 @@ def alert_stuck(settings: Settings, state: TrainerState) -> None:
                f"({error_class}); see `codelupe-trainer status` on the training host")
 
 
-def announce_decision(settings: Settings, decision: Decision, outcome: CycleOutcome) -> None:
+def announce_decision(settings: Settings, decision: Decision, outcome: CycleOutcome, before: TrainerState) -> None:
     """After the state is saved: hand a promoted adapter to the server that uses it (on_promote), or alert
-    that a candidate was rejected. Neither can undo what is published."""
+    that a candidate was rejected. Neither can undo what is published. `before`: the state the run started
+    from (a rejection adds one rejected run and leaves the adapter in use as it was)."""
     summary = outcome.summary
     if decision.promoted:
         hook = run_on_promote(settings.promotion, "promote", Path(summary["adapter"]), outcome.run_number,
@@ -329,10 +328,9 @@ def announce_decision(settings: Settings, decision: Decision, outcome: CycleOutc
             record_hook_outcome(settings, outcome.run_number, hook)
     else:
         # Counts only: never sample text, paths of user data or secrets.
-        state = load_state(settings.paths.state_file)
         send_alert(wandb_options(settings), metrics_file(settings), "codelupe-trainer rejected an adapter",
-                   f"run {outcome.run_number} was not promoted ({state.rejected_runs} rejected in all); "
-                   f"the adapter in use is still run {state.adapter_in_use or 0}")
+                   f"run {outcome.run_number} was not promoted ({before.rejected_runs + 1} rejected in all); "
+                   f"the adapter in use is still run {before.adapter_in_use or 0}")
 
 
 def record_hook_outcome(settings: Settings, run_number: int, outcome: str) -> None:

@@ -120,3 +120,15 @@ def test_a_kill_in_the_middle_of_a_commit_leaves_the_last_committed_store(tmp_pa
 
 def test_widened_repeats_are_a_superset():
     assert patternset.widen_repeats(r"a[\s\S]{0,200}?b\{1,2\}") == r"a[\s\S]{0,}?b\{1,2\}"
+
+
+@pytest.mark.parametrize("block_duplicates", [True, False])
+def test_copies_of_protected_texts_are_blocked_and_never_recorded(tmp_path, block_duplicates):
+    settings = DataSettings(block_duplicates=block_duplicates, block_near_duplicates=False)
+    blockers, store = filters.build_blockers(settings, tmp_path, protected=[CODE])
+    reasons = dict(blockers)
+    copy = Sample(1, CODE + "\n\n", "python", 80)  # the same text after whitespace normalisation
+    assert reasons["duplicates"](copy) and not reasons["duplicates"](Sample(2, CODE + "\nx = 1\n", "python", 80))
+    store.commit()
+    fresh, _ = filters.build_blockers(settings, tmp_path)
+    assert not dict(fresh).get("duplicates", lambda sample: False)(copy)  # protection is never written to the store

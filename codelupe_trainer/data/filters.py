@@ -203,6 +203,8 @@ class DuplicateStore:
     def __init__(self, path: Path | None, near_threshold: float | None = None):
         self.path = path
         self._pending: set[bytes] = set()
+        # Hashes of samples that must never be trained (the holdout's), held for this run only, never written.
+        self._protected: set[bytes] = set()
         self._connection: sqlite3.Connection | None = None
         self.near: NearDuplicateIndex | None = None
         if path is not None:
@@ -242,9 +244,19 @@ class DuplicateStore:
             return False
         return self._connection.execute("SELECT 1 FROM trained_hashes WHERE digest = ?", (digest,)).fetchone() is not None
 
+    def protect(self, texts: list[str]) -> None:
+        """Copies and (with the near-duplicate index) near-copies of these texts are blocked, without the
+        texts ever being recorded as trained."""
+        self._protected.update(content_hash(text) for text in texts)
+        if self.near is not None:
+            self.near.protect(texts)
+
+    def is_protected(self, sample: Sample) -> bool:
+        return content_hash(sample.content) in self._protected
+
     def seen(self, sample: Sample) -> bool:
         digest = content_hash(sample.content)
-        if digest in self._pending or self.known(digest):
+        if digest in self._protected or digest in self._pending or self.known(digest):
             return True
         self._pending.add(digest)
         return False
@@ -274,8 +286,11 @@ class DuplicateStore:
 # ------------------------------------------------------------------ assembly
 
 
-def build_blockers(data: DataSettings, store_dir: Path | None) -> tuple[list[tuple[str, Blocker]], DuplicateStore]:
-    """The enabled filters, cheapest first; a duplicate is recorded only once every other filter passed it."""
+def build_blockers(data: DataSettings, store_dir: Path | None,
+                   protected: list[str] = ()) -> tuple[list[tuple[str, Blocker]], DuplicateStore]:
+    """The enabled filters, cheapest first; a duplicate is recorded only once every other filter passed it.
+    `protected`: texts never to train on (the holdout's): their copies are blocked as duplicates even with
+    data.block_duplicates off, and their near-copies as near-duplicates when that filter is on."""
     blockers: list[tuple[str, Blocker]] = []
     if data.block_license:
         blockers.append(("license", prefiltered(license_pattern(data.blocked_licenses), HEADER_CHARS)))
@@ -286,8 +301,11 @@ def build_blockers(data: DataSettings, store_dir: Path | None) -> tuple[list[tup
     persistent = store_dir is not None and (data.block_duplicates or data.block_near_duplicates)
     store = DuplicateStore(store_dir / DEDUP_STORE_FILE if persistent else None,
                            data.near_duplicate_threshold if data.block_near_duplicates else None)
+    store.protect(list(protected))
     if data.block_duplicates:
         blockers.append(("duplicates", store.seen))
+    elif protected:
+        blockers.append(("duplicates", store.is_protected))
     if data.block_near_duplicates:
         blockers.append(("near_duplicates", store.near_seen))
     return blockers, store

@@ -12,7 +12,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-STORE_FILE = "dedup.sqlite3"  # the exact- and near-duplicate stores live in the same file
 
 
 class HoldoutStore:
@@ -51,4 +50,6 @@ class HoldoutStore:
 
 
 def holdout_store(store_dir: Path) -> HoldoutStore:
-    return HoldoutStore(store_dir / STORE_FILE)
+    from .filters import DEDUP_STORE_FILE  # one store file: the exact and near duplicates live there too
+
+    return HoldoutStore(store_dir / DEDUP_STORE_FILE)
