@@ -1,4 +1,4 @@
-"""Command line: `codelupe-trainer run | run-once | status | adapters | rollback | show-config | doctor | demo`.
+"""Command line: `codelupe-trainer run | run-once | status | adapters | rollback | show-config | doctor | join | demo`.
 
 Exit codes: 0 success or nothing to do; 1 the run failed; 2 bad configuration or usage; 3 another cycle
 holds the trainer lock. Heavy imports (torch, transformers) happen only in the commands that train.
@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("run", type=int, help="the run number, as `adapters` lists it")
     with_config("show-config", "the effective configuration, secrets redacted")
     with_config("doctor", "check config, database, table, model path, output directory and W&B mode")
+    join = with_config("join", "on another machine of a multi-node group: train in node 0's cycles")
+    join.add_argument("--node-rank", type=int, required=True, help="this machine's place: 1 .. training.num_nodes - 1")
     demo = commands.add_parser("demo", help="fill a throwaway PostgreSQL with real code and train a tiny model")
     demo.add_argument("--dir", default="demo-run")
     return parser
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         "rollback": command_rollback,
         "show-config": command_show_config,
         "doctor": command_doctor,
+        "join": command_join,
     }[arguments.command]
     return handler(settings, arguments)
 
@@ -187,6 +190,26 @@ def command_doctor(settings: Settings, arguments) -> int:
         print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
         problems += not ok
     return EXIT_OK if problems == 0 else EXIT_FAILED
+
+
+def command_join(settings: Settings, arguments) -> int:
+    from . import stop
+    from .errors import TrainingInterrupted
+
+    nodes = settings.training.num_nodes
+    if not 1 <= arguments.node_rank < nodes:
+        print(f"codelupe-trainer: --node-rank must be 1..{nodes - 1} (training.num_nodes = {nodes}; node 0 is the "
+              "machine running the daemon)" if nodes > 1 else "codelupe-trainer: join needs training.num_nodes > 1 "
+              "and training.rendezvous_endpoint, set as on node 0", file=sys.stderr)
+        return EXIT_USAGE
+    stop.CURRENT.install()
+    from .service.node import serve_node
+
+    try:
+        return serve_node(settings, arguments.node_rank)
+    except TrainingInterrupted as interruption:
+        logging.getLogger("codelupe_trainer").info("join %s", interruption)
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 DEFAULT_CONFIG_PATH = Path("config/codelupe.toml")
@@ -114,13 +114,44 @@ class TrainingSettings(Section):
     gradient_checkpointing: bool = True
     max_grad_norm: float = Field(1.0, ge=0.0)
     num_processes: int = Field(
-        1, ge=1, le=64, description="Training processes (one per GPU) on this machine: DDP through the Trainer, rank 0 "
-        "does everything else. The effective batch becomes batch_size x gradient_accumulation_steps x num_processes.")
+        1, ge=1, le=64, description="Training processes (one per GPU) on each machine: DDP through the Trainer, rank 0 "
+        "does everything else. The effective batch becomes batch_size x gradient_accumulation_steps x num_processes "
+        "x num_nodes.")
+    num_nodes: int = Field(
+        1, ge=1, le=64, description="Machines training together: this one (node 0, running the daemon) and "
+        "num_nodes - 1 others running `codelupe-trainer join --node-rank K`.")
+    rendezvous_endpoint: str = Field(
+        "", description="host:port of this machine as the other nodes reach it (rank 0 listens on the port); "
+        "required when num_nodes > 1. Empty: a free port on 127.0.0.1.")
+    rendezvous_timeout_s: int = Field(300, ge=5, description="How long a cycle waits for every rank to start (and "
+                                      "to finish after rank 0) before it fails.")
     loss: Literal["auto", "fused", "chunked", "standard"] = Field(
         "auto",
         description="How the loss avoids vocabulary-sized fp32 logits: fused (Liger-Kernel, CUDA), chunked (pure "
         "PyTorch), standard (the model's own). auto: fused where liger_kernel is installed on CUDA, else chunked.",
     )
+
+
+    @property
+    def world_size(self) -> int:
+        """Training ranks in all: each takes its share of a cycle's blocks."""
+        return self.num_processes * self.num_nodes
+
+    @field_validator("rendezvous_endpoint")
+    @classmethod
+    def _host_and_port(cls, endpoint: str) -> str:
+        if endpoint:
+            host, _, port = endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("expected host:port")
+        return endpoint
+
+    @model_validator(mode="after")
+    def _nodes_need_an_endpoint(self) -> TrainingSettings:
+        if self.num_nodes > 1 and not self.rendezvous_endpoint:
+            raise ValueError("num_nodes > 1 needs training.rendezvous_endpoint (host:port of this machine as the other "
+                             "nodes reach it)")
+        return self
 
 
 class MetricsSettings(Section):

@@ -39,7 +39,7 @@ from .report import (HEARTBEAT_S, ProgressReporter, adapter_card, continuous_met
 from .state import TrainerState, advance_state, expire_gaps, load_state, record_failure, save_state
 from .training.adapters import prune_adapters, save_adapter
 from .training.backoff import BackoffOutcome, train_with_oom_backoff
-from .training.distributed import RankGroup, RankSpec
+from .training.distributed import RankGroup, RankSpec, read_adapter_files
 from .training.loop import block_budget, train_adapter
 from .training.model import attach_adapter, choose_packing, count_parameters, load_base_model, load_tokenizer, pick_device
 from .training.model_files import check_model_path
@@ -140,10 +140,12 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
                          step_offset=state.total_steps)
     reporter = ProgressReporter(metrics, settings.paths.state_file, run_number, interactive=sys.stderr.isatty())
     monitor = SystemMonitor(settings.paths.output_dir)
-    # Several training processes: this one is rank 0, the rendezvous is set before anything builds a Trainer.
-    ranks = RankGroup(settings.training.num_processes, device).__enter__() if settings.training.num_processes > 1 else None
+    ranks = RankGroup(settings.training, device, run_number) if settings.training.world_size > 1 else None
     exit_code = 1
     try:
+        if ranks is not None:
+            # Several training processes: this one is rank 0; the group forms before anything builds a Trainer.
+            ranks.__enter__()
         dataset.dataset_metrics["dataset/train_blocks"] = len(dataset.train_blocks)
         metrics.log(0, dataset.data_metrics | dataset.dataset_metrics | {"performance/dataset_build_seconds": dataset_seconds}
                     | continuous_metrics(state, run_number))
@@ -178,10 +180,14 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
                                                     attempt)
         else:
             # All ranks must train with the same sizes: no back-off here (an out-of-memory fails the cycle).
-            ranks.start(RankSpec(settings.model, settings.training, str(previous) if previous else None,
-                                 dataset.train_blocks, dataset.eval_blocks, tokenizer.pad_token_id, settings.data.seed,
-                                 device, quantization != "none", packing == "position_ids"))
-            result = attempt(settings.training)
+            ranks.start(RankSpec(settings.model, settings.training, read_adapter_files(previous), dataset.train_blocks,
+                                 dataset.eval_blocks, tokenizer.pad_token_id, settings.data.seed,
+                                 quantization != "none", packing == "position_ids"))
+            try:
+                result = attempt(settings.training)
+            except Exception:
+                ranks.raise_reported_failure()
+                raise
             ranks.finish()
             sizing = BackoffOutcome(settings.training.batch_size, settings.training.gradient_accumulation_steps, 0)
         metrics.update_config({"hyperparams/effective_micro_batch": sizing.micro_batch,

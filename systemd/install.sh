@@ -22,5 +22,7 @@ fi
 chown root:codelupe /etc/codelupe-trainer/secrets.env
 chmod 0640 /etc/codelupe-trainer/secrets.env
 install -m 0644 systemd/codelupe-trainer.service /etc/systemd/system/codelupe-trainer.service
+install -m 0644 systemd/codelupe-trainer-join@.service "/etc/systemd/system/codelupe-trainer-join@.service"
 systemctl daemon-reload
 echo "installed. Edit /etc/codelupe-trainer/secrets.env, then: systemctl enable --now codelupe-trainer"
+echo "(another machine of a multi-node group: systemctl enable --now codelupe-trainer-join@K, K its node rank)"

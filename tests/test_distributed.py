@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from wandb_reader import find_run_files, read_run
 from codelupe_trainer.state import load_state
 
 pytestmark = pytest.mark.slow
+TIMESTAMPED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) [\w.]+: ")
 
 
 def test_a_two_process_cycle_trains_once_and_reports_once(crawler_table, tiny_model, tmp_path):
@@ -43,3 +45,154 @@ def test_a_two_process_cycle_trains_once_and_reports_once(crawler_table, tiny_mo
     # Tokens per step count both ranks' micro-batches: 2 x 4 x 4 blocks of at most 256 tokens.
     tokens_per_step = [value for _, value in run.values("performance/tokens_per_step")]
     assert max(tokens_per_step) > 4 * 4 * 256
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for_line(path: Path, text: str, timeout_s: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while text not in path.read_text():
+        assert time.monotonic() < deadline, f"{text!r} not in {path.read_text()[-2000:]}"
+        time.sleep(0.2)
+
+
+def test_two_nodes_train_each_cycle_together_and_only_node_0_writes(crawler_table, tiny_model, tmp_path):
+    """Two machines, stood in for by two process trees on this one: node 0 runs the cycles (`run-once`), node 1
+    runs `join` with its own directory and no database. In the shipped shape: the promotion gate with a holdout,
+    replay in run 2, gradient accumulation 4 and checkpointing."""
+    import signal
+
+    insert_stdlib_rows(crawler_table, start=0, count=60)
+    training = ("[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nlearning_rate = 5e-3\nlogging_steps = 1\n"
+                f"gradient_checkpointing = true\nnum_processes = 1\nnum_nodes = 2\n"
+                f'rendezvous_endpoint = "127.0.0.1:{_free_port()}"\nrendezvous_timeout_s = 120\n'
+                "[promotion]\nmode = \"gate\"\nholdout_samples = 12\nholdout_min_per_language = 6\n"
+                "replay_fraction = 0.5\n")
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    node0.mkdir(), node1.mkdir()
+    config0, config1 = write_config(node0, tiny_model, training), write_config(node1, tiny_model, training)
+    # Two torch process trees on this box's 2 cores: one thread each, or they slow each other ~10x.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CODELUPE_")}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parent.parent), OMP_NUM_THREADS="1")
+    join_log = tmp_path / "join.log"
+    with open(join_log, "w") as log_file:
+        # Node 1 has no database at all (a closed port): it must not need one.
+        joiner = subprocess.Popen([sys.executable, "-m", "codelupe_trainer.cli", "join", "--node-rank", "1",
+                                   "--config", str(config1)], stdout=log_file, stderr=subprocess.STDOUT,
+                                  env=env | {"CODELUPE_DATABASE__URL": "postgresql://nobody@127.0.0.1:9/none"})
+    try:
+        _wait_for_line(join_log, "waiting for node 0's next training")
+
+        def run_once() -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "codelupe_trainer.cli", "run-once", "--force", "--config",
+                                   str(config0)], env=env | {"CODELUPE_DATABASE__URL": crawler_table},
+                                  capture_output=True, text=True, timeout=600)
+
+        first = run_once()
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert "training on 2 processes (2 node(s) x 1, gloo)" in first.stderr
+        _wait_for_line(join_log, "node 1: run 1 trained")
+        insert_stdlib_rows(crawler_table, start=60, count=40)
+        second = run_once()
+        assert second.returncode == 0, second.stderr[-3000:]
+        _wait_for_line(join_log, "node 1: run 2 trained")
+    finally:
+        joiner.send_signal(signal.SIGTERM)
+        code = joiner.wait(timeout=30)
+    log_text = join_log.read_text()
+    assert code == 0, log_text[-3000:]
+    # Quiet and in one format: no traceback, no library warning, no C++ store chatter.
+    assert all(TIMESTAMPED.match(line) for line in log_text.splitlines()), log_text[-3000:]
+    # Run 2 continued from run 1's adapter on both nodes: node 1 received its files over the group.
+    assert "rank 1: continuing from the previous adapter (" in log_text
+    assert list(node1.iterdir()) == [config1]  # node 1 wrote nothing: no adapter, state, store or W&B run
+
+    state = load_state(node0 / "state.json")
+    assert state.total_training_runs == 2 and state.lineage[-1]["parent"] == 1
+    assert state.total_replay_samples > 0
+    runs = find_run_files(node0)
+    assert len(runs) == 2  # one W&B run per cycle, from node 0 only
+    run = read_run(sorted(runs)[-1])
+    blocks = run.values("dataset/train_blocks")[0][1]
+    two_ranks = math.ceil(math.ceil(math.ceil(blocks / 2) / 4) / 4)
+    assert state.last_run["steps"] == two_ranks < math.ceil(math.ceil(blocks / 4) / 4)
+    assert run.values("holdout/loss")  # the gate's evaluation ran on node 0
+
+
+def test_a_node_that_never_joins_fails_the_cycle_in_one_line_and_trains_nothing(crawler_table, tiny_model,
+                                                                                    tmp_path):
+    insert_stdlib_rows(crawler_table, start=0, count=20)
+    config = write_config(tmp_path, tiny_model, (
+        "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nnum_nodes = 2\n"
+        f'rendezvous_endpoint = "127.0.0.1:{_free_port()}"\nrendezvous_timeout_s = 5\n'))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CODELUPE_")}
+    env.update(CODELUPE_DATABASE__URL=crawler_table, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    completed = subprocess.run([sys.executable, "-m", "codelupe_trainer.cli", "run-once", "--force", "--config",
+                                str(config)], env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 1
+    errors = [line for line in completed.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "node 1 did not join the training within 5 s" in errors[0], completed.stderr[-2000:]
+    assert "`codelupe-trainer join --node-rank 1`" in errors[0]
+    assert "Traceback" not in completed.stderr
+    state = load_state(tmp_path / "state.json")
+    assert state.last_trained_id == 0 and state.total_training_runs == 0 and state.total_failures == 1
+
+
+def test_a_rank_that_fails_on_another_node_fails_the_cycle_with_its_reason(crawler_table, tiny_model, tmp_path):
+    """Node 1's rank fails after the group formed (here: an injected error where the base model loads, as a
+    missing model on that machine would): node 0's cycle fails with that rank's reason, trains nothing, and
+    node 1's `join` survives to serve the next cycle."""
+    import signal
+
+    insert_stdlib_rows(crawler_table, start=0, count=20)
+    endpoint = f"127.0.0.1:{_free_port()}"
+    config = write_config(tmp_path, tiny_model, (
+        "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nnum_nodes = 2\n"
+        f'rendezvous_endpoint = "{endpoint}"\nrendezvous_timeout_s = 60\n'))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CODELUPE_")}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parent.parent), OMP_NUM_THREADS="1")
+    join_log = tmp_path / "join.log"
+    with open(join_log, "w") as log_file:
+        joiner = subprocess.Popen([sys.executable, "-m", "codelupe_trainer.cli", "join", "--node-rank", "1",
+                                   "--config", str(config)], stdout=log_file, stderr=subprocess.STDOUT,
+                                  env=env | {"CODELUPE_FAULT": "load:error"})
+    try:
+        _wait_for_line(join_log, "waiting for node 0's next training")
+        completed = subprocess.run([sys.executable, "-m", "codelupe_trainer.cli", "run-once", "--force", "--config",
+                                    str(config)], env=env | {"CODELUPE_DATABASE__URL": crawler_table},
+                                   capture_output=True, text=True, timeout=300)
+        _wait_for_line(join_log, "node 1: run 1 failed here")
+        assert joiner.poll() is None  # still serving
+    finally:
+        joiner.send_signal(signal.SIGTERM)
+        joiner.wait(timeout=30)
+    assert completed.returncode == 1
+    errors = [line for line in completed.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, completed.stderr[-3000:]
+    assert "training rank 1 (node 1) failed: InjectedFault: injected fault at load" in errors[0]
+    state = load_state(tmp_path / "state.json")
+    assert state.last_trained_id == 0 and state.total_training_runs == 0 and state.total_failures == 1
+
+
+@pytest.mark.parametrize("nodes, rank, expected", [
+    (1, 1, "join needs training.num_nodes > 1"),
+    (2, 2, "--node-rank must be 1..1"),
+    (3, 0, "--node-rank must be 1..2"),
+])
+def test_join_with_settings_that_cannot_work_is_one_line_and_exit_2(tmp_path, tiny_model, nodes, rank, expected):
+    endpoint = 'rendezvous_endpoint = "127.0.0.1:29400"\n' if nodes > 1 else ""
+    config = write_config(tmp_path, tiny_model, f"[training]\nnum_nodes = {nodes}\n{endpoint}")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CODELUPE_")}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    completed = subprocess.run([sys.executable, "-m", "codelupe_trainer.cli", "join", "--node-rank", str(rank),
+                                "--config", str(config)], env=env, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2
+    assert completed.stderr.count("\n") == 1 and expected in completed.stderr, completed.stderr

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "codelupe_trainer"
 # cli -> service -> cycle -> {data, training, state, metrics, ...} -> config; demo is an entry point like cli.
 ALLOWED = {
     "data": {"config", "faults", "data"},
-    "training": {"config", "errors", "faults", "data", "training"},
+    "training": {"config", "errors", "faults", "logs", "data", "training"},  # logs: a rank process sets up its own
     "service": {"config", "cycle", "data", "errors", "faults", "hooks", "lock", "logs", "metrics", "outcome", "progress",
                 "stop", "state", "training", "service"},
 }

@@ -21,14 +21,17 @@ from codelupe_trainer.state import TrainerState, save_state
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "codelupe-trainer.service"
+JOIN_UNIT = REPO / "systemd" / "codelupe-trainer-join@.service"
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
-def test_unit_file_passes_systemd_analyze_verify(tmp_path):
+@pytest.mark.parametrize("source, name", [(UNIT, "codelupe-trainer.service"),
+                                          (JOIN_UNIT, "codelupe-trainer-join@1.service")])  # a template's instance
+def test_unit_file_passes_systemd_analyze_verify(tmp_path, source, name):
     executable = shutil.which("codelupe-trainer") or str(REPO / ".venv" / "bin" / "codelupe-trainer")
-    unit = tmp_path / "codelupe-trainer.service"
+    unit = tmp_path / name
     # verify checks that ExecStart exists: point it at this checkout's console script.
-    unit.write_text(UNIT.read_text().replace("/opt/codelupe-trainer/.venv/bin/codelupe-trainer", executable))
+    unit.write_text(source.read_text().replace("/opt/codelupe-trainer/.venv/bin/codelupe-trainer", executable))
     result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert result.returncode == 0
     assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stderr

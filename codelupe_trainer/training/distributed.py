@@ -1,36 +1,41 @@
-"""Several GPUs on one machine: a cycle's training as a DDP run of `training.num_processes` ranks, through the
-Trainer's own distributed support (accelerate's DDP, PyTorch's env:// rendezvous: the variables torchrun sets).
+"""Several GPUs, on one machine or several: a cycle's training as a DDP run of `training.num_nodes x
+training.num_processes` ranks, through the Trainer's own distributed support (accelerate's DDP on a process
+group built on torch's store: training/rendezvous.py).
 
 The cycle's process is rank 0: it builds the dataset, talks to W&B, evaluates the holdout and writes the
-adapter, the state and the stores, as with one process. It starts ranks 1..N-1 as child processes
-(`python -m codelupe_trainer.training.distributed SPEC`) that load the same base model and adapter on their own
-device (`device_map={"": local_rank}`), train on their share of the same blocks (the Trainer's distributed
-sampler), take part in every evaluation the Trainer runs, and write nothing. NCCL on CUDA, gloo on a CPU
-(where the tests run it). The effective batch is batch_size x accumulation x N.
+adapter, the state and the stores, as with one process. The other ranks of its machine are its child
+processes; those of the other machines are started there by `codelupe-trainer join` (service/node.py). Every
+rank above 0 receives from rank 0, over the process group, what it needs to train exactly as rank 0 does: the
+settings, the blocks and the previous adapter's files (the machines share no disk). Each loads the base model
+on its own device (`device_map={"": local_rank}`), trains on its share of the blocks (the Trainer's
+distributed sampler), takes part in every evaluation the Trainer runs, and writes nothing. NCCL on CUDA, gloo
+on a CPU (where the tests run it). The effective batch is batch_size x accumulation x ranks.
 
-A rank that dies, or a stop, ends the whole group: rank 0 terminates the others on the way out, and a rank
-left waiting in a collective is killed with them.
+A rank that fails reports its reason in the store and the cycle fails; a stop ends the whole group: rank 0
+terminates its children on the way out, and the other machines' ranks lose their connection and exit.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import pickle
-import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 from ..config import ModelSettings, TrainingSettings
 from ..data.packing import Block
 from ..errors import TrainingError
+from ..logs import setup_logging
+from .rendezvous import (Cycle, connect_store, host_store, join_group, report_rank_result, reported_failure,
+                         split_endpoint, wait_for_ranks, wait_for_results)
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("codelupe_trainer.training.distributed")  # also when run as __main__ (a rank)
 RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
@@ -40,14 +45,19 @@ class RankSpec:
 
     model: ModelSettings
     training: TrainingSettings
-    previous_adapter: str | None
+    adapter_files: dict[str, bytes]  # the previous adapter's files by name; empty for a fresh LoRA
     train_blocks: list[Block]
     eval_blocks: list[Block]
     pad_token_id: int
     seed: int
-    device: str
     quantized: bool
     packed: bool
+
+
+def read_adapter_files(adapter: Path | None) -> dict[str, bytes]:
+    if adapter is None:
+        return {}
+    return {path.name: path.read_bytes() for path in adapter.iterdir() if path.is_file()}
 
 
 def world_size() -> int:
@@ -62,53 +72,79 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def rank_environment(cycle: Cycle, host: str, port: int, node_rank: int, local_rank: int) -> dict[str, str]:
+    """The variables torchrun would set (accelerate reads them), plus the cycle for our own rendezvous."""
+    values = {"MASTER_ADDR": host, "MASTER_PORT": str(port), "WORLD_SIZE": str(cycle.world_size),
+              "RANK": str(node_rank * cycle.processes + local_rank), "LOCAL_RANK": str(local_rank),
+              "LOCAL_WORLD_SIZE": str(cycle.processes), "CODELUPE_CYCLE": json.dumps(asdict(cycle))}
+    if cycle.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # N ranks on one CPU: each gets its share of the cores, or they slow each other ~10x.
+        values["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cycle.processes))
+    return values
+
+
+def start_ranks(cycle: Cycle, host: str, port: int, node_rank: int, local_ranks: range) -> list[subprocess.Popen]:
+    """This machine's ranks as child processes (`python -m codelupe_trainer.training.distributed`)."""
+    return [subprocess.Popen([sys.executable, "-m", "codelupe_trainer.training.distributed"],
+                             env={**os.environ, **rank_environment(cycle, host, port, node_rank, local_rank)},
+                             stdin=subprocess.DEVNULL)
+            for local_rank in local_ranks]
+
+
 class RankGroup:
-    """Rank 0's side: the rendezvous variables in this process, the other ranks as children."""
+    """Rank 0's side: the store, the rendezvous variables in this process, this machine's other ranks."""
 
-    def __init__(self, processes: int, device: str):
-        self.processes = processes
-        self.device = device
+    def __init__(self, training: TrainingSettings, device: str, run: int):
+        self.cycle = Cycle.new(run, training.num_nodes, training.num_processes, device)
+        self.timeout_s = training.rendezvous_timeout_s
+        if training.rendezvous_endpoint:
+            self.host, self.port = split_endpoint(training.rendezvous_endpoint)
+        else:
+            self.host, self.port = "127.0.0.1", free_port()
         self.children: list[subprocess.Popen] = []
-        self.directory = Path(tempfile.mkdtemp(prefix="codelupe-ranks-"))
+        self.store = None
         self._saved = {name: os.environ.get(name) for name in RENDEZVOUS_VARIABLES}
-        self.port = free_port()
 
-    def environment(self, rank: int) -> dict[str, str]:
-        values = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(self.port), "WORLD_SIZE": str(self.processes),
-                  "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(self.processes)}
-        if self.device == "cpu":
-            # N ranks on one CPU: each gets its share of the cores, or they slow each other ~10x.
-            values["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.processes))
-        return values
+    def check_children(self) -> None:
+        for local_rank, child in enumerate(self.children, start=1):
+            code = child.poll()
+            if code not in (None, 0):
+                raise TrainingError(f"training rank {local_rank} failed (exit {code}); see the log above")
 
     def __enter__(self) -> RankGroup:
-        os.environ.update(self.environment(0))
-        if self.device == "cpu":
+        """Open the store, start this machine's other ranks and wait until every rank of every node is in."""
+        environment = rank_environment(self.cycle, self.host, self.port, 0, 0)
+        environment.pop("CODELUPE_CYCLE")
+        os.environ.update(environment)
+        if self.cycle.device == "cpu":
             import torch
 
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        self.store = host_store(self.host, self.port, self.cycle)
+        self.children = start_ranks(self.cycle, self.host, self.port, 0, range(1, self.cycle.processes))
+        if self.cycle.nodes > 1:
+            log.info("waiting for %d other node(s) at %s:%d", self.cycle.nodes - 1, self.host, self.port)
+        wait_for_ranks(self.store, self.cycle, self.timeout_s, self.check_children)
+        join_group(self.store, self.cycle, 0)
+        log.info("training on %d processes (%d node(s) x %d, %s)", self.cycle.world_size, self.cycle.nodes,
+                 self.cycle.processes, "nccl" if self.cycle.device == "cuda" else "gloo")
         return self
 
     def start(self, spec: RankSpec) -> None:
-        path = self.directory / "spec.pickle"
-        with open(path, "wb") as handle:
-            pickle.dump(spec, handle, protocol=pickle.HIGHEST_PROTOCOL)
-        for rank in range(1, self.processes):
-            environment = {**os.environ, **self.environment(rank)}
-            self.children.append(subprocess.Popen([sys.executable, "-m", "codelupe_trainer.training.distributed",
-                                                   str(path)], env=environment, stdin=subprocess.DEVNULL))
-        log.info("training on %d processes (ranks 1-%d started, %s)", self.processes, self.processes - 1,
-                 "nccl" if self.device == "cuda" else "gloo")
+        """Hand every other rank its work (they wait for it in the same collective)."""
+        import torch.distributed as dist
 
-    def finish(self, timeout_s: float = 300.0) -> None:
+        dist.broadcast_object_list([spec], src=0)
+
+    def raise_reported_failure(self) -> None:
+        """A rank's own reason for failing, when it left one: clearer than rank 0's "connection closed"."""
+        failure = reported_failure(self.store, self.cycle)
+        if failure:
+            raise TrainingError(failure)
+
+    def finish(self) -> None:
         """After rank 0's training: every other rank must have ended cleanly too."""
-        for rank, child in enumerate(self.children, start=1):
-            try:
-                code = child.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                raise TrainingError(f"training rank {rank} did not finish within {timeout_s:.0f} s") from None
-            if code != 0:
-                raise TrainingError(f"training rank {rank} failed (exit {code}); see the log above")
+        wait_for_results(self.store, self.cycle, self.timeout_s, self.check_children)
 
     def __exit__(self, *exc_info) -> None:
         for child in self.children:
@@ -124,12 +160,12 @@ class RankGroup:
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        self.store = None  # closes the store: ranks of other nodes see the cycle end
         for name, value in self._saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class _Silent:
@@ -142,29 +178,65 @@ class _Silent:
         return None
 
 
-def run_rank(spec_path: Path) -> int:
+def train_rank(spec: RankSpec, device: str, local_rank: int) -> None:
     import torch
 
     from .loop import train_adapter
     from .model import attach_adapter, load_base_model
     from .telemetry import Frequencies
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with open(spec_path, "rb") as handle:
-        spec: RankSpec = pickle.load(handle)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if spec.device == "cuda":
+    if device == "cuda":
         torch.cuda.set_device(local_rank)
-    else:
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    base, _ = load_base_model(spec.model, spec.device, device_index=local_rank)
-    model = attach_adapter(base, spec.model, Path(spec.previous_adapter) if spec.previous_adapter else None)
+    base, _ = load_base_model(spec.model, device, device_index=local_rank)
     with tempfile.TemporaryDirectory(prefix="codelupe-rank-") as scratch:
+        previous = None
+        if spec.adapter_files:
+            previous = Path(scratch) / "previous-adapter"
+            previous.mkdir()
+            for name, content in spec.adapter_files.items():
+                (previous / name).write_bytes(content)
+        rank = int(os.environ["RANK"])
+        if previous is None:
+            log.info("rank %d: a fresh LoRA", rank)
+        else:
+            log.info("rank %d: continuing from the previous adapter (%d files, %d bytes)", rank,
+                     len(spec.adapter_files), sum(map(len, spec.adapter_files.values())))
+        model = attach_adapter(base, spec.model, previous)
         train_adapter(model, SimpleNamespace(pad_token_id=spec.pad_token_id), spec.train_blocks, spec.eval_blocks,
                       spec.training, Path(scratch), _Silent(), Frequencies(0, 0, 0), lambda: False, dict, spec.seed,
-                      spec.device, quantized=spec.quantized, packed=spec.packed)
+                      device, quantized=spec.quantized, packed=spec.packed)
+
+
+def run_rank() -> int:
+    """A rank above 0: join the cycle's group, receive the work, train, report the result in the store."""
+    import torch
+    import torch.distributed as dist
+
+    setup_logging(None)  # the same format and filters as every other process; a rank holds no secret
+    cycle = Cycle(**json.loads(os.environ["CODELUPE_CYCLE"]))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if cycle.device == "cpu":
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    store = connect_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    try:
+        join_group(store, cycle, rank)
+        received: list[RankSpec | None] = [None]
+        dist.broadcast_object_list(received, src=0)
+        train_rank(received[0], cycle.device, local_rank)
+    except Exception as error:
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        log.error("training rank %d failed: %s", rank, reason)
+        try:
+            report_rank_result(store, cycle, rank, reason)
+        except Exception:
+            pass  # rank 0 is gone too (a stop, or its own failure): nobody is left to tell
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    report_rank_result(store, cycle, rank, None)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run_rank(Path(sys.argv[1])))
+    sys.exit(run_rank())

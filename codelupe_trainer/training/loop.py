@@ -225,7 +225,7 @@ def trainer_max_steps(training: TrainingSettings, train_blocks: int) -> int:
     come out larger, the run trains its whole epoch, a few steps over max_steps, rather than lose rows.
     """
     per_epoch = steps_per_epoch(train_blocks, training.batch_size, training.gradient_accumulation_steps,
-                                training.num_processes)
+                                training.world_size)
     if training.max_steps <= 0 or training.max_steps >= math.ceil(training.epochs * per_epoch):
         return -1
     if training.max_steps < per_epoch:
@@ -240,13 +240,13 @@ def block_budget(training: TrainingSettings) -> int | None:
     (None: no step budget, training runs by epochs)."""
     if training.max_steps <= 0:
         return None
-    return training.max_steps * training.batch_size * training.gradient_accumulation_steps * training.num_processes
+    return training.max_steps * training.batch_size * training.gradient_accumulation_steps * training.world_size
 
 
 def build_training_arguments(training: TrainingSettings, scratch_dir: Path, device: str, seed: int, has_eval: bool,
                              max_steps: int | None = None):
     distributed = {}
-    if training.num_processes > 1:
+    if training.world_size > 1:
         # Every LoRA weight gets a gradient each step: no search for unused parameters.
         distributed = {"ddp_backend": "nccl" if device == "cuda" else "gloo", "ddp_find_unused_parameters": False}
     return TrainingArguments(
