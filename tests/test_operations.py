@@ -199,3 +199,16 @@ def test_training_arguments_never_hide_nan_and_never_report_to_wandb(tmp_path):
     assert arguments.logging_nan_inf_filter is False
     assert arguments.report_to in ([], "none", ["none"]) or not arguments.report_to
     assert arguments.save_strategy == "no"
+
+
+@pytest.mark.parametrize("endpoint, ok, expected", [
+    ("localhost:29400", True, "is this machine (loopback: no other machine can reach it); on each other machine run "
+                              "`codelupe-trainer join --node-rank K` for K in 1..2"),
+    ("192.0.2.1:29400", False, "192.0.2.1 (192.0.2.1) is not an address of this machine"),  # TEST-NET-1
+    ("no-such-host.invalid:29400", False, "'no-such-host.invalid' does not resolve"),
+])
+def test_doctor_checks_that_the_rendezvous_endpoint_names_this_machine(endpoint, ok, expected):
+    from codelupe_trainer.service.doctor import check_rendezvous
+
+    name, passed, detail = check_rendezvous(endpoint, 3)
+    assert (name, passed) == ("rendezvous", ok) and expected in detail, detail

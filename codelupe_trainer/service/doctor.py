@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from pathlib import Path
 
 from ..config import Settings
@@ -10,6 +12,7 @@ from ..data.source import SourceError, check_table, open_connection
 from ..metrics import effective_wandb_mode
 from ..training.gpu_check import cuda_checks, self_check
 from ..training.model_files import check_model_path
+from ..training.rendezvous import split_endpoint
 
 
 def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
@@ -26,8 +29,37 @@ def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
     results.append(check_writable("state_dir", settings.paths.state_file.parent))
     mode = effective_wandb_mode(settings.wandb.mode, settings.wandb.enabled)
     results.append(("wandb", True, f"mode {mode}" + (" (no API key: falls back to offline)" if mode != settings.wandb.mode and mode == "offline" else "")))
+    if settings.training.num_nodes > 1:
+        results.append(check_rendezvous(settings.training.rendezvous_endpoint, settings.training.num_nodes))
     results += self_check(settings)
     return results
+
+
+def check_rendezvous(endpoint: str, nodes: int) -> tuple[str, bool, str]:
+    """Node 0's side of a multi-node group: the endpoint's host must be this machine, as the others will
+    reach it (a typo here would only show as every cycle timing out)."""
+    host, port = split_endpoint(endpoint)
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    except OSError as error:
+        return ("rendezvous", False, f"training.rendezvous_endpoint: {host!r} does not resolve ({error})")
+    local = [address for address in addresses if can_bind(address)]
+    if not local:
+        return ("rendezvous", False, f"training.rendezvous_endpoint: {host} ({', '.join(sorted(addresses))}) is not "
+                "an address of this machine; it must name node 0, where the daemon runs")
+    loopback = all(ipaddress.ip_address(address).is_loopback for address in local)
+    return ("rendezvous", True, f"{host}:{port} is this machine" + (" (loopback: no other machine can reach it)"
+            if loopback else "") + f"; on each other machine run `codelupe-trainer join --node-rank K` for K in "
+            f"1..{nodes - 1}")
+
+
+def can_bind(address: str) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
+        try:
+            probe.bind((address, 0))
+            return True
+        except OSError:
+            return False
 
 
 def fatal_startup_problems(settings: Settings) -> list[str]:
