@@ -5,9 +5,10 @@
 The tiny Qwen2 model (pre-trained for a few seconds on Python and C, so it has something to lose) is
 fine-tuned by the real cycle (`run_cycle`, the shipped gradient accumulation 4 and gradient checkpointing):
 one cycle on language A (the standard library's Python), then three cycles on language B (this machine's C
-headers). Four variants side by side, each with its own database, state and adapters: replay off/on and the
-promotion gate off/on. For each it prints A's holdout loss with the adapter in use after the A cycle and
-after the B cycles, and the change in percent; plus B's holdout loss at the end and the runs rejected.
+headers). Seven variants side by side, each with its own database, state and adapters: replay off/on, the
+promotion gate off/on, and its anchor against compounding tolerances (`max_drift`) off/on. For each it
+prints A's holdout loss with the adapter in use after the A cycle and after the B cycles, and the change in
+percent; plus B's holdout loss at the end and the runs rejected.
 
 All numbers come from the daemon's own holdout (the same rows, evaluated in the same way, every run).
 """
@@ -26,13 +27,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-VARIANTS = [  # (name, promotion mode, replay fraction, per-language tolerance)
-    ("no gate, no replay", "always", 0.0, 0.03),
-    ("no gate, replay 0.5", "always", 0.5, 0.03),
-    ("no gate, replay 1.0", "always", 1.0, 0.03),
-    ("gate, no replay", "gate", 0.0, 0.03),
-    ("gate, replay 0.5", "gate", 0.5, 0.03),
-    ("gate 0 %, replay 0.5", "gate", 0.5, 0.0),
+VARIANTS = [  # (name, promotion mode, replay fraction, per-language tolerance, max_drift: 10 = no anchor)
+    ("no gate, no replay", "always", 0.0, 0.03, 10.0),
+    ("no gate, replay 0.5", "always", 0.5, 0.03, 10.0),
+    ("no gate, replay 1.0", "always", 1.0, 0.03, 10.0),
+    ("gate, no replay", "gate", 0.0, 0.03, 10.0),
+    ("gate, replay 0.5", "gate", 0.5, 0.03, 10.0),
+    ("gate+anchor, replay 0.5", "gate", 0.5, 0.03, 0.03),
+    ("gate 0 %, replay 0.5", "gate", 0.5, 0.0, 10.0),
 ]
 
 
@@ -74,7 +76,7 @@ def insert(url: str, files: list[tuple[str, str]], language: str) -> None:
 
 
 def config_text(directory: Path, model_dir: Path, mode: str, replay: float, learning_rate: float, epochs: int,
-                language_tolerance: float) -> str:
+                language_tolerance: float, max_drift: float) -> str:
     return f"""
 [schedule]
 min_new_samples = 10
@@ -110,11 +112,12 @@ holdout_min_per_language = 16
 replay_fraction = {replay}
 max_language_loss_increase = {language_tolerance}
 max_loss_increase = {min(language_tolerance, 0.01)}
+max_drift = {max_drift}
 """
 
 
-def run_variant(name: str, mode: str, replay: float, language_tolerance: float, admin_url: str, model_dir: Path,
-                work: Path, arguments) -> dict:
+def run_variant(name: str, mode: str, replay: float, language_tolerance: float, max_drift: float, admin_url: str,
+                model_dir: Path, work: Path, arguments) -> dict:
     import psycopg
 
     from codelupe_trainer.config import load_settings
@@ -130,7 +133,7 @@ def run_variant(name: str, mode: str, replay: float, language_tolerance: float, 
     directory.mkdir()
     config = directory / "codelupe.toml"
     config.write_text(config_text(directory, model_dir, mode, replay, arguments.learning_rate, arguments.epochs,
-                                  language_tolerance))
+                                  language_tolerance, max_drift))
     os.environ["CODELUPE_DATABASE__URL"] = url
     settings = load_settings(config)
     try:
@@ -174,6 +177,7 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=5e-3)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--only", action="append", help="run only the variants whose name contains this (repeatable)")
     arguments = parser.parse_args()
 
     import logging
@@ -197,8 +201,9 @@ def main() -> None:
         corpus = [path.read_text(encoding="utf-8", errors="replace") for path in standard_library_files(200)]
         model_dir = build_tiny_model(work / "model", corpus + [text for _, text in c_files(100, skip=400)])
         pretrain_tiny_model(model_dir, corpus[:100] + [text for _, text in c_files(60, skip=400)], steps=150)
-        results = [run_variant(name, mode, replay, tolerance, url, model_dir, work, arguments)
-                   for name, mode, replay, tolerance in VARIANTS]
+        results = [run_variant(name, mode, replay, tolerance, drift, url, model_dir, work, arguments)
+                   for name, mode, replay, tolerance, drift in VARIANTS
+                   if not arguments.only or any(part in name for part in arguments.only)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if server is not None:
@@ -206,10 +211,10 @@ def main() -> None:
 
     print(f"A = Python ({arguments.a_rows} files, 1 cycle), then B = C headers ({arguments.b_cycles} cycles x "
           f"{arguments.b_rows} files); lr {arguments.learning_rate}, {arguments.epochs} epochs, LoRA r 8")
-    print(f"{'variant':<22} {'A loss after A':>14} {'A loss at end':>14} {'A change':>9} {'B loss at end':>14} "
+    print(f"{'variant':<24} {'A loss after A':>14} {'A loss at end':>14} {'A change':>9} {'B loss at end':>14} "
           f"{'in use':>7} {'rejected':>9} {'replayed':>9}")
     for row in results:
-        print(f"{row['variant']:<22} {row['a_after_a']:>14.4f} {row['a_final']:>14.4f} {row['a_change_percent']:>+8.2f}% "
+        print(f"{row['variant']:<24} {row['a_after_a']:>14.4f} {row['a_final']:>14.4f} {row['a_change_percent']:>+8.2f}% "
               f"{row['b_final'] if row['b_final'] is not None else float('nan'):>14.4f} {'run ' + str(row['adapter_in_use']):>7} "
               f"{row['rejected']:>9} {row['replayed']:>9}")
     print(f"adapters promoted although worse than the one in use: "

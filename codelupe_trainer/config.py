@@ -203,6 +203,10 @@ class PromotionSettings(Section):
         0.01, ge=0.0, description="Largest relative rise of the overall holdout loss a promoted adapter may have (0.01 = 1 %).")
     max_language_loss_increase: float = Field(
         0.03, ge=0.0, description="The same, for each language's holdout loss.")
+    max_drift: float = Field(
+        0.03, ge=0.0, description="Largest relative rise of a language's holdout loss above the best any adapter in "
+        "service reached on it (the base model included): stops the per-run tolerances from compounding. A large "
+        "value (10) turns it off.")
     replay_fraction: float = Field(
         0.5, ge=0.0, le=1.0, description="Older, already-trained samples mixed into each run, as a fraction of its new "
         "training samples (re-read from PostgreSQL by id).")

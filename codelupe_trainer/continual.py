@@ -4,6 +4,7 @@ older rows mixed into each run against forgetting (README: "The promotion gate")
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Iterator
@@ -55,6 +56,17 @@ def load_holdout(connection, settings: Settings, state: TrainerState) -> Holdout
     if len(samples) < len(ids):
         log.warning("holdout: %d of its %d rows are gone from the table or no longer eligible", len(ids) - len(samples), len(ids))
     return Holdout(set(ids), samples)
+
+
+def holdout_fingerprints(holdout: Holdout, settings: Settings) -> dict[str, str]:
+    """Per language, what its holdout loss is measured on: the rows read today, the base model and the length
+    they are cut to. Losses with different fingerprints are not comparable (promotion.py's anchors)."""
+    ids: dict[str, list[int]] = {}
+    for sample in holdout.samples:
+        ids.setdefault(sample.language, []).append(sample.id)
+    return {language: hashlib.sha256(f"{settings.model.base_model}|{settings.data.max_length}|"
+                                     f"{sorted(language_ids)}".encode()).hexdigest()[:16]
+            for language, language_ids in ids.items()}
 
 
 def without_holdout(samples: Iterator[Sample], holdout: Holdout) -> Iterator[Sample]:

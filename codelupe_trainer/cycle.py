@@ -20,7 +20,7 @@ from .config import Settings, metrics_file, wandb_directory
 from .data import filters
 from .data.dataset import (BLOCK_FILTERS, BuiltDataset, build_dataset, format_raw, make_completion_formatter,
                            pack_by_language, within_block_budget)
-from .continual import Holdout, add_replay, load_holdout, without_holdout
+from .continual import Holdout, add_replay, holdout_fingerprints, load_holdout, without_holdout
 from .data.neardup import signed_ahead
 from .data.packing import one_sample_per_block
 from .data.records import FetchResult
@@ -33,7 +33,7 @@ from .metrics import (MetricsRun, SystemMonitor, WandbOptions, effective_wandb_m
                       rotate_metrics_file, send_alert)
 from .outcome import CycleOutcome
 from .progress import write_cycle_progress
-from .promotion import Decision, decide_promotion, holdout_metrics
+from .promotion import Decision, comparable_anchors, decide_promotion, holdout_metrics, update_anchors
 from .report import (HEARTBEAT_S, ProgressReporter, adapter_card, continuous_metrics, final_metrics, model_config,
                      run_config)
 from .state import TrainerState, advance_state, expire_gaps, load_state, record_failure, save_state
@@ -145,6 +145,7 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
     try:
         if ranks is not None:
             # Several training processes: this one is rank 0; the group forms before anything builds a Trainer.
+            write_cycle_progress(settings.paths.state_file, "waiting for the training ranks", run=run_number)
             ranks.__enter__()
         dataset.dataset_metrics["dataset/train_blocks"] = len(dataset.train_blocks)
         metrics.log(0, dataset.data_metrics | dataset.dataset_metrics | {"performance/dataset_build_seconds": dataset_seconds}
@@ -194,14 +195,16 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
                                "hyperparams/effective_gradient_accumulation_steps": sizing.accumulation})
         metrics.log(result.global_step, {"performance/oom_backoffs": sizing.backoffs})
         stop.CURRENT.check("after training")
-        decision = decide_promotion(settings.promotion, result.holdout_before, result.holdout_after)
+        fingerprints = holdout_fingerprints(holdout, settings)
+        decision = decide_promotion(settings.promotion, result.holdout_before, result.holdout_after,
+                                    comparable_anchors(state.holdout_best, fingerprints))
         log.info("%s run %d: %s", "promoting" if decision.promoted else "rejecting", run_number, decision.reason)
         write_cycle_progress(settings.paths.state_file, "saving adapter", run=run_number)
         # From here the run is published as a whole: a stop signal waits for the state and the store.
         with stop.CURRENT.deferred():
             outcome = _publish(settings, state, model, run_number, previous, dataset, fetched, result, duplicate_store,
                                device, quantization, packing, process_started, metrics, dataset_seconds, sizing,
-                               decision, holdout)
+                               decision, holdout, fingerprints)
         exit_code = 0
         if settings.promotion.mode == "gate":
             metrics.rename("promoted" if decision.promoted else "rejected")
@@ -218,7 +221,8 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
 def _publish(settings: Settings, state: TrainerState, model, run_number: int, previous: Path | None,
              dataset: BuiltDataset, fetched: FetchResult, result, duplicate_store, device: str, quantization: str,
              packing: str, process_started: float, metrics: MetricsRun, dataset_seconds: float,
-             sizing: BackoffOutcome, decision: Decision, holdout: Holdout) -> CycleOutcome:
+             sizing: BackoffOutcome, decision: Decision, holdout: Holdout,
+             fingerprints: dict[str, str]) -> CycleOutcome:
     """Adapter, then state, then duplicate store: the order that makes a crash at any point safe.
     A candidate the gate rejected is saved too (for inspection), but `latest` stays where it was."""
     summary = {
@@ -277,6 +281,9 @@ def _publish(settings: Settings, state: TrainerState, model, run_number: int, pr
                               samples_held_out=dataset.eval_samples + holdout.rows_in_fetch,
                               lineage_entry=lineage_entry, replay_samples=dataset.replay_samples,
                               steps=result.global_step, tokens=result.tokens_seen)
+    new_state.holdout_best = update_anchors(state.holdout_best, fingerprints, result.holdout_before,
+                                            parent or 0,
+                                            result.holdout_after, decision.promoted, run_number)
     if sizing.backoffs or state.micro_batch:
         new_state.micro_batch = {"micro": sizing.micro_batch, "max_length": settings.data.max_length,
                                  "effective": settings.training.batch_size * settings.training.gradient_accumulation_steps}
@@ -284,7 +291,7 @@ def _publish(settings: Settings, state: TrainerState, model, run_number: int, pr
     # After the state: a crash in between can at worst let a duplicate through later, never lose a sample.
     duplicate_store.commit()
     metrics.log(result.global_step, final_metrics(new_state, run_number, result, dataset, dataset_seconds)
-                | holdout_metrics(decision) | {"continuous/promoted": int(decision.promoted)}
+                | holdout_metrics(decision, new_state.holdout_best) | {"continuous/promoted": int(decision.promoted)}
                 | ({"continuous/promotion_margin": decision.margin} if decision.margin is not None else {}))
     prune_old_outputs(settings, adapter_path, new_state)
     verdict = "" if settings.promotion.mode == "always" else (" (promoted)" if decision.promoted else " (rejected: kept the adapter in use)")

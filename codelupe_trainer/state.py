@@ -52,6 +52,9 @@ class TrainerState:
     total_steps: int = 0
     total_tokens_trained: int = 0
     lineage: list[dict[str, Any]] = field(default_factory=list)
+    # Per language, the best holdout loss any adapter in service reached, on which holdout, by which run
+    # (0: the base model): the promotion gate's anchor against compounding tolerances (promotion.py).
+    holdout_best: dict[str, list] = field(default_factory=dict)
 
     def gap_ranges(self) -> list[tuple[int, int]]:
         return [(int(first), int(last)) for first, last, _ in self.pending_gaps]

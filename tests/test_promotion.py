@@ -25,7 +25,7 @@ from codelupe_trainer.config import PromotionSettings
 from codelupe_trainer.cycle import run_cycle
 from codelupe_trainer.data.filters import content_hash
 from codelupe_trainer.demo.demo import insert_rows
-from codelupe_trainer.promotion import decide_promotion, overall_loss
+from codelupe_trainer.promotion import comparable_anchors, decide_promotion, overall_loss, update_anchors
 from codelupe_trainer.state import load_state
 
 # ------------------------------------------------------------------ the decision, table-style
@@ -51,6 +51,45 @@ def test_decide_promotion(in_use, candidate, promoted, reason_part):
 def test_always_promotes_a_worse_adapter_and_says_why():
     decision = decide_promotion(PromotionSettings(mode="always"), {"python": (1.0, 10)}, {"python": (3.0, 10)})
     assert decision.promoted and decision.reason == "promotion.mode = always" and decision.margin == pytest.approx(-2.0)
+
+
+@pytest.mark.parametrize("max_drift, promoted_runs, final", [
+    (10.0, [1, 2, 3], 2.0 * 1.025 ** 3),  # no anchor: three runs each within 3 % drift 7.7 %
+    (0.03, [1], 2.05),                     # the anchor: never more than 3 % above the best in service
+])
+def test_the_anchor_stops_per_run_tolerances_from_compounding(max_drift, promoted_runs, final):
+    settings = PromotionSettings(mode="gate", max_loss_increase=0.03, max_language_loss_increase=0.03,
+                                 max_drift=max_drift)
+    fingerprints = {"python": "same-holdout"}
+    anchors, in_use, in_use_run, promoted = {}, {"python": (2.0, 100)}, 0, []
+    for run in (1, 2, 3):
+        candidate = {"python": (in_use["python"][0] * 1.025, 100)}  # each run 2.5 % worse than the one in use
+        decision = decide_promotion(settings, in_use, candidate, comparable_anchors(anchors, fingerprints))
+        anchors = update_anchors(anchors, fingerprints, in_use, in_use_run, candidate, decision.promoted, run)
+        if decision.promoted:
+            in_use, in_use_run = candidate, run
+            promoted.append(run)
+        elif max_drift < 1:
+            assert "more than promotion.max_drift = 0.03 above the best an adapter in service reached (2.0000)" \
+                in decision.reason
+    assert promoted == promoted_runs and in_use["python"][0] == pytest.approx(final)
+    assert anchors == {"python": [2.0, "same-holdout", 0]}  # the base model is the best so far
+
+
+def test_an_anchor_is_kept_as_the_best_in_service_and_restarts_when_its_holdout_changes():
+    anchors = {"python": [2.0, "p1", 0], "c": [3.0, "c1", 2], "go": [1.0, "g1", 1]}
+    # Python's holdout changed (a row was deleted), Go left the holdout; C is as it was.
+    fingerprints = {"python": "p2", "c": "c1"}
+    assert comparable_anchors(anchors, fingerprints) == {"c": 3.0}
+    in_use = {"python": (2.5, 100), "c": (3.1, 100)}
+    candidate = {"python": (2.4, 100), "c": (2.9, 100)}
+    rejected = update_anchors(anchors, fingerprints, in_use, 2, candidate, False, 5)
+    assert rejected == {"python": [2.5, "p2", 2], "c": [3.0, "c1", 2]}  # a rejected candidate never sets one
+    promoted = update_anchors(anchors, fingerprints, in_use, 2, candidate, True, 5)
+    assert promoted == {"python": [2.4, "p2", 5], "c": [2.9, "c1", 5]}
+    # A language the candidate improves on stays judged against its own anchor only.
+    decision = decide_promotion(GATE, in_use, candidate, {"c": 2.5})
+    assert not decision.promoted and "c holdout loss 2.9000 is more than promotion.max_drift" in decision.reason
 
 
 def test_overall_loss_is_token_weighted():
@@ -177,6 +216,10 @@ def test_gate_rejects_a_worse_adapter_promotes_a_better_one_and_rolls_back(crawl
     assert not [line for text in trained_texts for line in text.splitlines() if len(line) > 30 and line in card]
     assert TEST_PASSWORD not in card
     first_run_steps = state.total_steps
+    # The anchors: per language, run 1's adapter (it beat the base model on both), on this holdout.
+    assert {language: entry[2] for language, entry in state.holdout_best.items()} == {"python": 1, "c": 1}
+    assert state.holdout_best["python"][0] == pytest.approx(state.lineage[0]["holdout_losses"]["python"])
+    anchors = state.holdout_best
 
     # Run 2: noise at a harmful learning rate: the candidate is worse on the holdout and is not promoted.
     insert_files(url, noise_files(80, seed=1), "python", "noise")
@@ -192,6 +235,10 @@ def test_gate_rejects_a_worse_adapter_promotes_a_better_one_and_rolls_back(crawl
     assert (settings.paths.output_dir / "run-000002").is_dir()  # kept for inspection
     assert len(hook_calls(tmp_path)) == 1  # the hook did not run for a rejected adapter
     assert holdout_ids(state_dir) == holdout  # the same holdout every run
+    # A rejected candidate moves no anchor (the adapter in use, measured again, may set its own loss anew).
+    assert {language: entry[1:] for language, entry in state.holdout_best.items()} == \
+        {language: entry[1:] for language, entry in anchors.items()}
+    assert [entry[0] for entry in state.holdout_best.values()] == pytest.approx([entry[0] for entry in anchors.values()])
 
     run = read_run(find_run_files(tmp_path)[-1])
     assert run.run["name"] == "run-2-rejected" and run.run["host"] != socket.gethostname()
@@ -203,6 +250,7 @@ def test_gate_rejects_a_worse_adapter_promotes_a_better_one_and_rolls_back(crawl
     assert run.values("continuous/rejected_runs")[-1][1] == 1
     assert run.values("holdout/loss")[-1][1] > run.values("holdout/loss_in_use")[-1][1]
     assert run.values("holdout/loss_c") and run.values("holdout/loss_in_use_python")
+    assert run.values("holdout/best_c")[-1][1] == pytest.approx(anchors["c"][0], rel=1e-5)
     assert run.config["promotion"]["mode"] == "gate"
 
     status = cli(tmp_path, url, "status")
