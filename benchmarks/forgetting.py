@@ -217,7 +217,7 @@ def main() -> None:
         print(f"{row['variant']:<24} {row['a_after_a']:>14.4f} {row['a_final']:>14.4f} {row['a_change_percent']:>+8.2f}% "
               f"{row['b_final'] if row['b_final'] is not None else float('nan'):>14.4f} {'run ' + str(row['adapter_in_use']):>7} "
               f"{row['rejected']:>9} {row['replayed']:>9}")
-    print(f"adapters promoted although worse than the one in use: "
+    print("adapters promoted although worse than the one in use: "
           + ", ".join(f"{row['variant']}: {row['worse_promoted']}" for row in results))
     if arguments.json:
         arguments.json.write_text(json.dumps(results, indent=2))
