@@ -17,6 +17,44 @@ from codelupe_trainer.state import load_state
 
 pytestmark = pytest.mark.slow
 TIMESTAMPED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) [\w.]+: ")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli_environment(**extra: str) -> dict[str, str]:
+    """This process's environment without our settings, plus `extra`."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CODELUPE_")}
+    return env | {"PYTHONPATH": str(REPO)} | extra
+
+
+def run_cli(*arguments: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "codelupe_trainer.cli", *arguments], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def start_join(config: Path, log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`codelupe-trainer join --node-rank 1`, its output in `log_path`, once it is waiting for node 0."""
+    with open(log_path, "w") as log_file:
+        joiner = subprocess.Popen([sys.executable, "-m", "codelupe_trainer.cli", "join", "--node-rank", "1",
+                                   "--config", str(config)], stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    wait_for_line(log_path, "waiting for node 0's next training")
+    return joiner
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_line(path: Path, text: str, timeout_s: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while text not in path.read_text():
+        assert time.monotonic() < deadline, f"{text!r} not in {path.read_text()[-2000:]}"
+        time.sleep(0.2)
 
 
 def test_a_two_process_cycle_trains_once_and_reports_once(crawler_table, tiny_model, tmp_path):
@@ -24,10 +62,8 @@ def test_a_two_process_cycle_trains_once_and_reports_once(crawler_table, tiny_mo
     config = write_config(tmp_path, tiny_model, (
         "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nlearning_rate = 5e-3\nlogging_steps = 1\n"
         "gradient_checkpointing = true\nnum_processes = 2\n"))
-    env = {key: value for key, value in os.environ.items() if not key.startswith("CODELUPE_")}
-    env.update(CODELUPE_DATABASE__URL=crawler_table, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    completed = subprocess.run([sys.executable, "-m", "codelupe_trainer.cli", "run-once", "--force", "--config",
-                                str(config)], env=env, capture_output=True, text=True, timeout=600)
+    completed = run_cli("run-once", "--force", "--config", str(config),
+                        env=cli_environment(CODELUPE_DATABASE__URL=crawler_table))
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "training on 2 processes" in completed.stderr
 
@@ -47,23 +83,6 @@ def test_a_two_process_cycle_trains_once_and_reports_once(crawler_table, tiny_mo
     assert max(tokens_per_step) > 4 * 4 * 256
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_for_line(path: Path, text: str, timeout_s: float = 60.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while text not in path.read_text():
-        assert time.monotonic() < deadline, f"{text!r} not in {path.read_text()[-2000:]}"
-        time.sleep(0.2)
-
-
 def test_two_nodes_train_each_cycle_together_and_only_node_0_writes(crawler_table, tiny_model, tmp_path):
     """Two machines, stood in for by two process trees on this one: node 0 runs the cycles (`run-once`), node 1
     runs `join` with its own directory and no database. In the shipped shape: the promotion gate with a holdout,
@@ -73,37 +92,30 @@ def test_two_nodes_train_each_cycle_together_and_only_node_0_writes(crawler_tabl
     insert_stdlib_rows(crawler_table, start=0, count=60)
     training = ("[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nlearning_rate = 5e-3\nlogging_steps = 1\n"
                 f"gradient_checkpointing = true\nnum_processes = 1\nnum_nodes = 2\n"
-                f'rendezvous_endpoint = "127.0.0.1:{_free_port()}"\nrendezvous_timeout_s = 120\n'
+                f'rendezvous_endpoint = "127.0.0.1:{free_port()}"\nrendezvous_timeout_s = 120\n'
                 "[promotion]\nmode = \"gate\"\nholdout_samples = 12\nholdout_min_per_language = 6\n"
                 "replay_fraction = 0.5\n")
     node0, node1 = tmp_path / "node0", tmp_path / "node1"
     node0.mkdir(), node1.mkdir()
     config0, config1 = write_config(node0, tiny_model, training), write_config(node1, tiny_model, training)
     # Two torch process trees on this box's 2 cores: one thread each, or they slow each other ~10x.
-    env = {key: value for key, value in os.environ.items() if not key.startswith("CODELUPE_")}
-    env.update(PYTHONPATH=str(Path(__file__).resolve().parent.parent), OMP_NUM_THREADS="1")
+    env = cli_environment(OMP_NUM_THREADS="1")
     join_log = tmp_path / "join.log"
-    with open(join_log, "w") as log_file:
-        # Node 1 has no database at all (a closed port): it must not need one.
-        joiner = subprocess.Popen([sys.executable, "-m", "codelupe_trainer.cli", "join", "--node-rank", "1",
-                                   "--config", str(config1)], stdout=log_file, stderr=subprocess.STDOUT,
-                                  env=env | {"CODELUPE_DATABASE__URL": "postgresql://nobody@127.0.0.1:9/none"})
+    # Node 1 has no database at all (a closed port): it must not need one.
+    joiner = start_join(config1, join_log, env | {"CODELUPE_DATABASE__URL": "postgresql://nobody@127.0.0.1:9/none"})
     try:
-        _wait_for_line(join_log, "waiting for node 0's next training")
-
         def run_once() -> subprocess.CompletedProcess:
-            return subprocess.run([sys.executable, "-m", "codelupe_trainer.cli", "run-once", "--force", "--config",
-                                   str(config0)], env=env | {"CODELUPE_DATABASE__URL": crawler_table},
-                                  capture_output=True, text=True, timeout=600)
+            return run_cli("run-once", "--force", "--config", str(config0),
+                           env=env | {"CODELUPE_DATABASE__URL": crawler_table})
 
         first = run_once()
         assert first.returncode == 0, first.stderr[-3000:]
         assert "training on 2 processes (2 node(s) x 1, gloo)" in first.stderr
-        _wait_for_line(join_log, "node 1: run 1 trained")
+        wait_for_line(join_log, "node 1: run 1 trained")
         insert_stdlib_rows(crawler_table, start=60, count=40)
         second = run_once()
         assert second.returncode == 0, second.stderr[-3000:]
-        _wait_for_line(join_log, "node 1: run 2 trained")
+        wait_for_line(join_log, "node 1: run 2 trained")
     finally:
         joiner.send_signal(signal.SIGTERM)
         code = joiner.wait(timeout=30)
@@ -132,11 +144,9 @@ def test_a_node_that_never_joins_fails_the_cycle_in_one_line_and_trains_nothing(
     insert_stdlib_rows(crawler_table, start=0, count=20)
     config = write_config(tmp_path, tiny_model, (
         "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nnum_nodes = 2\n"
-        f'rendezvous_endpoint = "127.0.0.1:{_free_port()}"\nrendezvous_timeout_s = 5\n'))
-    env = {key: value for key, value in os.environ.items() if not key.startswith("CODELUPE_")}
-    env.update(CODELUPE_DATABASE__URL=crawler_table, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    completed = subprocess.run([sys.executable, "-m", "codelupe_trainer.cli", "run-once", "--force", "--config",
-                                str(config)], env=env, capture_output=True, text=True, timeout=300)
+        f'rendezvous_endpoint = "127.0.0.1:{free_port()}"\nrendezvous_timeout_s = 5\n'))
+    completed = run_cli("run-once", "--force", "--config", str(config),
+                        env=cli_environment(CODELUPE_DATABASE__URL=crawler_table))
     assert completed.returncode == 1
     errors = [line for line in completed.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "node 1 did not join the training within 5 s" in errors[0], completed.stderr[-2000:]
@@ -153,23 +163,17 @@ def test_a_rank_that_fails_on_another_node_fails_the_cycle_with_its_reason(crawl
     import signal
 
     insert_stdlib_rows(crawler_table, start=0, count=20)
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     config = write_config(tmp_path, tiny_model, (
         "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nnum_nodes = 2\n"
         f'rendezvous_endpoint = "{endpoint}"\nrendezvous_timeout_s = 60\n'))
-    env = {key: value for key, value in os.environ.items() if not key.startswith("CODELUPE_")}
-    env.update(PYTHONPATH=str(Path(__file__).resolve().parent.parent), OMP_NUM_THREADS="1")
+    env = cli_environment(OMP_NUM_THREADS="1")
     join_log = tmp_path / "join.log"
-    with open(join_log, "w") as log_file:
-        joiner = subprocess.Popen([sys.executable, "-m", "codelupe_trainer.cli", "join", "--node-rank", "1",
-                                   "--config", str(config)], stdout=log_file, stderr=subprocess.STDOUT,
-                                  env=env | {"CODELUPE_FAULT": "load:error"})
+    joiner = start_join(config, join_log, env | {"CODELUPE_FAULT": "load:error"})
     try:
-        _wait_for_line(join_log, "waiting for node 0's next training")
-        completed = subprocess.run([sys.executable, "-m", "codelupe_trainer.cli", "run-once", "--force", "--config",
-                                    str(config)], env=env | {"CODELUPE_DATABASE__URL": crawler_table},
-                                   capture_output=True, text=True, timeout=300)
-        _wait_for_line(join_log, "node 1: run 1 failed here")
+        completed = run_cli("run-once", "--force", "--config", str(config),
+                            env=env | {"CODELUPE_DATABASE__URL": crawler_table})
+        wait_for_line(join_log, "node 1: run 1 failed here")
         assert joiner.poll() is None  # still serving
     finally:
         joiner.send_signal(signal.SIGTERM)
@@ -190,9 +194,6 @@ def test_a_rank_that_fails_on_another_node_fails_the_cycle_with_its_reason(crawl
 def test_join_with_settings_that_cannot_work_is_one_line_and_exit_2(tmp_path, tiny_model, nodes, rank, expected):
     endpoint = 'rendezvous_endpoint = "127.0.0.1:29400"\n' if nodes > 1 else ""
     config = write_config(tmp_path, tiny_model, f"[training]\nnum_nodes = {nodes}\n{endpoint}")
-    env = {key: value for key, value in os.environ.items() if not key.startswith("CODELUPE_")}
-    env.update(PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    completed = subprocess.run([sys.executable, "-m", "codelupe_trainer.cli", "join", "--node-rank", str(rank),
-                                "--config", str(config)], env=env, capture_output=True, text=True, timeout=60)
+    completed = run_cli("join", "--node-rank", str(rank), "--config", str(config), env=cli_environment(), timeout=60)
     assert completed.returncode == 2
     assert completed.stderr.count("\n") == 1 and expected in completed.stderr, completed.stderr

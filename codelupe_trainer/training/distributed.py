@@ -60,12 +60,6 @@ def read_adapter_files(adapter: Path | None) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in adapter.iterdir() if path.is_file()}
 
 
-def world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
