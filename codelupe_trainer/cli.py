@@ -206,10 +206,10 @@ def command_join(settings: Settings, arguments) -> int:
     from .service.node import serve_node
 
     try:
-        return serve_node(settings, arguments.node_rank)
+        serve_node(settings, arguments.node_rank)  # until a stop
     except TrainingInterrupted as interruption:
         logging.getLogger("codelupe_trainer").info("join %s", interruption)
-        return EXIT_OK
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -45,9 +45,11 @@ def crash_point(phase: str) -> None:
         while True:
             time.sleep(0.1)
     if action == "hang":  # a cycle stuck where no signal handler runs (a CUDA hang, a dead socket)
+        import sys
         import time
 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"codelupe-fault: hanging at {phase}", file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)
     if action == "oom":

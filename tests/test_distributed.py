@@ -48,11 +48,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_for_line(path: Path, text: str, timeout_s: float = 60.0) -> None:
+def wait_for_line(path: Path, text: str, timeout_s: float = 60.0, count: int = 1) -> None:
+    """Until `text` is in the file `count` times."""
     import time
 
     deadline = time.monotonic() + timeout_s
-    while text not in path.read_text():
+    while path.read_text().count(text) < count:
         assert time.monotonic() < deadline, f"{text!r} not in {path.read_text()[-2000:]}"
         time.sleep(0.2)
 
@@ -197,3 +198,38 @@ def test_join_with_settings_that_cannot_work_is_one_line_and_exit_2(tmp_path, ti
     completed = run_cli("join", "--node-rank", str(rank), "--config", str(config), env=cli_environment(), timeout=60)
     assert completed.returncode == 2
     assert completed.stderr.count("\n") == 1 and expected in completed.stderr, completed.stderr
+
+
+def test_a_node_whose_cycle_ended_stops_its_stuck_ranks_and_waits_for_the_next(crawler_table, tiny_model, tmp_path):
+    """Node 0 dies mid-cycle (SIGKILL, as the daemon's stop timeout does) while node 1's rank is stuck where no
+    signal reaches it (a hung CUDA call, or NCCL waiting on a dead peer): `join` sees the cycle's store close,
+    kills the rank and is ready for the next cycle, instead of sitting out the collective's timeout."""
+    import signal
+
+    import psutil
+
+    insert_stdlib_rows(crawler_table, start=0, count=20)
+    config = write_config(tmp_path, tiny_model, (
+        "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nnum_nodes = 2\n"
+        f'rendezvous_endpoint = "127.0.0.1:{free_port()}"\nrendezvous_timeout_s = 60\n'))
+    env = cli_environment(OMP_NUM_THREADS="1")
+    join_log = tmp_path / "join.log"
+    joiner = start_join(config, join_log, env | {"CODELUPE_FAULT": "train:hang"})
+    try:
+        node0 = subprocess.Popen([sys.executable, "-m", "codelupe_trainer.cli", "run-once", "--force", "--config",
+                                  str(config)], env=env | {"CODELUPE_DATABASE__URL": crawler_table},
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_line(join_log, "codelupe-fault: hanging at train")  # rank 1 is stuck; node 0 waits on it
+        ranks = psutil.Process(joiner.pid).children()
+        assert len(ranks) == 1
+        node0.kill()
+        node0.wait()
+        wait_for_line(join_log, "node 1: node 0 ended run 1 while this node's ranks still ran; they were stopped")
+        assert not ranks[0].is_running() or ranks[0].status() == psutil.STATUS_ZOMBIE
+        wait_for_line(join_log, "waiting for node 0's next training", timeout_s=10, count=2)  # ready again
+        assert joiner.poll() is None
+    finally:
+        joiner.send_signal(signal.SIGTERM)
+        assert joiner.wait(timeout=30) == 0
+    state = load_state(tmp_path / "state.json")
+    assert state.last_trained_id == 0 and state.total_training_runs == 0

@@ -12,13 +12,16 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
+from collections.abc import Callable
 
 from ..config import Settings
-from ..training.distributed import start_ranks
+from ..training.distributed import start_ranks, stop_processes
 from ..training.rendezvous import accepts_connections, claim_node, connect_store, read_announcement, split_endpoint
 
 log = logging.getLogger(__name__)
-POLL_SECONDS = 2.0
+POLL_SECONDS = 2.0  # between looks for node 0's next cycle
+CHECK_SECONDS = 5.0  # between looks at whether the running cycle is still open
+RANK_GRACE_SECONDS = 10.0
 
 
 def next_cycle(host: str, port: int, last_served: str | None):
@@ -40,13 +43,28 @@ def next_cycle(host: str, port: int, last_served: str | None):
     return store, cycle
 
 
-def wait_for_children(children: list[subprocess.Popen]) -> list[int]:
+def still_announced(host: str, port: int, cycle_id: str) -> bool:
+    """Whether node 0 still holds this cycle open (its store closes when the cycle ends, however it ends)."""
+    _, cycle = next_cycle(host, port, None)
+    return cycle is not None and cycle.cycle_id == cycle_id
+
+
+def wait_for_children(children: list[subprocess.Popen], cycle_open: Callable[[], bool]) -> list[int] | None:
+    """The ranks' exit codes; None when node 0 ended the cycle while they still ran. A rank that outlives its
+    cycle is stuck in a collective whose peer is gone (NCCL can wait its whole timeout for a dead peer), and
+    would keep this node from the next cycle: it is stopped."""
+    checked = time.monotonic()
     while any(child.poll() is None for child in children):
+        if time.monotonic() - checked > CHECK_SECONDS:
+            checked = time.monotonic()
+            if not cycle_open():
+                stop_processes(children, grace_s=RANK_GRACE_SECONDS)
+                return None
         time.sleep(0.2)
     return [child.returncode for child in children]
 
 
-def serve_node(settings: Settings, node_rank: int) -> int:
+def serve_node(settings: Settings, node_rank: int) -> None:
     """Runs until stopped (a stop arrives as TrainingInterrupted from the signal handler)."""
     host, port = split_endpoint(settings.training.rendezvous_endpoint)
     last_served: str | None = None
@@ -74,20 +92,16 @@ def serve_node(settings: Settings, node_rank: int) -> int:
             log.info("node %d: joining run %d (ranks %d-%d of %d)", node_rank, cycle.run, first,
                      first + cycle.processes - 1, cycle.world_size)
             children = start_ranks(cycle, host, port, node_rank, range(cycle.processes))
-            codes = wait_for_children(children)
-            store = None  # let node 0 close the store
-            if any(codes):
+            store = None  # only node 0 keeps the store open
+            codes = wait_for_children(children, lambda: still_announced(host, port, cycle.cycle_id))
+            if codes is None:
+                log.warning("node %d: node 0 ended run %d while this node's ranks still ran; they were stopped",
+                            node_rank, cycle.run)
+            elif any(codes):
                 log.warning("node %d: run %d failed here (exit codes %s); node 0 reports the cycle's outcome",
                             node_rank, cycle.run, codes)
             else:
                 log.info("node %d: run %d trained", node_rank, cycle.run)
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        stop_processes(children)
 

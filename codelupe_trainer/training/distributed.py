@@ -85,6 +85,19 @@ def start_ranks(cycle: Cycle, host: str, port: int, node_rank: int, local_ranks:
             for local_rank in local_ranks]
 
 
+def stop_processes(children: list[subprocess.Popen], grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `grace_s` (a rank stuck in a collective may not get to its handler)."""
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    for child in children:
+        try:
+            child.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
 class RankGroup:
     """Rank 0's side: the store, the rendezvous variables in this process, this machine's other ranks."""
 
@@ -141,15 +154,7 @@ class RankGroup:
         wait_for_results(self.store, self.cycle, self.timeout_s, self.check_children)
 
     def __exit__(self, *exc_info) -> None:
-        for child in self.children:
-            if child.poll() is None:
-                child.terminate()
-        for child in self.children:
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        stop_processes(self.children)
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
