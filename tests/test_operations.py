@@ -155,6 +155,15 @@ def test_daemon_refuses_to_start_on_a_missing_table_or_model(db_url, make_settin
     assert "missing-model" in errors and "not a directory with a config.json" in errors
 
 
+def test_daemon_refuses_to_start_when_the_rendezvous_names_another_machine(crawler_table, make_settings, tmp_path,
+                                                                            capsys, monkeypatch):
+    make_settings(crawler_table, "[training]\nnum_nodes = 2\nrendezvous_endpoint = \"192.0.2.1:29400\"\n")
+    assert main(["run", "--config", str(tmp_path / "codelupe.toml")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == ["codelupe-trainer: cannot start: training.rendezvous_endpoint: 192.0.2.1 (192.0.2.1) is not "
+                      "an address of this machine; it must name node 0, where the daemon runs"]
+
+
 def test_run_once_names_a_missing_model_path(crawler_table, make_settings, tmp_path, monkeypatch, caplog):
     from conftest import insert_stdlib_rows
 

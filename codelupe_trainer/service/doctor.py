@@ -45,12 +45,16 @@ def check_rendezvous(endpoint: str, nodes: int) -> tuple[str, bool, str]:
         return ("rendezvous", False, f"training.rendezvous_endpoint: {host!r} does not resolve ({error})")
     local = [address for address in addresses if can_bind(address)]
     if not local:
-        return ("rendezvous", False, f"training.rendezvous_endpoint: {host} ({', '.join(sorted(addresses))}) is not "
-                "an address of this machine; it must name node 0, where the daemon runs")
+        return ("rendezvous", False, not_this_machine(host, addresses))
     loopback = all(ipaddress.ip_address(address).is_loopback for address in local)
     return ("rendezvous", True, f"{host}:{port} is this machine" + (" (loopback: no other machine can reach it)"
             if loopback else "") + f"; on each other machine run `codelupe-trainer join --node-rank K` for K in "
             f"1..{nodes - 1}")
+
+
+def not_this_machine(host: str, addresses: set[str]) -> str:
+    return (f"training.rendezvous_endpoint: {host} ({', '.join(sorted(addresses))}) is not an address of this "
+            "machine; it must name node 0, where the daemon runs")
 
 
 def can_bind(address: str) -> bool:
@@ -79,6 +83,12 @@ def fatal_startup_problems(settings: Settings) -> list[str]:
         if not str(error).startswith("cannot connect"):
             problems.append(str(error))
     problems += gpu_problems()
+    if settings.training.num_nodes > 1:
+        name, ok, detail = check_rendezvous(settings.training.rendezvous_endpoint, settings.training.num_nodes)
+        # A name that does not resolve may be DNS being down (retried like the database); one that resolves
+        # to another machine would time out every cycle.
+        if not ok and "does not resolve" not in detail:
+            problems.append(detail)
     return problems
 
 
