@@ -27,6 +27,7 @@ bench: install
 	$(BIN)/python benchmarks/ingest.py --rows 100000 1000000
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/forgetting.py
+	$(BIN)/python benchmarks/rank_handoff.py
 
 install-service: install
 	bash systemd/install.sh
