@@ -285,8 +285,14 @@ def test_gate_rejects_a_worse_adapter_promotes_a_better_one_and_rolls_back(crawl
     assert state.latest_adapter.endswith("run-000001")
     assert hook_calls(tmp_path)[-1]["CODELUPE_EVENT"] == "rollback"
     assert hook_calls(tmp_path)[-1]["CODELUPE_RUN_NUMBER"] == "1"
+    assert state.holdout_best == {}  # the anchors start again from the adapter put back
     insert_stdlib_rows(url, start=130, count=30)
     fourth = run_cycle(settings, force=True)
     state = load_state(settings.paths.state_file)
     assert fourth.status == "trained" and state.last_run["continued_from"].endswith("run-000001")
     assert state.lineage[-1]["parent"] == 1 and holdout_ids(state_dir) == holdout
+    # Run 1, measured again as the adapter in use, holds every anchor unless run 4 was promoted and beat it.
+    in_use_losses = state.lineage[-1]["holdout_losses_in_use"]
+    assert set(state.holdout_best) == {"python", "c"}
+    for language, (loss, _, source) in state.holdout_best.items():
+        assert source in (1, 4) and loss <= in_use_losses[language] + 1e-6

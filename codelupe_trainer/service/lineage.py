@@ -91,6 +91,10 @@ def rollback(settings: Settings, run_number: int) -> Path:
         previous = state.adapter_in_use
         state.latest_adapter = str(adapter)
         state.adapter_in_use = run_number
+        # A rollback is a person's word on what is good enough: the anchors start again from the adapter put
+        # back (the next run measures it), or a run continuing from an older adapter could never come within
+        # promotion.max_drift of the best the newer one reached, and every run would be rejected.
+        state.holdout_best = {}
         state.lineage.append({"event": "rollback", "run": run_number, "from_run": previous, "at": time.time()})
         save_state(state, settings.paths.state_file)
     log.info("rolled back: the adapter in use is run %d (was run %s)", run_number, previous)
