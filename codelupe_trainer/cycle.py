@@ -180,17 +180,10 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
             result, sizing = train_with_oom_backoff(model, settings.training, remembered_micro_batch(state, settings),
                                                     attempt)
         else:
-            # All ranks must train with the same sizes: no back-off here (an out-of-memory fails the cycle).
-            ranks.start(RankSpec(settings.model, settings.training, read_adapter_files(previous), dataset.train_blocks,
-                                 dataset.eval_blocks, tokenizer.pad_token_id, settings.data.seed,
-                                 quantization != "none", packing == "position_ids"))
-            try:
-                result = attempt(settings.training)
-            except Exception:
-                ranks.raise_reported_failure()
-                raise
-            ranks.finish()
-            sizing = BackoffOutcome(settings.training.batch_size, settings.training.gradient_accumulation_steps, 0)
+            result, sizing = ranks.train(RankSpec(settings.model, settings.training, read_adapter_files(previous),
+                                                  dataset.train_blocks, dataset.eval_blocks, tokenizer.pad_token_id,
+                                                  settings.data.seed, quantization != "none",
+                                                  packing == "position_ids"), attempt)
         metrics.update_config({"hyperparams/effective_micro_batch": sizing.micro_batch,
                                "hyperparams/effective_gradient_accumulation_steps": sizing.accumulation})
         metrics.log(result.global_step, {"performance/oom_backoffs": sizing.backoffs})

@@ -24,14 +24,17 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from ..config import ModelSettings, TrainingSettings
 from ..data.packing import Block
 from ..errors import TrainingError
 from ..logs import setup_logging
+from .backoff import BackoffOutcome
 from .rendezvous import (Cycle, connect_store, host_store, join_group, report_rank_result, reported_failure,
                          split_endpoint, wait_for_ranks, wait_for_results)
 
@@ -137,21 +140,22 @@ class RankGroup:
                  self.cycle.processes, "nccl" if self.cycle.device == "cuda" else "gloo")
         return self
 
-    def start(self, spec: RankSpec) -> None:
-        """Hand every other rank its work (they wait for it in the same collective)."""
+    def train(self, spec: RankSpec, attempt: Callable[[TrainingSettings], Any]) -> tuple[Any, BackoffOutcome]:
+        """Hand every other rank its work (they wait for it in the same collective), train rank 0's share with
+        `attempt`, and wait until every other rank has ended cleanly too. All ranks must train with the same
+        sizes, so there is no out-of-memory back-off here: an OOM fails the cycle."""
         import torch.distributed as dist
 
         dist.broadcast_object_list([spec], src=0)
-
-    def raise_reported_failure(self) -> None:
-        """A rank's own reason for failing, when it left one: clearer than rank 0's "connection closed"."""
-        failure = reported_failure(self.store, self.cycle)
-        if failure:
-            raise TrainingError(failure)
-
-    def finish(self) -> None:
-        """After rank 0's training: every other rank must have ended cleanly too."""
+        try:
+            result = attempt(spec.training)
+        except Exception:
+            failure = reported_failure(self.store, self.cycle)
+            if failure:  # a rank's own reason is clearer than rank 0's "connection closed by peer"
+                raise TrainingError(failure) from None
+            raise
         wait_for_results(self.store, self.cycle, self.timeout_s, self.check_children)
+        return result, BackoffOutcome(spec.training.batch_size, spec.training.gradient_accumulation_steps, 0)
 
     def __exit__(self, *exc_info) -> None:
         stop_processes(self.children)
