@@ -255,6 +255,8 @@ def test_gate_rejects_a_worse_adapter_promotes_a_better_one_and_rolls_back(crawl
 
     status = cli(tmp_path, url, "status")
     assert status.returncode == 0 and "rejected" in status.stdout and "run 1" in status.stdout, status.stdout
+    assert f"best holdout loss:     c {anchors['c'][0]:.4f} (run 1), python {anchors['python'][0]:.4f} (run 1)" \
+        in status.stdout, status.stdout
     listed = cli(tmp_path, url, "adapters", "--json")
     assert listed.returncode == 0, listed.stderr
     entries = {entry["run"]: entry for entry in json.loads(listed.stdout)}

@@ -27,6 +27,7 @@ def print_status(settings: Settings, as_json: bool) -> int:
         "latest_adapter": state.latest_adapter,
         "adapter_in_use": state.adapter_in_use,
         "rejected_runs": state.rejected_runs,
+        "holdout_best": {language: {"loss": entry[0], "run": entry[2]} for language, entry in state.holdout_best.items()},
         "last_run": state.last_run,
         "pending_gaps": len(state.pending_gaps),
         "live": read_live_status(settings.paths.state_file),
@@ -45,6 +46,10 @@ def print_status(settings: Settings, as_json: bool) -> int:
     if state.lineage:
         print(f"promotion gate:        {state.rejected_runs} of {state.total_training_runs} runs rejected "
               "(`codelupe-trainer adapters` lists them)")
+    if state.holdout_best:
+        # What promotion.max_drift measures against: run 0 is the base model.
+        anchors = ", ".join(f"{language} {entry[0]:.4f} (run {entry[2]})" for language, entry in sorted(state.holdout_best.items()))
+        print(f"best holdout loss:     {anchors}")
     print(f"failures:              {state.consecutive_failures} in a row, {state.total_failures} in all")
     if state.consecutive_failures >= settings.service.alert_after_failures:
         print(f"STUCK:                 {state.consecutive_failures} cycles in a row failed at id {state.last_trained_id}; "
