@@ -10,6 +10,7 @@ fresh processes each cycle, like node 0's cycles).
 from __future__ import annotations
 
 import logging
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -67,6 +68,12 @@ def wait_for_children(children: list[subprocess.Popen], cycle_open: Callable[[],
 def serve_node(settings: Settings, node_rank: int) -> None:
     """Runs until stopped (a stop arrives as TrainingInterrupted from the signal handler)."""
     host, port = split_endpoint(settings.training.rendezvous_endpoint)
+    try:
+        socket.getaddrinfo(host, port)
+    except OSError as error:
+        # Said once, then waited on like an absent node 0: the name may resolve later (DNS, /etc/hosts).
+        log.warning("node %d: training.rendezvous_endpoint %s does not resolve (%s); waiting anyway", node_rank,
+                    host, error)
     last_served: str | None = None
     waiting_said = False
     children: list[subprocess.Popen] = []
