@@ -28,6 +28,7 @@ bench: install
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/forgetting.py
 	$(BIN)/python benchmarks/rank_handoff.py
+	$(BIN)/python benchmarks/replay_draw.py
 
 install-service: install
 	bash systemd/install.sh

@@ -122,13 +122,13 @@ def run_variant(name: str, mode: str, replay: float, language_tolerance: float, 
 
     from codelupe_trainer.config import load_settings
     from codelupe_trainer.cycle import run_cycle
-    from codelupe_trainer.demo.pgserver import CREATE_PROCESSED_FILES
+    from codelupe_trainer.demo.pgserver import CREATE_PROCESSED_FILES, database_url
     from codelupe_trainer.state import load_state
 
     database = f"forgetting_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{database}"')
-    url = admin_url.rsplit("/", 1)[0] + f"/{database}"
+    url = database_url(admin_url, database)
     directory = work / database
     directory.mkdir()
     config = directory / "codelupe.toml"

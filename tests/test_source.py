@@ -211,3 +211,46 @@ def test_counting_stops_at_what_the_schedule_needs(crawler_table):
     with open_connection(database) as connection:
         assert count_new_samples(connection, database, data, 0) == 3000
         assert count_new_samples(connection, database, data, 0, up_to=1000) == 1000
+
+
+def replay_table(db_url: str, ids: list[int]) -> DatabaseSettings:
+    """Rows at these ids: three Python rows to one C row, every fifth one ineligible (quality 10)."""
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        connection.execute(CREATE_LOOSE)
+        with connection.cursor() as cursor:
+            cursor.executemany("INSERT INTO snippets (sid, body, lang, score) VALUES (%s, %s, %s, %s)",
+                               [(row_id, GOOD, "c" if row_id % 4 == 0 else "python", 10 if row_id % 5 == 0 else 90)
+                                for row_id in ids])
+    return DatabaseSettings(url=db_url, table="snippets", id_column="sid", content_column="body",
+                            language_column="lang", quality_column="score")
+
+
+def test_the_replay_draw_is_eligible_trained_rows_in_proportion_and_new_each_run(db_url):
+    from codelupe_trainer.data.source import fetch_replay_samples
+
+    database = replay_table(db_url, list(range(1, 2001)))
+    holdout = list(range(1, 2001, 7))
+    with open_connection(database) as connection:
+        first = fetch_replay_samples(connection, database, DataSettings(), 1600, 400, holdout, salt=1)
+        again = fetch_replay_samples(connection, database, DataSettings(), 1600, 400, holdout, salt=1)
+        other = fetch_replay_samples(connection, database, DataSettings(), 1600, 400, holdout, salt=2)
+    ids = [sample.id for sample in first]
+    assert len(ids) == len(set(ids)) == 400
+    assert max(ids) <= 1600 and not set(ids) & set(holdout)  # trained rows only, never the holdout
+    assert all(row_id % 5 for row_id in ids)  # eligible rows only
+    assert ids == [sample.id for sample in again] and set(ids) != {sample.id for sample in other}
+    # Drawn uniformly: C is a quarter of the eligible rows (binomial: 100 expected, 4 sd either side).
+    c_rows = sum(sample.language == "c" for sample in first)
+    assert 65 <= c_rows <= 135, c_rows
+
+
+def test_the_replay_draw_finds_rows_in_a_sparse_id_range_and_stops_at_what_exists(db_url):
+    from codelupe_trainer.data.source import fetch_replay_samples
+
+    # 300 rows spread over ids up to 3 million (deleted rows, another sequence): a few lookups still find them.
+    database = replay_table(db_url, list(range(1, 3_000_001, 10_000)))
+    with open_connection(database) as connection:
+        found = fetch_replay_samples(connection, database, DataSettings(), 3_000_000, 50, [], salt=3)
+        everything = fetch_replay_samples(connection, database, DataSettings(), 50_000, 100, [], salt=3)
+    assert len(found) == 50
+    assert sorted(sample.id for sample in everything) == [1, 10_001, 20_001, 30_001, 40_001]  # all there is

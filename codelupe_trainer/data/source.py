@@ -8,6 +8,8 @@ runs on the server and only eligible rows carry their content over the wire; the
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -286,24 +288,67 @@ def fetch_replay_samples(
     connection: psycopg.Connection, database: DatabaseSettings, data: DataSettings, up_to_id: int, count: int,
     exclude_ids: list[int], salt: int,
 ) -> list[Sample]:
-    """About `count` eligible rows at or below the watermark (already trained), stratified by language in
-    proportion to each language's share of them, picked by a hash of id and `salt` (each run draws anew).
+    """About `count` eligible rows at or below the watermark (already trained), drawn uniformly at random, so
+    each language comes in proportion to its share of them; seeded by `salt` (each run draws anew).
 
-    Reads every eligible row's id and language below the watermark once: seconds for millions of rows.
+    Candidate ids are drawn from the id range and looked up through the primary key, a few rounds until
+    enough are eligible: the cost follows `count`, not the table. (Ranking every trained row instead read
+    each one's content for the eligibility test: 12 s a cycle at a million rows, benchmarks/replay_draw.py.)
+    Where ids are too sparse for that (most of the range deleted), the rest are the first eligible rows after
+    random points, one index range scan each: a row after a long gap is likelier, a bias only sparse tables see.
     """
     if count <= 0 or up_to_id <= 0:
         return []
     names = _names(database)
+    lowest = _run(connection, database, sql.SQL("SELECT min({id}) FROM {table}").format(**names)).fetchone()[0]
+    if lowest is None or lowest > up_to_id:
+        return []
+    id_range = range(lowest, up_to_id + 1)
+    generator = random.Random(salt)
+    tried: set[int] = set(exclude_ids)
+    chosen: list[Sample] = []
+    hit_rate = 1.0
+    for _ in range(REPLAY_ROUNDS):
+        untried = len(id_range) - sum(1 for candidate in tried if candidate in id_range)
+        missing = count - len(chosen)
+        if missing <= 0 or untried <= 0:
+            break
+        size = min(untried, REPLAY_MAX_CANDIDATES, max(2 * missing, math.ceil(1.2 * missing / hit_rate)))
+        candidates = _draw_ids(generator, id_range, size, tried)
+        tried.update(candidates)
+        found = {sample.id: sample for sample in fetch_samples_by_id(connection, database, data, candidates)}
+        hit_rate = max(len(found) / len(candidates), 0.001)
+        chosen += [found[candidate] for candidate in candidates if candidate in found][:missing]
+    if len(chosen) < count:
+        chosen += _rows_after_random_points(connection, database, data, id_range, count - len(chosen), generator,
+                                            exclude_ids + [sample.id for sample in chosen])
+    return chosen
+
+
+def _rows_after_random_points(connection: psycopg.Connection, database: DatabaseSettings, data: DataSettings,
+                              id_range: range, count: int, generator: random.Random, exclude_ids: list[int]) -> list[Sample]:
+    names = _names(database)
     reason, parameters = _skip_reason_sql(data)
     query = sql.SQL(
-        "WITH trained AS ("
-        "  SELECT {id} AS id, lower(btrim({language})) AS language FROM {table}"
-        "  WHERE {id} <= %(up_to_id)s AND ({reason}) IS NULL AND NOT ({id} = ANY(%(exclude)s))"
-        "), ranked AS ("
-        "  SELECT id, row_number() OVER (PARTITION BY language ORDER BY md5(id::text || ':' || %(salt)s)) AS rank,"
-        "         count(*) OVER (PARTITION BY language) AS language_rows, count(*) OVER () AS all_rows FROM trained"
-        ") SELECT id FROM ranked WHERE rank <= ceil(%(count)s * language_rows::float8 / all_rows)"
+        "SELECT DISTINCT picked.id FROM unnest(%(points)s::bigint[]) AS point(start) CROSS JOIN LATERAL ("
+        "  SELECT {id} AS id FROM {table} WHERE {id} >= point.start AND {id} <= %(last)s AND ({reason}) IS NULL"
+        "  AND NOT ({id} = ANY(%(exclude)s)) ORDER BY {id} LIMIT 1) AS picked"
     ).format(reason=reason.format(**names), **names)
-    parameters.update(up_to_id=up_to_id, exclude=list(exclude_ids), salt=str(salt), count=count)
-    ids = [row[0] for row in _run(connection, database, query, parameters).fetchall()]
-    return fetch_samples_by_id(connection, database, data, ids)
+    parameters.update(points=[generator.choice(id_range) for _ in range(2 * count)], last=id_range[-1],
+                      exclude=exclude_ids)
+    ids = sorted(row[0] for row in _run(connection, database, query, parameters).fetchall())
+    generator.shuffle(ids)
+    return fetch_samples_by_id(connection, database, data, ids[:count])
+
+
+REPLAY_ROUNDS = 6
+REPLAY_MAX_CANDIDATES = 50_000  # ids per lookup (one array parameter)
+
+
+def _draw_ids(generator: random.Random, id_range: range, size: int, tried: set[int]) -> list[int]:
+    """`size` ids of the range not tried yet, in random order (fewer when the draw repeats tried ones)."""
+    if size * 2 >= len(id_range):  # most of a small range: list what is left and shuffle it
+        left = [candidate for candidate in id_range if candidate not in tried]
+        generator.shuffle(left)
+        return left[:size]
+    return [candidate for candidate in generator.sample(id_range, size) if candidate not in tried]

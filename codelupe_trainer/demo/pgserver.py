@@ -88,3 +88,11 @@ def wait_for_postgres(url: str, timeout_s: float = 30.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def database_url(url: str, database: str) -> str:
+    """The same server's URL for another database (a throwaway server's URL names its socket in the query)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
