@@ -22,6 +22,7 @@ from ..training.rendezvous import accepts_connections, claim_node, connect_store
 log = logging.getLogger(__name__)
 POLL_SECONDS = 2.0  # between looks for node 0's next cycle
 CHECK_SECONDS = 5.0  # between looks at whether the running cycle is still open
+CHECKS_BEFORE_STOPPING = 3
 RANK_GRACE_SECONDS = 10.0
 
 
@@ -54,11 +55,13 @@ def wait_for_children(children: list[subprocess.Popen], cycle_open: Callable[[],
     """The ranks' exit codes; None when node 0 ended the cycle while they still ran. A rank that outlives its
     cycle is stuck in a collective whose peer is gone (NCCL can wait its whole timeout for a dead peer), and
     would keep this node from the next cycle: it is stopped."""
-    checked = time.monotonic()
+    checked, misses = time.monotonic(), 0
     while any(child.poll() is None for child in children):
         if time.monotonic() - checked > CHECK_SECONDS:
             checked = time.monotonic()
-            if not cycle_open():
+            # Gone at several looks in a row: one failed connection may be the network, not the cycle's end.
+            misses = 0 if cycle_open() else misses + 1
+            if misses == CHECKS_BEFORE_STOPPING:
                 stop_processes(children, grace_s=RANK_GRACE_SECONDS)
                 return None
         time.sleep(0.2)
