@@ -202,6 +202,14 @@ def command_join(settings: Settings, arguments) -> int:
               "machine running the daemon)" if nodes > 1 else "codelupe-trainer: join needs training.num_nodes > 1 "
               "and training.rendezvous_endpoint, set as on node 0", file=sys.stderr)
         return EXIT_USAGE
+    from .service.doctor import model_and_gpu_problems
+
+    problems = model_and_gpu_problems(settings)
+    if problems:
+        # Every cycle would fail on this machine the same way: exit 2, which the unit does not restart into.
+        for problem in problems:
+            print(f"codelupe-trainer: cannot join: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     stop.CURRENT.install()
     from .service.node import serve_node
 

@@ -187,14 +187,17 @@ def test_a_rank_that_fails_on_another_node_fails_the_cycle_with_its_reason(crawl
     assert state.last_trained_id == 0 and state.total_training_runs == 0 and state.total_failures == 1
 
 
-@pytest.mark.parametrize("nodes, rank, expected", [
-    (1, 1, "join needs training.num_nodes > 1"),
-    (2, 2, "--node-rank must be 1..1"),
-    (3, 0, "--node-rank must be 1..2"),
+@pytest.mark.parametrize("nodes, rank, model, expected", [
+    (1, 1, None, "join needs training.num_nodes > 1"),
+    (2, 2, None, "--node-rank must be 1..1"),
+    (3, 0, None, "--node-rank must be 1..2"),
+    (2, 1, "missing-model", "cannot join: model.base_model"),  # this machine lacks the base model
 ])
-def test_join_with_settings_that_cannot_work_is_one_line_and_exit_2(tmp_path, tiny_model, nodes, rank, expected):
+def test_join_with_settings_that_cannot_work_is_one_line_and_exit_2(tmp_path, tiny_model, nodes, rank, model,
+                                                                    expected):
     endpoint = 'rendezvous_endpoint = "127.0.0.1:29400"\n' if nodes > 1 else ""
-    config = write_config(tmp_path, tiny_model, f"[training]\nnum_nodes = {nodes}\n{endpoint}")
+    config = write_config(tmp_path, tmp_path / model if model else tiny_model,
+                          f"[training]\nnum_nodes = {nodes}\n{endpoint}")
     completed = run_cli("join", "--node-rank", str(rank), "--config", str(config), env=cli_environment(), timeout=60)
     assert completed.returncode == 2
     assert completed.stderr.count("\n") == 1 and expected in completed.stderr, completed.stderr

@@ -71,18 +71,13 @@ def fatal_startup_problems(settings: Settings) -> list[str]:
 
     An unreachable database is not among them: the daemon retries it with backoff.
     """
-    problems = []
-    # A hub id that is not cached is not fatal here: the network may come back; each cycle says so.
-    name, ok, detail = check_model_path(settings.model.base_model, probe_hub=False)
-    if not ok:
-        problems.append(detail)
+    problems = model_and_gpu_problems(settings)
     try:
         with open_connection(settings.database) as connection:
             check_table(connection, settings.database)
     except SourceError as error:
         if not str(error).startswith("cannot connect"):
             problems.append(str(error))
-    problems += gpu_problems()
     if settings.training.num_nodes > 1:
         name, ok, detail = check_rendezvous(settings.training.rendezvous_endpoint, settings.training.num_nodes)
         # A name that does not resolve may be DNS being down (retried like the database); one that resolves
@@ -90,6 +85,17 @@ def fatal_startup_problems(settings: Settings) -> list[str]:
         if not ok and "does not resolve" not in detail:
             problems.append(detail)
     return problems
+
+
+def model_and_gpu_problems(settings: Settings) -> list[str]:
+    """What every training machine needs, node 0 or another (`join` checks these too): the base model where
+    the settings say, and a GPU its torch build can use."""
+    problems = []
+    # A hub id that is not cached is not fatal here: the network may come back; each cycle says so.
+    name, ok, detail = check_model_path(settings.model.base_model, probe_hub=False)
+    if not ok:
+        problems.append(detail)
+    return problems + gpu_problems()
 
 
 def gpu_problems() -> list[str]:
