@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import insert_stdlib_rows, write_config
+from test_daemon import start_daemon, stop_daemon, wait_for
 from wandb_reader import find_run_files, read_run
 
 from codelupe_trainer.state import load_state
@@ -85,13 +86,15 @@ def test_a_two_process_cycle_trains_once_and_reports_once(crawler_table, tiny_mo
 
 
 def test_two_nodes_train_each_cycle_together_and_only_node_0_writes(crawler_table, tiny_model, tmp_path):
-    """Two machines, stood in for by two process trees on this one: node 0 runs the cycles (`run-once`), node 1
-    runs `join` with its own directory and no database. In the shipped shape: the promotion gate with a holdout,
-    replay in run 2, gradient accumulation 4 and checkpointing."""
+    """Two machines, stood in for by two process trees on this one, as they run in production: node 0 runs the
+    daemon (`run`, each cycle in its own child process), node 1 runs `join` with its own directory and no
+    database. In the shipped shape: the promotion gate with a holdout, replay in run 2, gradient accumulation 4
+    and checkpointing."""
     import signal
 
     insert_stdlib_rows(crawler_table, start=0, count=60)
-    training = ("[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nlearning_rate = 5e-3\nlogging_steps = 1\n"
+    training = ("[schedule]\ninterval_minutes = 0.05\nmin_new_samples = 10\n"
+                "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nlearning_rate = 5e-3\nlogging_steps = 1\n"
                 f"gradient_checkpointing = true\nnum_processes = 1\nnum_nodes = 2\n"
                 f'rendezvous_endpoint = "127.0.0.1:{free_port()}"\nrendezvous_timeout_s = 120\n'
                 "[promotion]\nmode = \"gate\"\nholdout_samples = 12\nholdout_min_per_language = 6\n"
@@ -101,25 +104,26 @@ def test_two_nodes_train_each_cycle_together_and_only_node_0_writes(crawler_tabl
     config0, config1 = write_config(node0, tiny_model, training), write_config(node1, tiny_model, training)
     # Two torch process trees on this box's 2 cores: one thread each, or they slow each other ~10x.
     env = cli_environment(OMP_NUM_THREADS="1")
-    join_log = tmp_path / "join.log"
+    join_log, daemon_log = tmp_path / "join.log", tmp_path / "daemon.log"
     # Node 1 has no database at all (a closed port): it must not need one.
     joiner = start_join(config1, join_log, env | {"CODELUPE_DATABASE__URL": "postgresql://nobody@127.0.0.1:9/none"})
+    daemon = start_daemon(config0, env | {"CODELUPE_DATABASE__URL": crawler_table}, daemon_log)
     try:
-        def run_once() -> subprocess.CompletedProcess:
-            return run_cli("run-once", "--force", "--config", str(config0),
-                           env=env | {"CODELUPE_DATABASE__URL": crawler_table})
-
-        first = run_once()
-        assert first.returncode == 0, first.stderr[-3000:]
-        assert "training on 2 processes (2 node(s) x 1, gloo)" in first.stderr
+        runs_done = lambda: load_state(node0 / "state.json").total_training_runs  # noqa: E731
+        wait_for(lambda: runs_done() == 1, 240, "run 1 on two nodes", daemon, daemon_log)
         wait_for_line(join_log, "node 1: run 1 trained")
         insert_stdlib_rows(crawler_table, start=60, count=40)
-        second = run_once()
-        assert second.returncode == 0, second.stderr[-3000:]
+        wait_for(lambda: runs_done() == 2, 240, "run 2 on two nodes", daemon, daemon_log)
         wait_for_line(join_log, "node 1: run 2 trained")
+        assert stop_daemon(daemon, daemon_log) == 0
     finally:
+        if daemon.poll() is None:
+            daemon.kill()
         joiner.send_signal(signal.SIGTERM)
         code = joiner.wait(timeout=30)
+    daemon_text = daemon_log.read_text()
+    assert daemon_text.count("training on 2 processes (2 node(s) x 1, gloo)") == 2
+    assert all(TIMESTAMPED.match(line) for line in daemon_text.splitlines()), daemon_text[-3000:]
     log_text = join_log.read_text()
     assert code == 0, log_text[-3000:]
     # Quiet and in one format: no traceback, no library warning, no C++ store chatter.
