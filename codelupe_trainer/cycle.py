@@ -38,7 +38,7 @@ from .report import (HEARTBEAT_S, ProgressReporter, adapter_card, continuous_met
                      run_config)
 from .state import TrainerState, advance_state, expire_gaps, load_state, record_failure, save_state
 from .training.adapters import prune_adapters, save_adapter
-from .training.backoff import BackoffOutcome, train_with_oom_backoff
+from .training.backoff import BackoffOutcome, OutOfMemoryOnRanks, sized, train_with_oom_backoff
 from .training.distributed import RankGroup, RankSpec, read_adapter_files
 from .training.loop import block_budget, train_adapter
 from .training.model import attach_adapter, choose_packing, count_parameters, load_base_model, load_tokenizer, pick_device
@@ -58,7 +58,9 @@ def run_cycle(settings: Settings, force: bool = False, process_started: float | 
         except TrainingInterrupted as interruption:
             return CycleOutcome("interrupted", str(interruption))
         except Exception as error:
-            failed = record_failure(settings.paths.state_file, f"{type(error).__name__}: {error}", started)
+            smaller = (memory_record(settings, error.next_micro_batch) if isinstance(error, OutOfMemoryOnRanks)
+                       else None)
+            failed = record_failure(settings.paths.state_file, f"{type(error).__name__}: {error}", started, smaller)
             if failed.consecutive_failures == settings.service.alert_after_failures:
                 alert_stuck(settings, failed)
             raise
@@ -180,7 +182,10 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
             result, sizing = train_with_oom_backoff(model, settings.training, remembered_micro_batch(state, settings),
                                                     attempt)
         else:
-            result, sizing = ranks.train(RankSpec(settings.model, settings.training, read_adapter_files(previous),
+            # All ranks train at one size: the one an earlier out-of-memory left in the state, if any.
+            training = sized(settings.training, min(remembered_micro_batch(state, settings) or settings.training.batch_size,
+                                                    settings.training.batch_size))
+            result, sizing = ranks.train(RankSpec(settings.model, training, read_adapter_files(previous),
                                                   dataset.train_blocks, dataset.eval_blocks, tokenizer.pad_token_id,
                                                   settings.data.seed, quantization != "none",
                                                   packing == "position_ids"), attempt)
@@ -278,8 +283,7 @@ def _publish(settings: Settings, state: TrainerState, model, run_number: int, pr
                                             parent or 0,
                                             result.holdout_after, decision.promoted, run_number)
     if sizing.backoffs or state.micro_batch:
-        new_state.micro_batch = {"micro": sizing.micro_batch, "max_length": settings.data.max_length,
-                                 "effective": settings.training.batch_size * settings.training.gradient_accumulation_steps}
+        new_state.micro_batch = memory_record(settings, sizing.micro_batch)
     save_state(new_state, settings.paths.state_file)
     # After the state: a crash in between can at worst let a duplicate through later, never lose a sample.
     duplicate_store.commit()
@@ -290,6 +294,12 @@ def _publish(settings: Settings, state: TrainerState, model, run_number: int, pr
     verdict = "" if settings.promotion.mode == "always" else (" (promoted)" if decision.promoted else " (rejected: kept the adapter in use)")
     return CycleOutcome("trained", f"run {run_number} trained {dataset.train_samples} samples{verdict}",
                         new_samples=dataset.total_samples, run_number=run_number, summary=summary)
+
+
+def memory_record(settings: Settings, micro_batch: int) -> dict[str, int]:
+    """The micro-batch that fits, with what it was measured for (the state's `micro_batch`)."""
+    return {"micro": micro_batch, "max_length": settings.data.max_length,
+            "effective": settings.training.batch_size * settings.training.gradient_accumulation_steps}
 
 
 def remembered_micro_batch(state: TrainerState, settings: Settings) -> int | None:

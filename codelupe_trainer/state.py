@@ -118,9 +118,13 @@ def account_uptime(state: TrainerState, process_started: float, now: float) -> N
     state.uptime_accounted_at = now
 
 
-def record_failure(path: Path, error: BaseException | str, process_started: float | None = None) -> TrainerState:
-    """A failed cycle changes nothing but the failure counters, the last error and the uptime."""
+def record_failure(path: Path, error: BaseException | str, process_started: float | None = None,
+                   micro_batch: dict[str, int] | None = None) -> TrainerState:
+    """A failed cycle changes nothing but the failure counters, the last error and the uptime (and, after an
+    out-of-memory on several ranks, the micro-batch the next cycle starts from)."""
     state = load_state(path)
+    if micro_batch is not None:
+        state.micro_batch = micro_batch
     state.consecutive_failures += 1
     state.total_failures += 1
     state.last_error = str(error)[:500]

@@ -240,3 +240,35 @@ def test_a_node_whose_cycle_ended_stops_its_stuck_ranks_and_waits_for_the_next(c
         assert joiner.wait(timeout=30) == 0
     state = load_state(tmp_path / "state.json")
     assert state.last_trained_id == 0 and state.total_training_runs == 0
+
+
+def test_an_out_of_memory_on_several_ranks_trains_the_next_cycle_smaller_instead_of_failing_forever(
+        crawler_table, tiny_model, tmp_path):
+    """Every rank's forward over more than 2 rows raises CUDA's real OutOfMemoryError (`oom-above:2`, inherited by
+    rank 1). The ranks cannot retry within a run, so the cycle fails with nothing trained and leaves micro-batch
+    2 in the state; the next cycle trains 2 x 8 (the same effective batch of 16) and every row is trained."""
+    insert_stdlib_rows(crawler_table, start=0, count=40)
+    config = write_config(tmp_path, tiny_model, (
+        "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nlearning_rate = 5e-3\nlogging_steps = 1\n"
+        "gradient_checkpointing = true\nnum_processes = 2\n"))
+    env = cli_environment(CODELUPE_DATABASE__URL=crawler_table, CODELUPE_FAULT="oom-above:2")
+
+    failed = run_cli("run-once", "--force", "--config", str(config), env=env)
+    assert failed.returncode == 1
+    errors = [line for line in failed.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "CUDA out of memory at micro-batch 4 on several ranks: the next cycle trains with " \
+        "micro-batch 2 x accumulation 8 (same effective batch)" in errors[0], failed.stderr[-3000:]
+    state = load_state(tmp_path / "state.json")
+    assert state.last_trained_id == 0 and state.total_training_runs == 0
+    assert state.micro_batch == {"micro": 2, "max_length": 256, "effective": 16}
+
+    trained = run_cli("run-once", "--force", "--config", str(config), env=env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    state = load_state(tmp_path / "state.json")
+    assert state.total_training_runs == 1 and state.consecutive_failures == 0
+    assert state.last_trained_id == 40  # every row, in the second cycle
+    assert state.last_run["micro_batch"] == 2 and state.micro_batch["micro"] == 2
+    run = read_run(find_run_files(tmp_path)[-1])
+    assert run.config["hyperparams/effective_gradient_accumulation_steps"] == 8
+    blocks = run.values("dataset/train_blocks")[0][1]
+    assert state.last_run["steps"] == math.ceil(math.ceil(math.ceil(blocks / 2) / 2) / 8)

@@ -23,6 +23,32 @@ from ..errors import TrainingError
 log = logging.getLogger(__name__)
 
 
+SMALLEST_MESSAGE = ("out of GPU memory even at micro-batch 1: lower data.max_length or model.lora_r, keep "
+                    "training.gradient_checkpointing on and training.loss on auto/chunked, or use a larger GPU")
+
+
+class OutOfMemoryOnRanks(TrainingError):
+    """Several ranks cannot retry within a run (they must all train at one size): the cycle fails, and the
+    next one trains at `next_micro_batch` (remembered in the state), with the same effective batch."""
+
+    def __init__(self, micro_batch: int, training: TrainingSettings):
+        self.next_micro_batch = micro_batch // 2
+        accumulation = sized(training, self.next_micro_batch).gradient_accumulation_steps
+        super().__init__(f"CUDA out of memory at micro-batch {micro_batch} on several ranks: the next cycle trains "
+                         f"with micro-batch {self.next_micro_batch} x accumulation {accumulation} (same effective "
+                         "batch)")
+
+
+def check_ranks_memory_failure(error: BaseException | str, training: TrainingSettings) -> None:
+    """Raise the back-off for several ranks when `error` (rank 0's, or a rank's reported reason) is an OOM."""
+    oom = isinstance(error, torch.OutOfMemoryError) or str(error).startswith(f"{torch.OutOfMemoryError.__name__}:")
+    if not oom:
+        return
+    if training.batch_size == 1:
+        raise TrainingError(SMALLEST_MESSAGE) from None
+    raise OutOfMemoryOnRanks(training.batch_size, training) from None
+
+
 @dataclass
 class BackoffOutcome:
     micro_batch: int
@@ -50,10 +76,7 @@ def train_with_oom_backoff(model, training: TrainingSettings, start_micro_batch:
             return result, BackoffOutcome(micro_batch, settings.gradient_accumulation_steps, backoffs)
         except torch.OutOfMemoryError:
             if micro_batch == 1:
-                raise TrainingError(
-                    "out of GPU memory even at micro-batch 1: lower data.max_length or model.lora_r, keep "
-                    "training.gradient_checkpointing on and training.loss on auto/chunked, or use a larger GPU"
-                ) from None
+                raise TrainingError(SMALLEST_MESSAGE) from None
             _undo_attempt(model, snapshot)
             micro_batch //= 2
             backoffs += 1

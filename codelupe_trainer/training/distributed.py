@@ -34,9 +34,9 @@ from ..config import ModelSettings, TrainingSettings
 from ..data.packing import Block
 from ..errors import TrainingError
 from ..logs import setup_logging
-from .backoff import BackoffOutcome
-from .rendezvous import (Cycle, connect_store, host_store, join_group, report_rank_result, reported_failure,
-                         split_endpoint, wait_for_ranks, wait_for_results)
+from .backoff import BackoffOutcome, check_ranks_memory_failure
+from .rendezvous import (Cycle, connect_store, describe_failure, host_store, join_group, report_rank_result,
+                         reported_failure, split_endpoint, wait_for_ranks, wait_for_results)
 
 log = logging.getLogger("codelupe_trainer.training.distributed")  # also when run as __main__ (a rank)
 RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -143,16 +143,20 @@ class RankGroup:
     def train(self, spec: RankSpec, attempt: Callable[[TrainingSettings], Any]) -> tuple[Any, BackoffOutcome]:
         """Hand every other rank its work (they wait for it in the same collective), train rank 0's share with
         `attempt`, and wait until every other rank has ended cleanly too. All ranks must train with the same
-        sizes, so there is no out-of-memory back-off here: an OOM fails the cycle."""
+        sizes, so an out-of-memory on any rank fails the cycle with the smaller size for the next one
+        (training/backoff.py: OutOfMemoryOnRanks)."""
         import torch.distributed as dist
 
         dist.broadcast_object_list([spec], src=0)
         try:
             result = attempt(spec.training)
-        except Exception:
+        except Exception as error:
+            # An out-of-memory on any rank: the next cycle trains smaller (the ranks cannot retry within a run).
+            check_ranks_memory_failure(error, spec.training)
             failure = reported_failure(self.store, self.cycle)
             if failure:  # a rank's own reason is clearer than rank 0's "connection closed by peer"
-                raise TrainingError(failure) from None
+                check_ranks_memory_failure(failure[1], spec.training)
+                raise TrainingError(describe_failure(self.cycle, *failure)) from None
             raise
         wait_for_results(self.store, self.cycle, self.timeout_s, self.check_children)
         return result, BackoffOutcome(spec.training.batch_size, spec.training.gradient_accumulation_steps, 0)
@@ -228,7 +232,8 @@ def run_rank() -> int:
         train_rank(received[0], cycle.device, local_rank)
     except Exception as error:
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        log.error("training rank %d failed: %s", rank, reason)
+        # A warning: rank 0 reports the cycle's failure (one ERROR line per failed cycle, wherever ranks run).
+        log.warning("training rank %d stopped: %s", rank, reason)
         try:
             report_rank_result(store, cycle, rank, reason)
         except Exception:

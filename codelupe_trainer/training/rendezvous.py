@@ -127,14 +127,18 @@ def report_rank_result(store, cycle: Cycle, rank: int, failure: str | None) -> N
     store.set(cycle.key(f"result/{rank}"), failure or "ok")
 
 
-def reported_failure(store, cycle: Cycle) -> str | None:
-    """The first failure a rank reported, as one line (None when none did)."""
+def reported_failure(store, cycle: Cycle) -> tuple[int, str] | None:
+    """The first failure a rank reported: (rank, its one-line reason), or None when none did."""
     for rank in range(1, cycle.world_size):
         if store.check([cycle.key(f"result/{rank}")]):
             result = store.get(cycle.key(f"result/{rank}")).decode()
             if result != "ok":
-                return f"training rank {rank} (node {rank // cycle.processes}) failed: {result}"
+                return rank, result
     return None
+
+
+def describe_failure(cycle: Cycle, rank: int, reason: str) -> str:
+    return f"training rank {rank} (node {rank // cycle.processes}) failed: {reason}"
 
 
 def wait_for_results(store, cycle: Cycle, timeout_s: float, check_children: Callable[[], None]) -> None:
@@ -144,7 +148,7 @@ def wait_for_results(store, cycle: Cycle, timeout_s: float, check_children: Call
     while pending:
         failure = reported_failure(store, cycle)
         if failure:
-            raise TrainingError(failure)
+            raise TrainingError(describe_failure(cycle, *failure))
         pending = {rank for rank in pending if not store.check([cycle.key(f"result/{rank}")])}
         if not pending:
             return
