@@ -49,6 +49,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def two_node_config(directory: Path, model: Path, timeout_s: int = 60) -> Path:
+    """Two machines of one process each, node 0 on this one's loopback."""
+    return write_config(directory, model, (
+        "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nnum_nodes = 2\n"
+        f'rendezvous_endpoint = "127.0.0.1:{free_port()}"\nrendezvous_timeout_s = {timeout_s}\n'))
+
+
 def wait_for_line(path: Path, text: str, timeout_s: float = 60.0, count: int = 1) -> None:
     """Until `text` is in the file `count` times."""
     import time
@@ -147,9 +154,7 @@ def test_two_nodes_train_each_cycle_together_and_only_node_0_writes(crawler_tabl
 def test_a_node_that_never_joins_fails_the_cycle_in_one_line_and_trains_nothing(crawler_table, tiny_model,
                                                                                     tmp_path):
     insert_stdlib_rows(crawler_table, start=0, count=20)
-    config = write_config(tmp_path, tiny_model, (
-        "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nnum_nodes = 2\n"
-        f'rendezvous_endpoint = "127.0.0.1:{free_port()}"\nrendezvous_timeout_s = 5\n'))
+    config = two_node_config(tmp_path, tiny_model, timeout_s=5)
     completed = run_cli("run-once", "--force", "--config", str(config),
                         env=cli_environment(CODELUPE_DATABASE__URL=crawler_table))
     assert completed.returncode == 1
@@ -168,10 +173,7 @@ def test_a_rank_that_fails_on_another_node_fails_the_cycle_with_its_reason(crawl
     import signal
 
     insert_stdlib_rows(crawler_table, start=0, count=20)
-    endpoint = f"127.0.0.1:{free_port()}"
-    config = write_config(tmp_path, tiny_model, (
-        "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nnum_nodes = 2\n"
-        f'rendezvous_endpoint = "{endpoint}"\nrendezvous_timeout_s = 60\n'))
+    config = two_node_config(tmp_path, tiny_model)
     env = cli_environment(OMP_NUM_THREADS="1")
     join_log = tmp_path / "join.log"
     joiner = start_join(config, join_log, env | {"CODELUPE_FAULT": "load:error"})
@@ -216,9 +218,7 @@ def test_a_node_whose_cycle_ended_stops_its_stuck_ranks_and_waits_for_the_next(c
     import psutil
 
     insert_stdlib_rows(crawler_table, start=0, count=20)
-    config = write_config(tmp_path, tiny_model, (
-        "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nnum_nodes = 2\n"
-        f'rendezvous_endpoint = "127.0.0.1:{free_port()}"\nrendezvous_timeout_s = 60\n'))
+    config = two_node_config(tmp_path, tiny_model)
     env = cli_environment(OMP_NUM_THREADS="1")
     join_log = tmp_path / "join.log"
     joiner = start_join(config, join_log, env | {"CODELUPE_FAULT": "train:hang"})
