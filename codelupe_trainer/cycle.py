@@ -179,12 +179,11 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
                                      holdout=holdout.blocks)
 
         if ranks is None:
-            result, sizing = train_with_oom_backoff(model, settings.training, remembered_micro_batch(state, settings),
+            result, sizing = train_with_oom_backoff(model, settings.training, start_micro_batch(state, settings),
                                                     attempt)
         else:
             # All ranks train at one size: the one an earlier out-of-memory left in the state, if any.
-            training = sized(settings.training, min(remembered_micro_batch(state, settings) or settings.training.batch_size,
-                                                    settings.training.batch_size))
+            training = sized(settings.training, start_micro_batch(state, settings))
             result, sizing = ranks.train(RankSpec(settings.model, training, read_adapter_files(previous),
                                                   dataset.train_blocks, dataset.eval_blocks, tokenizer.pad_token_id,
                                                   settings.data.seed, quantization != "none",
@@ -279,8 +278,7 @@ def _publish(settings: Settings, state: TrainerState, model, run_number: int, pr
                               samples_held_out=dataset.eval_samples + holdout.rows_in_fetch,
                               lineage_entry=lineage_entry, replay_samples=dataset.replay_samples,
                               steps=result.global_step, tokens=result.tokens_seen)
-    new_state.holdout_best = update_anchors(state.holdout_best, fingerprints, result.holdout_before,
-                                            parent or 0,
+    new_state.holdout_best = update_anchors(state.holdout_best, fingerprints, result.holdout_before, parent or 0,
                                             result.holdout_after, decision.promoted, run_number)
     if sizing.backoffs or state.micro_batch:
         new_state.micro_batch = memory_record(settings, sizing.micro_batch)
@@ -302,13 +300,14 @@ def memory_record(settings: Settings, micro_batch: int) -> dict[str, int]:
             "effective": settings.training.batch_size * settings.training.gradient_accumulation_steps}
 
 
-def remembered_micro_batch(state: TrainerState, settings: Settings) -> int | None:
-    """The micro-batch an earlier back-off found, if it was found for today's effective batch and length."""
+def start_micro_batch(state: TrainerState, settings: Settings) -> int:
+    """The micro-batch an earlier back-off found, if it was found for today's effective batch and length;
+    else the configured batch size."""
     remembered = state.micro_batch or {}
     if (remembered.get("effective") == settings.training.batch_size * settings.training.gradient_accumulation_steps
             and remembered.get("max_length") == settings.data.max_length):
-        return remembered.get("micro")
-    return None
+        return min(remembered.get("micro") or settings.training.batch_size, settings.training.batch_size)
+    return settings.training.batch_size
 
 
 def wandb_options(settings: Settings) -> WandbOptions:
