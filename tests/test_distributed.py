@@ -56,6 +56,15 @@ def two_node_config(directory: Path, model: Path, timeout_s: int = 60) -> Path:
         f'rendezvous_endpoint = "127.0.0.1:{free_port()}"\nrendezvous_timeout_s = {timeout_s}\n'))
 
 
+def start_faulty_node_1(directory: Path, model: Path, fault: str):
+    """Two one-process nodes on this box and node 1's `join` running with `fault` injected in its ranks:
+    (config, environment for node 0, join log, join process)."""
+    config = two_node_config(directory, model)
+    env = cli_environment(OMP_NUM_THREADS="1")  # two torch process trees on 2 cores
+    join_log = directory / "join.log"
+    return config, env, join_log, start_join(config, join_log, env | {"CODELUPE_FAULT": fault})
+
+
 def wait_for_line(path: Path, text: str, timeout_s: float = 60.0, count: int = 1) -> None:
     """Until `text` is in the file `count` times."""
     import time
@@ -173,10 +182,7 @@ def test_a_rank_that_fails_on_another_node_fails_the_cycle_with_its_reason(crawl
     import signal
 
     insert_stdlib_rows(crawler_table, start=0, count=20)
-    config = two_node_config(tmp_path, tiny_model)
-    env = cli_environment(OMP_NUM_THREADS="1")
-    join_log = tmp_path / "join.log"
-    joiner = start_join(config, join_log, env | {"CODELUPE_FAULT": "load:error"})
+    config, env, join_log, joiner = start_faulty_node_1(tmp_path, tiny_model, "load:error")
     try:
         completed = run_cli("run-once", "--force", "--config", str(config),
                             env=env | {"CODELUPE_DATABASE__URL": crawler_table})
@@ -218,10 +224,7 @@ def test_a_node_whose_cycle_ended_stops_its_stuck_ranks_and_waits_for_the_next(c
     import psutil
 
     insert_stdlib_rows(crawler_table, start=0, count=20)
-    config = two_node_config(tmp_path, tiny_model)
-    env = cli_environment(OMP_NUM_THREADS="1")
-    join_log = tmp_path / "join.log"
-    joiner = start_join(config, join_log, env | {"CODELUPE_FAULT": "train:hang"})
+    config, env, join_log, joiner = start_faulty_node_1(tmp_path, tiny_model, "train:hang")
     try:
         node0 = subprocess.Popen([sys.executable, "-m", "codelupe_trainer.cli", "run-once", "--force", "--config",
                                   str(config)], env=env | {"CODELUPE_DATABASE__URL": crawler_table},

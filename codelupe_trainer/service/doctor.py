@@ -39,10 +39,9 @@ def check_rendezvous(endpoint: str, nodes: int) -> tuple[str, bool, str]:
     """Node 0's side of a multi-node group: the endpoint's host must be this machine, as the others will
     reach it (a typo here would only show as every cycle timing out)."""
     host, port = split_endpoint(endpoint)
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
-    except OSError as error:
-        return ("rendezvous", False, f"training.rendezvous_endpoint: {host!r} does not resolve ({error})")
+    addresses = resolved_addresses(host, port)
+    if isinstance(addresses, OSError):
+        return ("rendezvous", False, f"training.rendezvous_endpoint: {host!r} does not resolve ({addresses})")
     local = [address for address in addresses if can_bind(address)]
     if not local:
         return ("rendezvous", False, not_this_machine(host, addresses))
@@ -50,6 +49,13 @@ def check_rendezvous(endpoint: str, nodes: int) -> tuple[str, bool, str]:
     return ("rendezvous", True, f"{host}:{port} is this machine" + (" (loopback: no other machine can reach it)"
             if loopback else "") + f"; on each other machine run `codelupe-trainer join --node-rank K` for K in "
             f"1..{nodes - 1}")
+
+
+def resolved_addresses(host: str, port: int) -> set[str] | OSError:
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    except OSError as error:
+        return error
 
 
 def not_this_machine(host: str, addresses: set[str]) -> str:
@@ -79,11 +85,12 @@ def fatal_startup_problems(settings: Settings) -> list[str]:
         if not str(error).startswith("cannot connect"):
             problems.append(str(error))
     if settings.training.num_nodes > 1:
-        name, ok, detail = check_rendezvous(settings.training.rendezvous_endpoint, settings.training.num_nodes)
+        host, port = split_endpoint(settings.training.rendezvous_endpoint)
+        addresses = resolved_addresses(host, port)
         # A name that does not resolve may be DNS being down (retried like the database); one that resolves
         # to another machine would time out every cycle.
-        if not ok and "does not resolve" not in detail:
-            problems.append(detail)
+        if not isinstance(addresses, OSError) and not any(can_bind(address) for address in addresses):
+            problems.append(not_this_machine(host, addresses))
     return problems
 
 

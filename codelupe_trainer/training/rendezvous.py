@@ -127,13 +127,18 @@ def report_rank_result(store, cycle: Cycle, rank: int, failure: str | None) -> N
     store.set(cycle.key(f"result/{rank}"), failure or "ok")
 
 
+def rank_result(store, cycle: Cycle, rank: int) -> str | None:
+    """What a rank reported ("ok" or its one-line reason), None while it has not."""
+    key = cycle.key(f"result/{rank}")
+    return store.get(key).decode() if store.check([key]) else None
+
+
 def reported_failure(store, cycle: Cycle) -> tuple[int, str] | None:
     """The first failure a rank reported: (rank, its one-line reason), or None when none did."""
     for rank in range(1, cycle.world_size):
-        if store.check([cycle.key(f"result/{rank}")]):
-            result = store.get(cycle.key(f"result/{rank}")).decode()
-            if result != "ok":
-                return rank, result
+        result = rank_result(store, cycle, rank)
+        if result not in (None, "ok"):
+            return rank, result
     return None
 
 
@@ -146,10 +151,12 @@ def wait_for_results(store, cycle: Cycle, timeout_s: float, check_children: Call
     deadline = time.monotonic() + timeout_s
     pending = set(range(1, cycle.world_size))
     while pending:
-        failure = reported_failure(store, cycle)
-        if failure:
-            raise TrainingError(describe_failure(cycle, *failure))
-        pending = {rank for rank in pending if not store.check([cycle.key(f"result/{rank}")])}
+        for rank in sorted(pending):  # one read of each rank still pending per look
+            result = rank_result(store, cycle, rank)
+            if result not in (None, "ok"):
+                raise TrainingError(describe_failure(cycle, rank, result))
+            if result == "ok":
+                pending.discard(rank)
         if not pending:
             return
         check_children()
