@@ -36,7 +36,7 @@ from codelupe_trainer.data.records import Sample  # noqa: E402
 from codelupe_trainer.demo.tinymodel import build_tiny_model  # noqa: E402
 from codelupe_trainer.training.loop import train_adapter  # noqa: E402
 from codelupe_trainer.training.model import attach_adapter, load_base_model, load_tokenizer  # noqa: E402
-from codelupe_trainer.training.telemetry import Frequencies, gradient_statistics, weight_statistics  # noqa: E402
+from codelupe_trainer.training.telemetry import ReportingOptions, gradient_statistics, weight_statistics  # noqa: E402
 
 
 class DiscardingReporter:
@@ -56,11 +56,11 @@ def train_once(model_dir: Path, blocks, mode: str, steps: int, work: Path) -> fl
         options = WandbOptions("offline" if mode == "on" else "disabled", "bench", None, "bench", work, 60, 60)
         reporter = MetricsRun(1, work / "metrics.jsonl", options, {"bench": True})
         monitor = SystemMonitor(work)
-        frequencies, system = Frequencies(10, 10, 8), monitor.read
+        reporting, system = ReportingOptions(10, 10, 8), monitor.read
     else:
-        reporter, frequencies, system = DiscardingReporter(), Frequencies(0, 0, 0), dict
+        reporter, reporting, system = DiscardingReporter(), ReportingOptions(0, 0, 0), dict
     started = time.perf_counter()
-    train_adapter(model, tokenizer, blocks, [], training, work / "scratch", reporter, frequencies,
+    train_adapter(model, tokenizer, blocks, [], training, work / "scratch", reporter, reporting,
                   lambda: False, system, seed=0, device="cpu")
     elapsed = time.perf_counter() - started
     if mode != "off":

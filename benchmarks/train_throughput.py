@@ -11,9 +11,12 @@ Variants (same model, same samples, same LoRA, same optimizer; gradient checkpoi
                    kernels; it patches the model for good, so it runs last
 
 Printed per variant: real (non-padding) tokens per second, peak memory (CUDA: max allocated, weights included;
-CPU: the variant's own process's peak RSS) and, on CUDA, model FLOPs utilisation: 4 x N non-embedding
-parameters x real tokens per second / the card's dense bf16 peak (a frozen base needs no weight gradients:
-forward 2N + input gradients 2N per token; the recomputation of checkpointed layers is not counted).
+CPU: the variant's own process's peak RSS) and, on CUDA, model FLOPs utilisation: 4 x N matmul parameters x
+real tokens per second / the card's dense bf16 peak (codelupe_trainer/training/flops.py, the same figure the
+daemon logs as performance/mfu_percent: a frozen base needs no weight gradients, so forward 2N + input
+gradients 2N per token; the recomputation of checkpointed layers is not counted). Before 2026-11-28 this
+script counted each 4-bit projection twice (peft's wrapper and bitsandbytes' layer), so MFU figures it
+printed earlier are twice the real ones.
 The 7B is built from its config with random weights (no hub is reachable); speed and memory do not depend on
 the values. Sample lengths are drawn from a log-normal fitted to code files (median ~450 tokens).
 """
@@ -38,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from codelupe_trainer.data.collate import PackedCollator  # noqa: E402
 from codelupe_trainer.data.packing import Block, TokenizedSample, pack_best_fit  # noqa: E402
+from codelupe_trainer.training.flops import peak_flops, training_flops_per_token, utilisation  # noqa: E402
 from codelupe_trainer.training.loss import chunked_model_loss  # noqa: E402
 
 QWEN_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -47,8 +51,6 @@ TINY = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_att
             vocab_size=8192, max_position_embeddings=4096, tie_word_embeddings=False)
 TINY_BIG_VOCAB = dict(TINY, vocab_size=152064)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Dense bf16 peak FLOP/s (tensor cores, no sparsity).
-PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "RTX 5090": 209.5e12, "RTX 4090": 165.2e12}
 
 
 def sample_lengths(count: int, max_length: int, seed: int = 0) -> list[int]:
@@ -124,17 +126,6 @@ def attach_lora(model, rank: int):
                                             task_type="CAUSAL_LM"))
 
 
-def non_embedding_params(model) -> int:
-    """Parameters of the matmuls (4-bit weights counted as the bf16 matrices they stand for)."""
-    total = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear4bit"):
-            if "lora_" in name:
-                continue
-            total += module.in_features * module.out_features
-    return total
-
-
 def run_variant(model, name: str, blocks: list[Block], batch_size: int, accumulation: int, steps: int, warmup: int,
                 max_length: int, device: str, optimizer) -> dict:
     seed_way = name == "seed"
@@ -184,6 +175,7 @@ def run_variant(model, name: str, blocks: list[Block], batch_size: int, accumula
 def measure(args, variants: list[str]) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     spec = {"qwen2.5-7b": QWEN_7B, "tiny": TINY, "tiny-152k-vocab": TINY_BIG_VOCAB}[args.model]
+    flops_per_token = training_flops_per_token(spec)
     quantize = device == "cuda" and not args.no_4bit
     directory = Path(args.model_dir or tempfile.mkdtemp(prefix="bench-model-")) / args.model
     directory.mkdir(parents=True, exist_ok=True)
@@ -213,9 +205,9 @@ def measure(args, variants: list[str]) -> list[dict]:
                       load_seconds=round(load_seconds, 1), batch_size=args.batch_size, max_length=args.max_length,
                       gradient_checkpointing=args.gradient_checkpointing, quantization="4bit" if quantize else "none")
         if device == "cuda":
-            card = next((peak for key, peak in PEAKS.items() if key in result["device"]), None)
+            card = peak_flops(result["device"])
             if card:
-                result["mfu_percent"] = 100 * 4 * non_embedding_params(model) * result["real_tokens_per_second"] / card
+                result["mfu_percent"] = 100 * utilisation(result["real_tokens_per_second"], flops_per_token, card)
         else:
             result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         results.append(result)

@@ -159,6 +159,8 @@ class MetricsSettings(Section):
     gradient_metrics_every_steps: int = Field(10, ge=0, description="0 turns gradient and weight metrics off.")
     per_layer_sample: int = Field(8, ge=0, le=64, description="How many layers get their own gradient/weight keys.")
     queue_size: int = Field(10_000, ge=10)
+    gpu_peak_tflops: float = Field(0.0, ge=0, description="Dense bf16 peak of one accelerator, for performance/mfu_percent;"
+                                   " 0 = from the card's name (known NVIDIA cards), else not reported.")
 
 
 class WandbSettings(Section):

@@ -43,7 +43,7 @@ from .training.distributed import RankGroup, RankSpec, read_adapter_files
 from .training.loop import block_budget, train_adapter
 from .training.model import attach_adapter, choose_packing, count_parameters, load_base_model, load_tokenizer, pick_device
 from .training.model_files import check_model_path
-from .training.telemetry import Frequencies
+from .training.telemetry import ReportingOptions
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +168,13 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
         model = attach_adapter(base, settings.model, previous)
         trainable, total = count_parameters(model)
         metrics.update_config(model_config(settings, trainable, total, quantization, previous) | {"packing": packing})
-        frequencies = Frequencies(settings.metrics.system_every_steps, settings.metrics.gradient_metrics_every_steps,
-                                  settings.metrics.per_layer_sample)
+        reporting = ReportingOptions(settings.metrics.system_every_steps, settings.metrics.gradient_metrics_every_steps,
+                                     settings.metrics.per_layer_sample, settings.metrics.gpu_peak_tflops)
 
         def attempt(training):
             with tempfile.TemporaryDirectory(prefix="codelupe-trainer-") as scratch:
                 return train_adapter(model, tokenizer, dataset.train_blocks, dataset.eval_blocks, training, Path(scratch),
-                                     reporter, frequencies, should_stop, monitor.read, settings.data.seed, device,
+                                     reporter, reporting, should_stop, monitor.read, settings.data.seed, device,
                                      quantized=quantization != "none", packed=packing == "position_ids",
                                      holdout=holdout.blocks)
 

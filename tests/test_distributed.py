@@ -79,7 +79,7 @@ def test_a_two_process_cycle_trains_once_and_reports_once(crawler_table, tiny_mo
     insert_stdlib_rows(crawler_table, start=0, count=40)
     config = write_config(tmp_path, tiny_model, (
         "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nlearning_rate = 5e-3\nlogging_steps = 1\n"
-        "gradient_checkpointing = true\nnum_processes = 2\n"))
+        "gradient_checkpointing = true\nnum_processes = 2\n[metrics]\ngpu_peak_tflops = 1.0\n"))
     completed = run_cli("run-once", "--force", "--config", str(config),
                         env=cli_environment(CODELUPE_DATABASE__URL=crawler_table))
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -99,6 +99,10 @@ def test_a_two_process_cycle_trains_once_and_reports_once(crawler_table, tiny_mo
     # Tokens per step count both ranks' micro-batches: 2 x 4 x 4 blocks of at most 256 tokens.
     tokens_per_step = [value for _, value in run.values("performance/tokens_per_step")]
     assert max(tokens_per_step) > 4 * 4 * 256
+    # MFU is the group's model FLOPs over both ranks' peaks.
+    rows = [row for row in run.history if "performance/mfu_percent" in row]
+    assert rows and all(row["performance/mfu_percent"] == pytest.approx(100 * row["performance/model_tflops"] / 2.0)
+                        for row in rows)
 
 
 def test_two_nodes_train_each_cycle_together_and_only_node_0_writes(crawler_table, tiny_model, tmp_path):

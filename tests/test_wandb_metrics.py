@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -14,6 +15,7 @@ from wandb_reader import find_run_files, read_run
 
 from codelupe_trainer.cli import main
 from codelupe_trainer.state import load_state
+from codelupe_trainer.training.flops import training_flops_per_token
 from codelupe_trainer.training.telemetry import gradient_statistics
 
 pytestmark = pytest.mark.slow
@@ -78,6 +80,8 @@ def trained_run(crawler_table, make_settings, tmp_path, caplog):
     settings = make_settings(crawler_table, extra=(
         "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nlearning_rate = 5e-3\nmax_steps = -1\n"
         "logging_steps = 2\ngradient_checkpointing = true\nmax_grad_norm = 0.05\n"
+        # A peak for this CPU, so that the MFU path runs here as it does on a known CUDA card.
+        "[metrics]\nsystem_every_steps = 2\ngradient_metrics_every_steps = 2\nper_layer_sample = 4\ngpu_peak_tflops = 1.0\n"
     ))
     assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 0
     [run_file] = find_run_files(tmp_path)
@@ -104,6 +108,21 @@ def test_performance_windows_count_only_the_steps_they_span(trained_run):
     [final] = [row for row in run.history if "performance/run_tokens_per_second" in row]
     [dataset_row] = [row for row in run.history if "dataset/total_tokens" in row]
     assert final["performance/run_tokens_per_second"] * final["performance/run_train_seconds"] < dataset_row["dataset/total_tokens"]
+
+
+def test_model_flops_and_mfu_follow_the_token_rate(trained_run):
+    """performance/model_tflops is 4N x tokens/s for the model trained (N: its matmul parameters, counted once
+    whatever wraps them), and performance/mfu_percent that over the configured peak."""
+    settings, _, run, _ = trained_run
+    config = json.loads((Path(settings.model.base_model) / "config.json").read_text())
+    flops_per_token = training_flops_per_token(config)
+    rows = [row for row in run.history if "performance/tokens_per_second" in row]
+    assert len(rows) >= 3
+    for row in rows:
+        expected_tflops = row["performance/tokens_per_second"] * flops_per_token / 1e12
+        assert row["performance/model_tflops"] == pytest.approx(expected_tflops, rel=1e-6)
+        assert row["performance/mfu_percent"] == pytest.approx(100 * expected_tflops / 1.0, rel=1e-6)
+        assert 0 < row["performance/mfu_percent"] < 100  # two CPU cores do not reach a TFLOP/s
 
 
 def test_gradient_norms_are_read_before_clipping(trained_run):

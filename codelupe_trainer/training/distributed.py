@@ -190,7 +190,7 @@ def train_rank(spec: RankSpec, device: str, local_rank: int) -> None:
 
     from .loop import train_adapter
     from .model import attach_adapter, load_base_model
-    from .telemetry import Frequencies
+    from .telemetry import ReportingOptions
 
     if device == "cuda":
         torch.cuda.set_device(local_rank)
@@ -210,7 +210,7 @@ def train_rank(spec: RankSpec, device: str, local_rank: int) -> None:
                      len(spec.adapter_files), sum(map(len, spec.adapter_files.values())))
         model = attach_adapter(base, spec.model, previous)
         train_adapter(model, SimpleNamespace(pad_token_id=spec.pad_token_id), spec.train_blocks, spec.eval_blocks,
-                      spec.training, Path(scratch), _Silent(), Frequencies(0, 0, 0), lambda: False, dict, spec.seed,
+                      spec.training, Path(scratch), _Silent(), ReportingOptions(0, 0, 0), lambda: False, dict, spec.seed,
                       device, quantized=spec.quantized, packed=spec.packed)
 
 

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from ..config import Settings
+from .flops import decoder_matmul_parameters, projection_shapes
 
 GB = 1e9
 OVERHEAD_GB = 2.5
@@ -40,12 +41,8 @@ def model_config(base_model: str) -> dict | None:
 def estimate_memory_gb(config: dict, settings: Settings, quantized: bool, loss: str) -> dict[str, float]:
     hidden, layers = config["hidden_size"], config["num_hidden_layers"]
     vocab, intermediate = config["vocab_size"], config["intermediate_size"]
-    heads = config["num_attention_heads"]
-    kv_width = hidden * config.get("num_key_value_heads", heads) // heads
-    shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv_width), "v_proj": (hidden, kv_width),
-              "o_proj": (hidden, hidden), "gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate),
-              "down_proj": (intermediate, hidden)}
-    linear = layers * sum(inputs * outputs for inputs, outputs in shapes.values())
+    shapes = projection_shapes(config)
+    linear = decoder_matmul_parameters(config)
     embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
     rank = settings.model.lora_r
     lora = layers * sum(rank * (inputs + outputs) for name, (inputs, outputs) in shapes.items()

@@ -22,7 +22,7 @@ from ..faults import memory_fault
 from .loss import IGNORE_INDEX, chunked_causal_lm_loss, causal_lm_parts, chunked_model_loss, resolve_loss
 from .model import count_parameters
 from .ranks import all_ranks_sum
-from .telemetry import Frequencies, ReportingCallback, TrainingReporter
+from .telemetry import ReportingOptions, ReportingCallback, TrainingReporter
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ def train_adapter(
     training: TrainingSettings,
     scratch_dir: Path,
     reporter: TrainingReporter,
-    frequencies: Frequencies,
+    options: ReportingOptions,
     should_stop: Callable[[], bool],
     system_metrics: Callable[[], dict[str, float]],
     seed: int,
@@ -316,7 +316,7 @@ def train_adapter(
     if not packed:
         trainer.group_lengths = [len(block) for block in train_blocks]
     trainer.remove_callback(PrinterCallback)  # our reporter is the only voice
-    callback = ReportingCallback(reporter, trainer.meter, frequencies, should_stop, system_metrics)
+    callback = ReportingCallback(reporter, trainer.meter, options, should_stop, system_metrics)
     trainer.add_callback(callback)
     trainer.before_clipping = callback.record_gradients
     initial_eval_loss = None

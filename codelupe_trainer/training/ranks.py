@@ -16,3 +16,10 @@ def all_ranks_sum(value: float) -> float:
         total = total.cuda()
     dist.all_reduce(total)
     return type(value)(total.item())
+
+
+def world_size() -> int:
+    """How many training ranks this cycle has (1 without a process group)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

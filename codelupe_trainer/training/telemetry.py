@@ -16,7 +16,8 @@ import torch
 from transformers import TrainerCallback
 
 from ..faults import crash_point
-from .ranks import all_ranks_sum
+from .flops import peak_flops, training_flops_per_token, utilisation
+from .ranks import all_ranks_sum, world_size
 
 
 class TrainingReporter(Protocol):
@@ -106,10 +107,34 @@ def safe_perplexity(loss: float) -> float:
 
 
 @dataclass
-class Frequencies:
+class ReportingOptions:
     system_every_steps: int = 10
     gradient_metrics_every_steps: int = 10
     per_layer_sample: int = 8
+    peak_tflops: float = 0.0  # one accelerator's dense bf16 peak; 0 = from the CUDA card's name, when known
+
+
+def model_flops_per_token(model) -> float | None:
+    """4N of the model's config (training/flops.py), or None for a model that is not Qwen2/Llama-shaped."""
+    config = getattr(model, "config", None)
+    try:
+        return training_flops_per_token(config.to_dict())
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
+def accelerator_peak_flops(model, peak_tflops: float) -> float | None:
+    """The peak of all the ranks' accelerators together: the configured one, else the CUDA card's by name."""
+    if peak_tflops > 0:
+        peak = peak_tflops * 1e12
+    else:
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            return None
+        peak = peak_flops(torch.cuda.get_device_name(device))
+        if peak is None:
+            return None
+    return peak * world_size()
 
 
 class ReportingCallback(TrainerCallback):
@@ -124,13 +149,13 @@ class ReportingCallback(TrainerCallback):
         self,
         reporter: TrainingReporter,
         meter,
-        frequencies: Frequencies,
+        options: ReportingOptions,
         should_stop: Callable[[], bool],
         system_metrics: Callable[[], dict[str, float]],
     ):
         self.reporter = reporter
         self.meter = meter
-        self.frequencies = frequencies
+        self.options = options
         self.should_stop = should_stop
         self.system_metrics = system_metrics
         self.stopped_early = False
@@ -142,17 +167,21 @@ class ReportingCallback(TrainerCallback):
         self._sampled: set[str] = set()
         self._gradients_recorded_for = -1
         self._evaluated = False
+        self._flops_per_token: float | None = None
+        self._peak_flops: float | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._trainable = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
         names = [name for name, _ in self._trainable]
-        self._sampled = set(sample_layer_names(names, self.frequencies.per_layer_sample))
+        self._sampled = set(sample_layer_names(names, self.options.per_layer_sample))
+        self._flops_per_token = model_flops_per_token(model)
+        self._peak_flops = accelerator_peak_flops(model, self.options.peak_tflops)
         self.meter.drain()  # nothing before the first step (an initial evaluation) belongs to a window
         self._train_started = self._window_started = time.perf_counter()
 
     def record_gradients(self, step: int) -> None:
         """Gradient norms as the backward pass left them: called by the trainer just before clipping."""
-        every = self.frequencies.gradient_metrics_every_steps
+        every = self.options.gradient_metrics_every_steps
         if every and step % every == 0 and self._gradients_recorded_for != step:
             self._gradients_recorded_for = step
             self.reporter.log(step, gradient_statistics(self._trainable, self._sampled))
@@ -161,7 +190,7 @@ class ReportingCallback(TrainerCallback):
         # global_step is incremented after the optimizer step: this is step global_step + 1.
         step = state.global_step + 1
         self.record_gradients(step)  # no-op when clipping already recorded them (max_grad_norm > 0)
-        every = self.frequencies.gradient_metrics_every_steps
+        every = self.options.gradient_metrics_every_steps
         if every and step % every == 0:
             self.reporter.log(step, weight_statistics(self._trainable, self._sampled))
 
@@ -189,7 +218,7 @@ class ReportingCallback(TrainerCallback):
             return control
         self._window_steps += 1
         step = state.global_step
-        every = self.frequencies.system_every_steps
+        every = self.options.system_every_steps
         if every and step % every == 0:
             metrics = dict(self.system_metrics())
             metrics.update(device_memory_metrics())
@@ -245,16 +274,23 @@ class ReportingCallback(TrainerCallback):
         steps = max(self._window_steps, 1)
         self._window_started = now
         self._window_steps = 0
-        return {
+        tokens_per_second = window["tokens"] / elapsed
+        metrics = {
             "batch/size": window["samples"] / steps,
             "performance/samples_per_second": window["samples"] / elapsed,
-            "performance/tokens_per_second": window["tokens"] / elapsed,
+            "performance/tokens_per_second": tokens_per_second,
             "performance/tokens_per_step": window["tokens"] / steps,
             "performance/batch_time_ms": 1000 * elapsed / steps,
             "performance/data_loading_time_ms": window["data_loading_ms"],
             "performance/forward_time_ms": window["forward_ms"],
             "performance/backward_time_ms": window["backward_ms"],
         }
+        if self._flops_per_token:
+            metrics["performance/model_tflops"] = tokens_per_second * self._flops_per_token / 1e12
+            if self._peak_flops:
+                metrics["performance/mfu_percent"] = 100 * utilisation(tokens_per_second, self._flops_per_token,
+                                                                       self._peak_flops)
+        return metrics
 
     def _progress(self, state) -> dict[str, float]:
         step, max_steps = state.global_step, max(state.max_steps, 1)

@@ -1,0 +1,63 @@
+"""The FLOPs a training token costs and the MFU they give: the figure behind performance/mfu_percent and the
+benchmark's MFU column (training/flops.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from codelupe_trainer.config import ModelSettings
+from codelupe_trainer.training.flops import matmul_parameters, peak_flops, training_flops_per_token, utilisation
+from codelupe_trainer.training.model import attach_adapter, load_base_model
+from codelupe_trainer.training.telemetry import model_flops_per_token
+
+# A Qwen2 with grouped-query attention (2 key/value heads for 4 query heads) and an untied head, like the 7B.
+SMALL = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=1000, max_position_embeddings=512, tie_word_embeddings=False)
+
+
+def linear_weights(model: torch.nn.Module) -> int:
+    return sum(module.weight.numel() for module in model.modules() if type(module) is torch.nn.Linear)
+
+
+def test_the_count_is_every_projection_and_the_head_of_a_real_model_once():
+    model = Qwen2ForCausalLM(Qwen2Config(**SMALL))
+    assert matmul_parameters(model.config.to_dict()) == linear_weights(model)
+    # The embedding is a lookup: not counted, though it is as large as the head.
+    assert linear_weights(model) + model.model.embed_tokens.weight.numel() == sum(
+        parameter.numel() for parameter in model.parameters() if parameter.dim() == 2)
+
+
+def test_the_7b_costs_4_x_7_07_billion_flops_a_token():
+    qwen_7b = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                   num_key_value_heads=4, vocab_size=152064)
+    # Per layer: q and o 3584 x 3584, k and v 3584 x 512 (4 heads of 128), three MLP matrices 3584 x 18944.
+    per_layer = 2 * 3584 * 3584 + 2 * 3584 * 512 + 3 * 3584 * 18944
+    assert matmul_parameters(qwen_7b) == 28 * per_layer + 152064 * 3584 == 7_070_285_824
+    assert training_flops_per_token(qwen_7b) == 4 * 7_070_285_824
+
+
+def test_a_4bit_model_with_lora_costs_what_its_base_costs(tiny_model):
+    """The wrapped, quantized model holds each projection twice in its module tree (peft's Linear4bit around
+    bitsandbytes' Linear4bit): a count by module type reported twice the real MFU before."""
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model)
+    settings = ModelSettings(base_model=str(tiny_model), quantization="4bit", lora_r=4, lora_alpha=8)
+    quantized, quantization = load_base_model(settings, "cpu")
+    assert quantization == "4bit"
+    wrapped = attach_adapter(quantized, settings, None)
+    assert model_flops_per_token(wrapped) == 4 * linear_weights(plain)
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("NVIDIA GeForce RTX 5090", 209.5e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA L40", 181e12), ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA H200", 989e12),
+    ("Some Future Card", None),
+])
+def test_a_card_is_known_by_its_name(name, expected):
+    assert peak_flops(name) == expected
+
+
+def test_mfu_is_the_model_flops_rate_over_the_peak():
+    # 3,700 real tokens/s of the 7B on an RTX 5090 is the issue's 50 %.
+    assert utilisation(3_700, 4 * 7_070_285_824, 209.5e12) == pytest.approx(0.4995, abs=1e-4)
