@@ -17,6 +17,8 @@ daemon logs as performance/mfu_percent: a frozen base needs no weight gradients,
 gradients 2N per token; the recomputation of checkpointed layers is not counted). Before 2026-11-28 this
 script counted each 4-bit projection twice (peft's wrapper and bitsandbytes' layer), so MFU figures it
 printed earlier are twice the real ones.
+Every variant runs under the bf16 autocast the daemon's Trainer uses on CUDA (figures measured before
+2026-11-28 ran without it, in the fp32 that peft's k-bit preparation leaves the unquantized weights in).
 The 7B is built from its config with random weights (no hub is reachable); speed and memory do not depend on
 the values. Sample lengths are drawn from a log-normal fitted to code files (median ~450 tokens).
 """
@@ -154,10 +156,12 @@ def run_variant(model, name: str, blocks: list[Block], batch_size: int, accumula
             from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
             _apply_liger_kernel_to_instance(model=model.get_base_model())  # patches the model for good: run last
-        if name == "ours":
-            loss = chunked_model_loss(model, batch)
-        else:
-            loss = model(**batch).loss
+        # The Trainer's bf16 on CUDA: an autocast around the forward, whatever the loss (training/loop.py).
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            if name == "ours":
+                loss = chunked_model_loss(model, batch)
+            else:
+                loss = model(**batch).loss
         (loss / accumulation).backward()
         if (index + 1) % accumulation == 0:
             optimizer.step()

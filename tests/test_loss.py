@@ -72,3 +72,28 @@ def test_chunked_loss_without_gradients_matches_too(tiny_model):
 ])
 def test_resolve_loss(setting, device, expected):
     assert resolve_loss(setting, device) == expected
+
+
+@pytest.mark.parametrize("loss_mode", ["standard", "chunked"])
+def test_the_chunked_loss_trains_in_the_trainers_mixed_precision_like_the_models_own(tiny_model, tmp_path, loss_mode):
+    """The Trainer's bf16 (on CUDA in production) is an autocast that accelerate wraps around the model's
+    forward; the chunked loss calls the decoder directly, and ran the whole model in fp32 without it. bf16
+    autocast on the CPU stands in for the GPU's here: the projections must compute in bf16 with either loss."""
+    from transformers import TrainingArguments
+
+    from codelupe_trainer.training.loop import StepMeter, TimedTrainer
+
+    model = lora_model(tiny_model)
+    arguments = TrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True, report_to="none")
+    trainer = TimedTrainer(model=model, args=arguments)
+    trainer.meter, trainer.loss_mode = StepMeter("cpu"), loss_mode
+    prepared = trainer.accelerator.prepare_model(model)  # what the Trainer's training loop passes to compute_loss
+    dtypes = []
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    handle = layer.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    try:
+        loss = trainer.compute_loss(prepared, packed_batch())
+    finally:
+        handle.remove()
+    assert dtypes == [torch.bfloat16]
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)

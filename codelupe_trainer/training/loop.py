@@ -135,7 +135,11 @@ class TimedTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         memory_fault(inputs["input_ids"].shape[0])
         if self.loss_mode == "chunked" and not return_outputs:
-            result = chunked_model_loss(model, inputs, num_items_in_batch)
+            # The Trainer's mixed precision (bf16 on CUDA) is an autocast accelerate wraps around the model's
+            # forward; the chunked loss calls the decoder directly, so it enters the same autocast itself or
+            # the whole model would run in fp32 (peft's k-bit preparation leaves every unquantized weight fp32).
+            with self.accelerator.autocast():
+                result = chunked_model_loss(model, inputs, num_items_in_batch)
         else:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                           num_items_in_batch=num_items_in_batch)
