@@ -97,3 +97,40 @@ def test_the_chunked_loss_trains_in_the_trainers_mixed_precision_like_the_models
         handle.remove()
     assert dtypes == [torch.bfloat16]
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def eval_blocks() -> list[Block]:
+    generator = torch.Generator().manual_seed(2)
+    blocks = []
+    for lengths in ([120, 60, 40], [200], [90, 90], [30, 150], [256]):
+        block = Block()
+        for index, length in enumerate(lengths):
+            block.add(TokenizedSample.of(index, torch.randint(5, 2000, (length,), generator=generator).tolist()))
+        blocks.append(block.seal())
+    return blocks
+
+
+def test_evaluation_with_the_chunked_loss_gives_the_models_loss_without_its_logits(tiny_model, tmp_path):
+    """The stock evaluation step computes the model's own loss over full logits (a peak above training's at a
+    152k vocabulary); with the chunked loss the evaluation's loss is the same number, and the LM head never
+    produces logits for a whole batch."""
+    from transformers import TrainingArguments
+
+    from codelupe_trainer.training.loop import StepMeter, TimedTrainer
+
+    losses, head_calls = {}, {}
+    for loss_mode in ("standard", "chunked"):
+        model = lora_model(tiny_model).eval()
+        arguments = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_eval_batch_size=2)
+        trainer = TimedTrainer(model=model, args=arguments, eval_dataset=eval_blocks(),
+                               data_collator=PackedCollator(pad_token_id=0, with_counts=True))
+        trainer.meter, trainer.loss_mode = StepMeter("cpu"), loss_mode
+        calls = []
+        handle = model.get_base_model().lm_head.register_forward_hook(lambda module, inputs, output: calls.append(1))
+        try:
+            losses[loss_mode] = trainer.evaluate()["eval_loss"]
+        finally:
+            handle.remove()
+        head_calls[loss_mode] = len(calls)
+    assert losses["chunked"] == pytest.approx(losses["standard"], rel=1e-5)
+    assert head_calls == {"standard": 3, "chunked": 0}  # 5 blocks in batches of 2
