@@ -75,6 +75,25 @@ def wait_for_line(path: Path, text: str, timeout_s: float = 60.0, count: int = 1
         time.sleep(0.2)
 
 
+def test_ranks_average_their_gradients_with_the_chunked_loss_as_with_the_models_own(tiny_model):
+    """The chunked loss once called the decoder past DDP's forward, which is what arms DDP's gradient
+    averaging: each rank kept its own gradients and the adapter rank 0 saved had learned only its share."""
+    import json
+
+    import torch
+
+    completed = subprocess.run([sys.executable, str(Path(__file__).parent / "ddp_gradients.py"), str(tiny_model),
+                                str(free_port())], capture_output=True, text=True, timeout=300,
+                               env=cli_environment(OMP_NUM_THREADS="1"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    gathered = {loss: [torch.tensor(values) for values in per_rank]
+                for loss, per_rank in json.loads(completed.stdout.strip().splitlines()[-1]).items()}
+    for loss, (rank_0, rank_1) in gathered.items():
+        assert rank_0.abs().sum() > 0
+        assert torch.equal(rank_0, rank_1), f"{loss}: the ranks' gradients differ, they were not averaged"
+    assert torch.allclose(gathered["chunked"][0], gathered["standard"][0], rtol=1e-4, atol=1e-7)
+
+
 def test_a_two_process_cycle_trains_once_and_reports_once(crawler_table, tiny_model, tmp_path):
     insert_stdlib_rows(crawler_table, start=0, count=40)
     config = write_config(tmp_path, tiny_model, (

@@ -118,19 +118,22 @@ def test_evaluation_with_the_chunked_loss_gives_the_models_loss_without_its_logi
 
     from codelupe_trainer.training.loop import StepMeter, TimedTrainer
 
-    losses, head_calls = {}, {}
+    losses, positions = {}, {}
     for loss_mode in ("standard", "chunked"):
         model = lora_model(tiny_model).eval()
         arguments = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_eval_batch_size=2)
         trainer = TimedTrainer(model=model, args=arguments, eval_dataset=eval_blocks(),
                                data_collator=PackedCollator(pad_token_id=0, with_counts=True))
         trainer.meter, trainer.loss_mode = StepMeter("cpu"), loss_mode
-        calls = []
-        handle = model.get_base_model().lm_head.register_forward_hook(lambda module, inputs, output: calls.append(1))
+        shapes = []  # positions the LM head produced logits for, per batch
+        handle = model.get_base_model().lm_head.register_forward_hook(
+            lambda module, inputs, output: shapes.append(output.shape[1]))
         try:
             losses[loss_mode] = trainer.evaluate()["eval_loss"]
         finally:
             handle.remove()
-        head_calls[loss_mode] = len(calls)
+        positions[loss_mode] = shapes
     assert losses["chunked"] == pytest.approx(losses["standard"], rel=1e-5)
-    assert head_calls == {"standard": 3, "chunked": 0}  # 5 blocks in batches of 2
+    # 5 blocks in batches of 2; the model's own loss takes logits at every position, the chunked one at one.
+    assert positions["standard"] == [220, 180, 256]  # the longest block of each batch
+    assert positions["chunked"] == [1, 1, 1]

@@ -73,8 +73,20 @@ def causal_lm_parts(model):
 
 
 def chunked_model_loss(model, inputs: dict, num_items_in_batch=None, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
-    """Run the decoder, then the chunked loss over its hidden states (no full logits)."""
+    """Run the model for its decoder's hidden states, then the chunked loss over them (no full logits).
+
+    The forward goes through `model` itself, wrappers included, never straight to the decoder: DDP's
+    gradient averaging across ranks is armed by its forward (called past it, every rank kept its own
+    gradients and rank 0 saved an adapter that had learned only its share of the rows). The head runs on
+    the last position only (`logits_to_keep=1`); the decoder's output is taken by a hook on the way.
+    """
     decoder, lm_head = causal_lm_parts(model)
     model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-    hidden = decoder(**model_inputs).last_hidden_state
+    captured = []
+    handle = decoder.register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
+    try:
+        model(**model_inputs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    [hidden] = captured
     return chunked_causal_lm_loss(hidden, lm_head.weight, inputs["labels"], num_items_in_batch, chunk_tokens)
