@@ -5,7 +5,8 @@ return, like a CUDA hang), oom (raise a CUDA out-of-memory error), error (raise 
 Phases: fetch (first row read), tokenize (dataset built), load (model load begins), train (first optimizer
 step), eval (first evaluation batch), save (adapter published, state not yet written), state (new state file
 written, not yet renamed into place), dedup (the duplicate store's transaction written, not yet committed).
-Unset in production, where each call is one dictionary lookup.
+`oom-above:<rows>` and `diverge` are faults of their own (below). Unset in production, where each call is one
+dictionary lookup.
 """
 
 from __future__ import annotations
@@ -26,6 +27,21 @@ def memory_fault(rows: int) -> None:
         import torch
 
         raise torch.OutOfMemoryError(f"CUDA out of memory (injected: micro-batch {rows} rows)")
+
+
+def divergence_fault(model) -> None:
+    """`CODELUPE_FAULT=diverge`: after training, each rank shifts its trainable weights by its own rank's
+    amount, as ranks whose gradients were never averaged end up (rank 0 is left as it is)."""
+    if os.environ.get("CODELUPE_FAULT") != "diverge":
+        return
+    import torch
+    import torch.distributed as dist
+
+    shift = 1e-3 * (dist.get_rank() if dist.is_initialized() else 0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(shift)
 
 
 def crash_point(phase: str) -> None:

@@ -222,6 +222,22 @@ def test_a_rank_that_fails_on_another_node_fails_the_cycle_with_its_reason(crawl
     assert state.last_trained_id == 0 and state.total_training_runs == 0 and state.total_failures == 1
 
 
+def test_ranks_that_end_with_different_adapters_fail_the_cycle_and_train_nothing(crawler_table, tiny_model, tmp_path):
+    """Rank 0 saves its own copy and records every rank's rows as trained, so the ranks must end with one
+    adapter; ranks that did not (injected: each shifts its weights by its own amount after training, as ranks
+    whose gradients were never averaged end) fail the cycle in one line with nothing saved or advanced."""
+    insert_stdlib_rows(crawler_table, start=0, count=40)
+    config = write_config(tmp_path, tiny_model, "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nnum_processes = 2\n")
+    completed = run_cli("run-once", "--force", "--config", str(config),
+                        env=cli_environment(CODELUPE_DATABASE__URL=crawler_table, CODELUPE_FAULT="diverge"))
+    assert completed.returncode == 1
+    errors = [line for line in completed.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "the training ranks ended with different adapters" in errors[0], completed.stderr[-3000:]
+    state = load_state(tmp_path / "state.json")
+    assert state.last_trained_id == 0 and state.total_training_runs == 0
+    assert not (tmp_path / "adapters" / "run-000001").exists()
+
+
 @pytest.mark.parametrize("nodes, rank, model, expected", [
     (1, 1, None, "join needs training.num_nodes > 1"),
     (2, 2, None, "--node-rank must be 1..1"),

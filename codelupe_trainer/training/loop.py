@@ -18,10 +18,10 @@ from ..config import TrainingSettings
 from ..data.collate import COUNT_KEYS, SAMPLES_KEY, TOKENS_KEY, PackedCollator
 from ..data.packing import Block
 from ..errors import TrainingError, TrainingInterrupted
-from ..faults import memory_fault
+from ..faults import divergence_fault, memory_fault
 from .loss import IGNORE_INDEX, chunked_causal_lm_loss, causal_lm_parts, chunked_model_loss, resolve_loss
 from .model import count_parameters
-from .ranks import all_ranks_sum
+from .ranks import all_ranks_sum, same_on_every_rank, weights_fingerprint
 from .telemetry import ReportingOptions, ReportingCallback, TrainingReporter
 
 log = logging.getLogger(__name__)
@@ -191,6 +191,19 @@ class TrainingResult:
     holdout_after: dict[str, tuple[float, int]] | None = None
 
 
+def forget_evaluation_preparation(trainer: Trainer) -> None:
+    """Let `train()` prepare the model as for training after an evaluation prepared it first.
+
+    accelerate marks a model it prepared, even for evaluation only, as prepared for good, and then skips
+    preparing it for training, which is where several ranks get DDP: with the evaluation before training,
+    the ranks never averaged their gradients and each trained its own adapter on its own share of the rows.
+    """
+    model = trainer.model
+    if getattr(model, "_is_accelerate_prepared", False):
+        model._is_accelerate_prepared = False
+        trainer.accelerator._models.clear()  # else the next evaluation would find it "prepared" in the list
+
+
 @torch.no_grad()
 def evaluate_holdout(model, holdout: dict[str, list[Block]], pad_token_id: int, batch_size: int,
                      device: str) -> dict[str, tuple[float, int]]:
@@ -337,6 +350,7 @@ def train_adapter(
     if eval_blocks and measurable:
         log.info("evaluating %d blocks before training", len(eval_blocks))
         initial_eval_loss = float(trainer.evaluate(metric_key_prefix="initial")["initial_loss"])
+        forget_evaluation_preparation(trainer)
     if holdout and measurable:
         log.info("evaluating the holdout (%d blocks) with the adapter in use", sum(map(len, holdout.values())))
     holdout_before = evaluate_holdout(model, holdout, tokenizer.pad_token_id, training.batch_size, device) \
@@ -349,6 +363,11 @@ def train_adapter(
                             "nothing was saved (lower training.learning_rate, or look for a bad sample)")
     if callback.stopped_early:
         raise TrainingInterrupted(f"stopped at step {trainer.state.global_step} on request")
+    divergence_fault(model)
+    # Several ranks must end with one adapter: rank 0 saves its copy and records every rank's rows as trained.
+    if not same_on_every_rank(weights_fingerprint(model)):
+        raise TrainingError("the training ranks ended with different adapters (their gradients were not averaged);"
+                            " nothing was saved")
     eval_loss = None
     if eval_blocks:
         log.info("evaluating %d blocks after training", len(eval_blocks))
