@@ -88,14 +88,33 @@ def test_the_chunked_loss_trains_in_the_trainers_mixed_precision_like_the_models
     trainer = TimedTrainer(model=model, args=arguments)
     trainer.meter, trainer.loss_mode = StepMeter("cpu"), loss_mode
     prepared = trainer.accelerator.prepare_model(model)  # what the Trainer's training loop passes to compute_loss
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    vocabulary = model.get_base_model().config.vocab_size
+
+    class HeadMatmuls(TorchDispatchMode):
+        """The dtype of every matmul whose output is vocabulary-wide: the LM head's, whichever way it runs."""
+
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            output = func(*args, **(kwargs or {}))
+            if func.__name__.startswith(("mm", "addmm", "bmm")) and output.shape[-1] == vocabulary:
+                self.dtypes.append(output.dtype)
+            return output
+
     dtypes = []
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
     handle = layer.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
     try:
-        loss = trainer.compute_loss(prepared, packed_batch())
+        with HeadMatmuls() as head:
+            loss = trainer.compute_loss(prepared, packed_batch())
     finally:
         handle.remove()
     assert dtypes == [torch.bfloat16]
+    assert head.dtypes and set(head.dtypes) == {torch.bfloat16}
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 

@@ -136,8 +136,8 @@ class TimedTrainer(Trainer):
         memory_fault(inputs["input_ids"].shape[0])
         if self.loss_mode == "chunked" and not return_outputs:
             # The Trainer's mixed precision (bf16 on CUDA) is an autocast accelerate wraps around the model's
-            # forward; the chunked loss calls the decoder directly, so it enters the same autocast itself or
-            # the whole model would run in fp32 (peft's k-bit preparation leaves every unquantized weight fp32).
+            # forward; the chunked loss runs the LM head after that forward, so it enters the same autocast
+            # itself, or the head's matmuls would run in the fp32 peft's k-bit preparation leaves it in.
             with self.accelerator.autocast():
                 result = chunked_model_loss(model, inputs, num_items_in_batch)
         else:
