@@ -31,9 +31,12 @@ PY
 if [ -n "${CYCLE_OVERHEAD:-}" ]; then
     python3 benchmarks/cycle_overhead.py --model-dir /tmp/bench-models/qwen2.5-7b 2>&1 | grep -v Warning | tee "$OUT/cycle-overhead.txt"
 fi
+# PROFILE=1: one more step per variant under torch.profiler, the GPU's time split by kind of work (where the
+# time between the MFU and the card's peak goes: dequantization, matmuls, attention, loss, idle ...).
 if [ -z "${SKIP_BENCH:-}" ]; then
     python3 benchmarks/train_throughput.py --model qwen2.5-7b --model-dir /tmp/bench-models \
-        --variants "${VARIANTS:-ours,ours-std-loss,seed,ours-fused}" ${BENCH_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/throughput.txt"
+        --variants "${VARIANTS:-ours,ours-std-loss,seed,ours-fused}" ${PROFILE:+--profile} ${BENCH_ARGS:-} 2>&1 \
+        | grep -v Warning | tee "$OUT/throughput.txt"
 fi
 # The same on a bf16 base (model.quantization = "none"): no dequantization, 13 GB more weights; whether it
 # fits a 32 GB card at the shipped settings (estimated ~26.8 GB) and how much faster it trains.

@@ -17,6 +17,10 @@ daemon logs as performance/mfu_percent: a frozen base needs no weight gradients,
 gradients 2N per token; the recomputation of checkpointed layers is not counted). Before 2026-11-28 this
 script counted each 4-bit projection twice (peft's wrapper and bitsandbytes' layer), so MFU figures it
 printed earlier are twice the real ones.
+With --profile, one more optimizer step of each variant runs under torch.profiler after the timed ones, and
+the device's time is split by kind of work (4-bit dequantization, matmuls, attention, loss, optimizer, casts
+and copies, other elementwise) with the share the device sat idle: where the time between the MFU printed and
+the card's peak goes. It is a separate step, so the timed figures carry no profiler overhead.
 Every variant runs under the bf16 autocast the daemon's Trainer uses on CUDA (figures measured before
 2026-11-28 ran without it, in the fp32 that peft's k-bit preparation leaves the unquantized weights in).
 The 7B is built from its config with random weights (no hub is reachable); speed and memory do not depend on
@@ -128,10 +132,95 @@ def attach_lora(model, rank: int):
                                             task_type="CAUSAL_LM"))
 
 
+# Kernel (CUDA) or operator (CPU) names -> the kind of work, first match wins. The names are those of
+# bitsandbytes 0.50, cuBLAS/CUTLASS, PyTorch's SDPA back-ends and Liger-Kernel; what matches nothing is counted
+# as "other elementwise" (activations, norms, adds, dropout), the memory-bound remainder.
+KINDS = [
+    ("4-bit dequantization", ("dequant", "kquantize", "quantize_4bit")),
+    ("loss", ("cross_entropy", "crossentropy", "log_softmax", "logsoftmax", "nll_loss", "liger")),
+    ("attention", ("flash", "fmha", "attention", "attn", "sdpa", "softmax")),
+    ("optimizer", ("optimizer", "adam", "kpreconditionoptimizer", "koptimizer")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
+                "aten::matmul", "aten::linear", "mkldnn", "onednn")),
+    ("casts and copies", ("copy", "memcpy", "memset", "cast", "convert", "aten::to", "_to_copy", "contiguous", "aten::cat", "fill")),
+]
+
+
+def kind_of(name: str) -> str:
+    lowered = name.lower()
+    for kind, needles in KINDS:
+        if any(needle in lowered for needle in needles):
+            return kind
+    return "other elementwise"
+
+
+def device_time_split(profiler, device: str, wall_seconds: float) -> dict:
+    """Milliseconds of device work by kind, and the idle share of the profiled wall time.
+
+    On CUDA every kernel is one event on the device: their durations add up without double counting (one
+    stream). On the CPU operators nest, so each operator's self time is what it alone spent."""
+    split: dict[str, float] = {}
+    if device == "cuda":
+        kernels = [event for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+        for event in kernels:
+            kind = kind_of(event.name)
+            split[kind] = split.get(kind, 0.0) + event.time_range.elapsed_us() / 1000
+        if not kernels:  # a profiler build that reports kernels only under their launching operators
+            for event in profiler.key_averages():
+                if getattr(event, "self_device_time_total", 0) > 0:
+                    kind = kind_of(event.key)
+                    split[kind] = split.get(kind, 0.0) + event.self_device_time_total / 1000
+    else:
+        for event in profiler.key_averages():
+            if event.self_cpu_time_total > 0:
+                kind = kind_of(event.key)
+                split[kind] = split.get(kind, 0.0) + event.self_cpu_time_total / 1000
+    busy = sum(split.values())
+    wall = wall_seconds * 1000
+    # On the CPU several threads work at once, so self times can add up past the wall time: no idle share.
+    return {"wall_ms": round(wall, 1), "busy_ms": round(busy, 1),
+            "idle_percent": round(max(0.0, 100 * (1 - busy / wall)), 1) if device == "cuda" else None,
+            "ms_by_kind": {kind: round(ms, 1) for kind, ms in sorted(split.items(), key=lambda item: -item[1])}}
+
+
+def train_micro_batch(model, name: str, group: list[Block], collate, max_length: int, device: str,
+                      accumulation: int) -> torch.Tensor:
+    batch = collate(group)
+    if name == "seed":
+        batch = pad_to(batch, max_length, 0)
+    batch = {key: value.to(device) for key, value in batch.items()}
+    # The Trainer's bf16 on CUDA: an autocast around the forward, whatever the loss (training/loop.py).
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        if name == "ours":
+            loss = chunked_model_loss(model, batch)
+        else:
+            loss = model(**batch).loss
+    (loss / accumulation).backward()
+    return loss
+
+
+def profile_step(model, name: str, micro_batches: list[list[Block]], collate, max_length: int, device: str,
+                 optimizer, accumulation: int) -> dict:
+    """One more optimizer step, under the profiler: where the device's time goes (see KINDS)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as profiler:
+        started = time.perf_counter()
+        for group in micro_batches[:accumulation]:
+            train_micro_batch(model, name, group, collate, max_length, device, accumulation)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    return device_time_split(profiler, device, wall)
+
+
 def run_variant(model, name: str, blocks: list[Block], batch_size: int, accumulation: int, steps: int, warmup: int,
-                max_length: int, device: str, optimizer) -> dict:
-    seed_way = name == "seed"
-    model.base_model.model.config._attn_implementation = "eager" if seed_way else "sdpa"
+                max_length: int, device: str, optimizer, profile: bool = False) -> dict:
+    model.base_model.model.config._attn_implementation = "eager" if name == "seed" else "sdpa"
     collate = PackedCollator(pad_token_id=0)
     micro_batches = [blocks[index : index + batch_size] for index in range(0, len(blocks), batch_size)]
     needed = (warmup + steps) * accumulation
@@ -147,22 +236,12 @@ def run_variant(model, name: str, blocks: list[Block], batch_size: int, accumula
                 torch.cuda.synchronize()
             started, real_tokens = time.perf_counter(), 0
         group = micro_batches[index]
-        batch = collate(group)
         real_tokens += sum(len(block) for block in group)
-        if seed_way:
-            batch = pad_to(batch, max_length, 0)
-        batch = {key: value.to(device) for key, value in batch.items()}
         if name == "ours-fused" and index == 0:
             from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
             _apply_liger_kernel_to_instance(model=model.get_base_model())  # patches the model for good: run last
-        # The Trainer's bf16 on CUDA: an autocast around the forward, whatever the loss (training/loop.py).
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            if name == "ours":
-                loss = chunked_model_loss(model, batch)
-            else:
-                loss = model(**batch).loss
-        (loss / accumulation).backward()
+        loss = train_micro_batch(model, name, group, collate, max_length, device, accumulation)
         if (index + 1) % accumulation == 0:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -173,6 +252,9 @@ def run_variant(model, name: str, blocks: list[Block], batch_size: int, accumula
               "optimizer_steps": steps, "loss": float(loss)}
     if device == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    if profile:
+        result["profile"] = profile_step(model, name, micro_batches[warmup * accumulation:], collate, max_length,
+                                         device, optimizer, accumulation)
     return result
 
 
@@ -204,7 +286,7 @@ def measure(args, variants: list[str]) -> list[dict]:
             continue
         blocks = make_blocks(lengths, spec["vocab_size"], args.max_length, packed=name != "seed")
         result = run_variant(model, name, blocks, args.batch_size, args.accumulation, args.steps, args.warmup,
-                             args.max_length, device, optimizer)
+                             args.max_length, device, optimizer, args.profile)
         result.update(model=args.model, device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
                       load_seconds=round(load_seconds, 1), batch_size=args.batch_size, max_length=args.max_length,
                       gradient_checkpointing=args.gradient_checkpointing, quantization="4bit" if quantize else "none")
@@ -233,6 +315,23 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def profile_table(results: list[dict]) -> str:
+    """Each variant's profiled step: the share of the device's busy time by kind of work, and its idle share."""
+    kinds = [kind for kind, _ in KINDS] + ["other elementwise"]
+    lines = ["| model | variant | step ms | idle % | " + " | ".join(f"{kind} %" for kind in kinds) + " |",
+             "| --- " * (4 + len(kinds)) + "|"]
+    for result in results:
+        if "profile" not in result:
+            continue
+        profile = result["profile"]
+        busy = profile["busy_ms"] or 1.0
+        shares = [f"{100 * profile['ms_by_kind'].get(kind, 0.0) / busy:.1f}" for kind in kinds]
+        idle = "-" if profile["idle_percent"] is None else f"{profile['idle_percent']:.1f}"
+        lines.append(f"| {result['model']} | {result['variant']} | {profile['wall_ms']:,.0f} | {idle} | "
+                     + " | ".join(shares) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "tiny-152k-vocab", "qwen2.5-7b"], default=None)
@@ -247,6 +346,8 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--no-4bit", action="store_true")
     parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="one more step per variant under torch.profiler: the device's time by kind of work")
     parser.add_argument("--model-dir", default=None)
     parser.add_argument("--separate-processes", action=argparse.BooleanOptionalAction, default=None,
                         help="each variant in its own process, so each has its own peak RSS (default on CPU)")
@@ -271,6 +372,7 @@ def main() -> None:
                            "--lora-r", str(args.lora_r), "--no-separate-processes"]
                 command += ["--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
                 command += ["--cpu"] if args.cpu else []
+                command += ["--profile"] if args.profile else []
                 output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
                 results += [json.loads(line) for line in output.splitlines() if line.startswith("{")]
         else:
@@ -278,6 +380,9 @@ def main() -> None:
         args.samples = args.steps = None
     print()
     print(table(results))
+    if any("profile" in result for result in results):
+        print()
+        print(profile_table(results))
 
 
 if __name__ == "__main__":
