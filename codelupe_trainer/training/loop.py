@@ -3,6 +3,7 @@ optimizer and schedule, evaluated before and after."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -267,6 +268,14 @@ def block_budget(training: TrainingSettings) -> int | None:
     return training.max_steps * training.batch_size * training.gradient_accumulation_steps * training.world_size
 
 
+def checkpointing_arguments(enabled: bool) -> dict:
+    """Gradient checkpointing under the name the installed transformers reads: newer 5.x releases call it
+    activation checkpointing and warn on the old name, which 6.0 removes; older ones know only the old name."""
+    names = {field.name for field in dataclasses.fields(TrainingArguments)}
+    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False}}
+
+
 def build_training_arguments(training: TrainingSettings, scratch_dir: Path, device: str, seed: int, has_eval: bool,
                              max_steps: int | None = None):
     distributed = {}
@@ -295,8 +304,7 @@ def build_training_arguments(training: TrainingSettings, scratch_dir: Path, devi
         # A diverging run must show up in the metrics, not be averaged away.
         logging_nan_inf_filter=False,
         remove_unused_columns=False,
-        gradient_checkpointing=training.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_arguments(training.gradient_checkpointing),
         bf16=device == "cuda",
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
