@@ -142,7 +142,7 @@ KINDS = [
     ("optimizer", ("optimizer", "adam", "kpreconditionoptimizer", "koptimizer")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
                 "aten::matmul", "aten::linear", "mkldnn", "onednn")),
-    ("casts and copies", ("copy", "memcpy", "memset", "cast", "convert", "aten::to", "_to_copy", "contiguous", "aten::cat", "fill")),
+    ("casts and copies", ("copy", "memcpy", "memset", "convert", "aten::to", "_to_copy", "contiguous", "aten::cat", "fill")),
 ]
 
 

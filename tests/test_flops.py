@@ -61,3 +61,57 @@ def test_a_card_is_known_by_its_name(name, expected):
 def test_mfu_is_the_model_flops_rate_over_the_peak():
     # 3,700 real tokens/s of the 7B on an RTX 5090 is the issue's 50 %.
     assert utilisation(3_700, 4 * 7_070_285_824, 209.5e12) == pytest.approx(0.4995, abs=1e-4)
+
+
+def load_benchmark():
+    """benchmarks/ is not a package: load the throughput script as a module to test its profile split."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "train_throughput.py"
+    spec = importlib.util.spec_from_file_location("train_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_profile_split_names_the_kernels_where_an_mfu_hunt_looks():
+    """Kernel names as the CUDA profiler reports them (bitsandbytes 0.50, cuBLAS, PyTorch's SDPA, Liger): each
+    lands in its kind, and a broadcasting add or an activation is not mistaken for a copy or a matmul."""
+    kind_of = load_benchmark().kind_of
+    named = {
+        "void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, unsigned char*, float*, __nv_bfloat16*, int, int)":
+            "4-bit dequantization",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel":
+            "matmul",
+        "nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN": "matmul",
+        "fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>::Params)": "attention",
+        "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<...>>": "attention",
+        "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float, at::native::"
+        "(anonymous namespace)::LogSoftMaxForwardEpilogue>(float*, float const*, int)": "loss",
+        "liger_cross_entropy_kernel": "loss",
+        "void kOptimizerStatic8bit2StateBlockwise<__nv_bfloat16, 2, 256, 1>(...)": "optimizer",
+        "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)"
+        "::{lambda()#3}::operator()() const::{lambda()#7}::operator()() const::{lambda(float)#1}, ...>": "casts and copies",
+        "Memcpy DtoD (Device -> Device)": "casts and copies",
+        "void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_nocast<at::native::"
+        "BinaryFunctor<float, float, float, at::native::binary_internal::MulFunctor<float>>>(...)": "other elementwise",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel(...)>(...)": "other elementwise",
+    }
+    assert {name: kind_of(name) for name in named} == named
+
+
+def test_the_profile_split_adds_up_to_the_work_profiled_on_the_cpu():
+    benchmark = load_benchmark()
+    layer = torch.nn.Linear(256, 256)
+    inputs = torch.randn(64, 256)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        for _ in range(5):
+            layer(inputs).softmax(-1).sum().backward()
+    split = benchmark.device_time_split(profiler, "cpu", wall_seconds=1.0)
+    kinds = split["ms_by_kind"]
+    assert kinds.get("matmul", 0) > 0 and kinds.get("attention", 0) > 0  # the linear layer; softmax counts as attention
+    assert sum(kinds.values()) == pytest.approx(split["busy_ms"], abs=0.1 * len(kinds))
+    assert split["idle_percent"] is None  # threads overlap on a CPU: no idle share is claimed
+    table = benchmark.profile_table([{"model": "tiny", "variant": "ours", "profile": split}])
+    assert "| tiny | ours |" in table and "matmul %" in table
