@@ -244,6 +244,21 @@ def test_the_replay_draw_is_eligible_trained_rows_in_proportion_and_new_each_run
     assert 65 <= c_rows <= 135, c_rows
 
 
+def test_the_replay_draw_survives_a_round_that_draws_only_ids_it_already_tried(db_url):
+    """A young table whose trained range is mostly the holdout (the first hour): a round of random ids can
+    land on tried ones only. That round once divided by its zero candidates and failed the whole cycle."""
+    from codelupe_trainer.data.source import fetch_replay_samples
+
+    database = replay_table(db_url, list(range(1, 1001)))
+    left = {101, 202, 303, 404, 606, 707, 808, 909}  # eligible (no multiple of 5), the only ids not held out
+    holdout = [row_id for row_id in range(1, 1001) if row_id not in left]
+    with open_connection(database) as connection:
+        for salt in range(1, 6):
+            ids = [sample.id for sample in fetch_replay_samples(connection, database, DataSettings(), 1000, 3,
+                                                                holdout, salt=salt)]
+            assert len(ids) == len(set(ids)) == 3 and set(ids) <= left, (salt, ids)
+
+
 def test_the_replay_draw_finds_rows_in_a_sparse_id_range_and_stops_at_what_exists(db_url):
     from codelupe_trainer.data.source import fetch_replay_samples
 

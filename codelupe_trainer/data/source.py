@@ -314,7 +314,9 @@ def fetch_replay_samples(
         if missing <= 0 or untried <= 0:
             break
         size = min(untried, REPLAY_MAX_CANDIDATES, max(2 * missing, math.ceil(1.2 * missing / hit_rate)))
-        candidates = _draw_ids(generator, id_range, size, tried)
+        candidates = _draw_ids(generator, id_range, size, tried, untried)
+        if not candidates:  # every id drawn was tried already; the next round draws anew
+            continue
         tried.update(candidates)
         found = {sample.id: sample for sample in fetch_samples_by_id(connection, database, data, candidates)}
         hit_rate = max(len(found) / len(candidates), 0.001)
@@ -345,9 +347,12 @@ REPLAY_ROUNDS = 6
 REPLAY_MAX_CANDIDATES = 50_000  # ids per lookup (one array parameter)
 
 
-def _draw_ids(generator: random.Random, id_range: range, size: int, tried: set[int]) -> list[int]:
+def _draw_ids(generator: random.Random, id_range: range, size: int, tried: set[int], untried: int) -> list[int]:
     """`size` ids of the range not tried yet, in random order (fewer when the draw repeats tried ones)."""
-    if size * 2 >= len(id_range):  # most of a small range: list what is left and shuffle it
+    # Most of what is left, or a range mostly tried already (a young table whose trained rows are mostly the
+    # holdout): a random draw would mostly repeat tried ids, so list what is left and shuffle it. `tried`
+    # holds at most the holdout and the few rounds' candidates, so this happens only for small ranges.
+    if size * 2 >= untried:
         left = [candidate for candidate in id_range if candidate not in tried]
         generator.shuffle(left)
         return left[:size]
