@@ -141,6 +141,7 @@ def _run_once(settings: Settings, arguments) -> int:
         pass  # an outage: the cycle below reports it and records the failure
 
     from .cycle import run_cycle
+    from .failures import describe as describe_failure
     from .lock import AlreadyRunning
     from .outcome import describe_outcome
 
@@ -157,7 +158,7 @@ def _run_once(settings: Settings, arguments) -> int:
         log.error("database: %s", error)
         return EXIT_FAILED
     except Exception as error:
-        log.error("run failed: %s: %s", type(error).__name__, error)
+        log.error("run failed: %s", describe_failure(error))
         return EXIT_FAILED
     if outcome.status == "interrupted":
         print(f"codelupe-trainer: {outcome.message}; nothing was saved", file=sys.stderr)

@@ -24,8 +24,9 @@ from .continual import Holdout, add_replay, holdout_fingerprints, load_holdout, 
 from .data.neardup import signed_ahead
 from .data.packing import one_sample_per_block
 from .data.records import FetchResult
-from .data.source import check_table, count_new_samples, fetch_new_samples, open_connection
+from .data.source import SourceError, check_table, count_new_samples, fetch_new_samples, open_connection
 from .errors import TrainingError, TrainingInterrupted
+from .failures import save_traceback
 from .faults import crash_point
 from .hooks import run_on_promote
 from .lock import trainer_lock
@@ -58,6 +59,8 @@ def run_cycle(settings: Settings, force: bool = False, process_started: float | 
         except TrainingInterrupted as interruption:
             return CycleOutcome("interrupted", str(interruption))
         except Exception as error:
+            if not isinstance(error, (TrainingError, SourceError)):  # a bug or a library's surprise: keep the trace
+                save_traceback(settings, error)
             smaller = (memory_record(settings, error.next_micro_batch) if isinstance(error, OutOfMemoryOnRanks)
                        else None)
             failed = record_failure(settings.paths.state_file, f"{type(error).__name__}: {error}", started, smaller)

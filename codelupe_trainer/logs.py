@@ -42,8 +42,10 @@ def secrets_of(settings: Settings) -> list[str]:
     url = settings.database.url.get_secret_value()
     # The passwords first: a message may hold the password without the whole connection string.
     found = dsn_passwords(url) + [url]
-    if os.environ.get("WANDB_API_KEY"):
-        found.append(os.environ["WANDB_API_KEY"])
+    # API keys from secrets.env: W&B's, and the Hugging Face token a gated base model needs.
+    for variable in ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if os.environ.get(variable):
+            found.append(os.environ[variable])
     return found
 
 

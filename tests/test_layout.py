@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "codelupe_trainer"
 ALLOWED = {
     "data": {"config", "faults", "data"},
     "training": {"config", "errors", "faults", "logs", "data", "training"},  # logs: a rank process sets up its own
-    "service": {"config", "cycle", "data", "errors", "faults", "hooks", "lock", "logs", "metrics", "outcome", "progress",
+    "service": {"config", "cycle", "data", "errors", "failures", "faults", "hooks", "lock", "logs", "metrics", "outcome", "progress",
                 "stop", "state", "training", "service"},
 }
 

@@ -166,3 +166,59 @@ def test_the_daemon_records_a_failure_only_under_the_trainer_lock(tmp_path, monk
     assert load_state(settings.paths.state_file).total_failures == 0
     daemon._record_failure("cycle process died with exit code -9")
     assert load_state(settings.paths.state_file).total_failures == 1
+
+
+def test_an_unexpected_failure_is_one_line_with_its_traceback_kept_beside_the_state(
+        crawler_table, make_settings, tmp_path, monkeypatch, caplog, capsys):
+    """A bug (here an injected RuntimeError mid-training) stays one ERROR line in the log, and that line says
+    where its traceback is; an expected failure, whose message says what to change, writes none."""
+    from conftest import TEST_PASSWORD
+
+    insert_stdlib_rows(crawler_table, start=0, count=30)
+    settings = make_settings(crawler_table)
+    config = str(tmp_path / "codelupe.toml")
+    saved = tmp_path / "last-failure.txt"
+    monkeypatch.setenv("CODELUPE_FAULT", "train:error")
+    caplog.set_level(logging.INFO)
+    assert main(["run-once", "--config", config, "--force"]) == 1
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert errors == [f"run failed: InjectedFault: injected fault at train (traceback in {saved})"]
+    assert "Traceback" not in capsys.readouterr().err
+    text = saved.read_text()
+    assert "Traceback (most recent call last)" in text and "in crash_point" in text and "InjectedFault" in text
+    assert saved.stat().st_mode & 0o777 == 0o600
+    assert TEST_PASSWORD in settings.database.url.get_secret_value() and TEST_PASSWORD not in text
+    assert load_state(settings.paths.state_file).last_error == "InjectedFault: injected fault at train"
+
+    # Expected: a TrainingError names the setting to change; nothing new is written, the line has no pointer.
+    saved.unlink()
+    monkeypatch.delenv("CODELUPE_FAULT")
+    monkeypatch.setenv("CODELUPE_MODEL__BASE_MODEL", str(tmp_path / "no-such-model"))
+    caplog.clear()
+    assert main(["run-once", "--config", config, "--force"]) == 1
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "no-such-model" in errors[0] and "traceback" not in errors[0]
+    assert not saved.exists()
+
+
+def test_a_saved_traceback_keeps_no_secret(tmp_path, monkeypatch):
+    from codelupe_trainer.config import load_settings
+    from codelupe_trainer.failures import describe, save_traceback
+
+    dsn = "host=127.0.0.1 user=trainer password=hunter22 dbname=code"
+    monkeypatch.setenv("CODELUPE_DATABASE__URL", dsn)
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-key-0123456789abcdef")
+    monkeypatch.setenv("HF_TOKEN", "hf_TokenOfAGatedModel42")
+    monkeypatch.setenv("CODELUPE_PATHS__STATE_FILE", str(tmp_path / "state" / "state.json"))
+    settings = load_settings(None)
+    try:
+        raise ValueError(f"a library quoting its arguments: {dsn!r}, api_key=wandb-key-0123456789abcdef, "
+                         "headers={'authorization': 'Bearer hf_TokenOfAGatedModel42'}")
+    except ValueError as error:
+        path = save_traceback(settings, error)
+        line = describe(error)
+    assert path == tmp_path / "state" / "last-failure.txt"
+    text = path.read_text()
+    assert "hunter22" not in text and "wandb-key-0123456789abcdef" not in text and "hf_TokenOfAGatedModel42" not in text
+    assert "password=***" in text and "api_key=***" in text and "Bearer ***" in text and "Traceback (most recent call last)" in text
+    assert line.endswith(f"(traceback in {path})") and line.startswith("ValueError: a library quoting")

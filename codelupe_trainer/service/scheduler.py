@@ -39,6 +39,7 @@ def _child_main(settings: Settings, force: bool, daemon_started: float) -> None:
 
     from .. import stop
     from ..cycle import run_cycle
+    from ..failures import describe as describe_failure
     from ..logs import setup_logging
 
     setup_logging(settings)
@@ -52,7 +53,7 @@ def _child_main(settings: Settings, force: bool, daemon_started: float) -> None:
         log.warning("%s", busy)
         code = 3
     except Exception as error:
-        log.error("cycle failed: %s: %s", type(error).__name__, error)
+        log.error("cycle failed: %s", describe_failure(error))
     finally:
         # Straight out: library exit hooks (a stalled W&B service) must not keep a finished cycle alive.
         logging.shutdown()
