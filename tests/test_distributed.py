@@ -122,6 +122,12 @@ def test_a_two_process_cycle_trains_once_and_reports_once(crawler_table, tiny_mo
     rows = [row for row in run.history if "performance/mfu_percent" in row]
     assert rows and all(row["performance/mfu_percent"] == pytest.approx(100 * row["performance/model_tflops"] / 2.0)
                         for row in rows)
+    # The loss is the global mean token loss, on the scale of the evaluation's: the tiny model is untrained
+    # and the adapter starts as the identity, so the first step's loss is the loss before training. (The
+    # chunked loss once left out the rank count the stock loss multiplies by: half of it, and half gradients.)
+    first_loss = run.values("train/loss")[0][1]
+    before = state.last_run["eval_loss_before"]
+    assert before and first_loss == pytest.approx(before, rel=0.1), (first_loss, before)
 
 
 def test_two_nodes_train_each_cycle_together_and_only_node_0_writes(crawler_table, tiny_model, tmp_path):

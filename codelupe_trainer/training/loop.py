@@ -141,6 +141,12 @@ class TimedTrainer(Trainer):
             # itself, or the head's matmuls would run in the fp32 peft's k-bit preparation leaves it in.
             with self.accelerator.autocast():
                 result = chunked_model_loss(model, inputs, num_items_in_batch)
+            # As the stock compute_loss does: with several ranks num_items_in_batch counts every rank's tokens
+            # and DDP averages the ranks' gradients, so each rank's sum over that global count is scaled back
+            # up by the number of ranks. Without it the loss, its logged value and every gradient were
+            # 1/num_processes of the truth (and gradient clipping acted at num_processes x max_grad_norm).
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                result = result * self.accelerator.num_processes
         else:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                           num_items_in_batch=num_items_in_batch)
