@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 
 from .config import Settings
-from .logs import secrets_of
+from .logs import redact_secrets, secrets_of
 
 log = logging.getLogger(__name__)
 FILE_NAME = "last-failure.txt"
@@ -25,15 +25,6 @@ _ATTRIBUTE = "_codelupe_traceback_file"
 
 def failure_file(settings: Settings) -> Path:
     return settings.paths.state_file.with_name(FILE_NAME)
-
-
-def redacted(text: str, secrets: list[str]) -> str:
-    # In secrets_of's order, as the log filter does: the passwords first, so a quoted connection string stays
-    # readable (host, user, database) with only its password masked.
-    for secret in secrets:
-        if secret and len(secret) >= 3:
-            text = text.replace(secret, "***")
-    return text
 
 
 def save_traceback(settings: Settings, error: BaseException) -> Path | None:
@@ -47,7 +38,7 @@ def save_traceback(settings: Settings, error: BaseException) -> Path | None:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{FILE_NAME}.", dir=path.parent)
         with os.fdopen(handle, "w", encoding="utf-8") as stream:  # mkstemp: mode 0600
-            stream.write(redacted(text, secrets_of(settings)))
+            stream.write(redact_secrets(text, secrets_of(settings)))
         os.replace(temporary, path)
     except OSError as problem:
         log.warning("could not write the failure's traceback to %s: %s", path, problem)

