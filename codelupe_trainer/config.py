@@ -137,6 +137,14 @@ class TrainingSettings(Section):
         """Training ranks in all: each takes its share of a cycle's blocks."""
         return self.num_processes * self.num_nodes
 
+    @property
+    def block_budget(self) -> int | None:
+        """How many training blocks one epoch may hold so that `max_steps` trains all of them (None: no step
+        budget, training runs by epochs)."""
+        if self.max_steps <= 0:
+            return None
+        return self.max_steps * self.batch_size * self.gradient_accumulation_steps * self.world_size
+
     @field_validator("rendezvous_endpoint")
     @classmethod
     def _host_and_port(cls, endpoint: str) -> str:

@@ -16,7 +16,6 @@ from .data.packing import Block
 from .data.records import Sample
 from .data.source import fetch_replay_samples, fetch_samples_by_id, select_holdout
 from .state import TrainerState
-from .training.loop import block_budget
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +94,7 @@ def add_replay(connection, settings: Settings, state: TrainerState, dataset: Bui
     content_filters = [(name, blocker) for name, blocker in blockers if name not in ("duplicates", "near_duplicates")]
     replay = admitted(usable, content_filters)
     packed = pack_samples(replay, tokenizer, settings.data.max_length, format_text)
-    budget = block_budget(settings.training)
+    budget = settings.training.block_budget
     blocks = packed if budget is None else packed[: max(0, budget - len(dataset.train_blocks))]
     # Cut by a step budget: count the sample pieces that made it (a long sample may be split in two).
     replayed = len(replay) if len(blocks) == len(packed) else int(sum(len(block.lengths) for block in blocks))

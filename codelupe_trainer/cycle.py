@@ -41,10 +41,11 @@ from .state import TrainerState, advance_state, expire_gaps, load_state, record_
 from .training.adapters import prune_adapters, save_adapter
 from .training.backoff import BackoffOutcome, OutOfMemoryOnRanks, sized, train_with_oom_backoff
 from .training.distributed import RankGroup, RankSpec, read_adapter_files
-from .training.loop import block_budget, train_adapter
-from .training.model import attach_adapter, choose_packing, count_parameters, load_base_model, load_tokenizer, pick_device
 from .training.model_files import check_model_path
-from .training.telemetry import ReportingOptions
+
+# The training stack (torch, transformers, peft, bitsandbytes: ~10 s and ~0.5 GB to import) is imported only
+# once a cycle has something to train: the daemon's cycles that find too few new rows end in about a second.
+# `tests/test_run_once.py` checks that such a cycle never imports torch.
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
         log.info("%s%d eligible new samples past id %d", "at least " if available == settings.schedule.min_new_samples else "",
                  available, state.last_trained_id)
         write_cycle_progress(settings.paths.state_file, "dataset", new_samples=available)
+        from .training.model import load_tokenizer
+
         tokenizer = load_tokenizer(settings.model.base_model)
         format_text = make_completion_formatter(tokenizer) if settings.data.format == "completion" else format_raw
         holdout = load_holdout(connection, settings, state)
@@ -99,7 +102,7 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
         rows = fetch_new_samples(connection, settings.database, settings.data, state.last_trained_id, fetched, gaps)
         rows = without_holdout(rows, holdout)
         # No more than training.max_steps can train: a row is recorded as trained only if training saw it.
-        rows = within_block_budget(rows, block_budget(settings.training), tokenizer, settings.data.max_length, format_text,
+        rows = within_block_budget(rows, settings.training.block_budget, tokenizer, settings.data.max_length, format_text,
                                    settings.data.eval_fraction, settings.data.seed, fetched, settings.data.max_eval_samples)
         if duplicate_store.near is not None:
             # After the budget: reading ahead must not read rows this run will leave for the next one.
@@ -136,6 +139,10 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
 def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltDataset, fetched: FetchResult,
                     duplicate_store, dataset_seconds: float, should_stop, process_started: float,
                     holdout: Holdout) -> CycleOutcome:
+    from .training.loop import train_adapter
+    from .training.model import attach_adapter, choose_packing, count_parameters, load_base_model, pick_device
+    from .training.telemetry import ReportingOptions
+
     run_number = state.total_training_runs + 1
     device = pick_device()
     options = wandb_options(settings)

@@ -13,7 +13,7 @@ from .data.dataset import BuiltDataset
 from .metrics import MetricsRun
 from .progress import write_cycle_progress
 from .state import TrainerState
-from .training.telemetry import safe_perplexity
+from .training.perplexity import safe_perplexity
 
 HEARTBEAT_S = 5.0
 PROGRESS_LOG_S = 60.0

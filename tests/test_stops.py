@@ -7,9 +7,13 @@ way a long fetch, model load or evaluation does), then signalled.
 from __future__ import annotations
 
 import json
+import re
 import signal
+import socket
 import subprocess
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -79,14 +83,48 @@ def test_the_daemon_stops_in_any_phase_within_seconds(phase, crawler_table, tiny
     assert "Traceback" not in log.read_text()
 
 
+class NotifySocket:
+    """A systemd notification socket standing in for systemd: records each message the daemon sends and when."""
+
+    def __init__(self) -> None:
+        self.address = f"@codelupe-test-notify-{uuid.uuid4().hex}"
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind("\0" + self.address[1:])
+        self.socket.settimeout(0.5)
+        self.messages: list[tuple[float, str]] = []
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._receive, daemon=True)
+        self.thread.start()
+
+    def _receive(self) -> None:
+        while not self.closed.is_set():
+            try:
+                self.messages.append((time.monotonic(), self.socket.recv(4096).decode()))
+            except TimeoutError:
+                continue
+
+    def close(self) -> None:
+        self.closed.set()
+        self.thread.join()
+        self.socket.close()
+
+
+def unit_watchdog_seconds() -> float:
+    unit = (Path(__file__).resolve().parent.parent / "systemd" / "codelupe-trainer.service").read_text()
+    return float(re.search(r"^WatchdogSec=(\d+)$", unit, re.MULTILINE).group(1))
+
+
 def test_a_hung_cycle_is_detected_ended_and_recorded(crawler_table, tiny_model, tmp_path):
     """The cycle hangs where no signal handler runs (SIGTERM ignored, no progress): the daemon's stall watch
-    ends it, records why, and stays up for the next cycle."""
+    ends it, records why, and stays up for the next cycle. All the while the daemon keeps systemd's watchdog
+    fed (a hung cycle is the stall watch's to end, not a reason to restart the daemon): READY=1 first,
+    WATCHDOG=1 far more often than the unit's WatchdogSec, STOPPING=1 last."""
     insert_stdlib_rows(crawler_table, start=0, count=40)
     config = write_config(tmp_path, tiny_model, SHAPE + "[schedule]\ninterval_minutes = 60\nmin_new_samples = 1\n"
                           "[service]\ncycle_stall_minutes = 0.4\n")
     log = tmp_path / "daemon.log"
-    env = {**environment(crawler_table), "CODELUPE_FAULT": "train:hang"}
+    notify = NotifySocket()
+    env = {**environment(crawler_table), "CODELUPE_FAULT": "train:hang", "NOTIFY_SOCKET": notify.address}
     daemon = start_daemon(config, env, log)
     try:
         wait_for(lambda: "stalled" in (load_state(tmp_path / "state.json").last_error or ""), 150,
@@ -106,6 +144,13 @@ def test_a_hung_cycle_is_detected_ended_and_recorded(crawler_table, tiny_model, 
     finally:
         if daemon.poll() is None:
             daemon.kill()
+        notify.close()
+    sent = [message for _, message in notify.messages]
+    assert sent[0] == "READY=1" and sent[-1] == "STOPPING=1", sent[:3] + sent[-3:]
+    pings = [at for at, message in notify.messages if message == "WATCHDOG=1"]
+    assert len(pings) >= 20  # the stall alone (0.4 min) spans ~24 of them
+    longest_gap = max(later - earlier for earlier, later in zip(pings, pings[1:]))
+    assert longest_gap < unit_watchdog_seconds() / 4, longest_gap
 
 
 def test_a_locked_table_fails_the_cycle_within_the_statement_timeout(crawler_table, tiny_model, tmp_path):

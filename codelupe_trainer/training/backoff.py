@@ -15,8 +15,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from ..config import TrainingSettings
 from ..errors import TrainingError
 
@@ -41,6 +39,8 @@ class OutOfMemoryOnRanks(TrainingError):
 
 def check_ranks_memory_failure(error: BaseException | str, training: TrainingSettings) -> None:
     """Raise the back-off for several ranks when `error` (rank 0's, or a rank's reported reason) is an OOM."""
+    import torch  # here: the cycle imports this module before it knows whether there is anything to train
+
     oom = isinstance(error, torch.OutOfMemoryError) or str(error).startswith(f"{torch.OutOfMemoryError.__name__}:")
     if not oom:
         return
@@ -65,6 +65,8 @@ def sized(training: TrainingSettings, micro_batch: int) -> TrainingSettings:
 
 def train_with_oom_backoff(model, training: TrainingSettings, start_micro_batch: int | None,
                            attempt: Callable[[TrainingSettings], object]):
+    import torch
+
     micro_batch = min(start_micro_batch or training.batch_size, training.batch_size)
     snapshot = {name: parameter.detach().to("cpu", copy=True)
                 for name, parameter in model.named_parameters() if parameter.requires_grad}
@@ -84,7 +86,9 @@ def train_with_oom_backoff(model, training: TrainingSettings, start_micro_batch:
                         micro_batch, sized(training, micro_batch).gradient_accumulation_steps)
 
 
-def _undo_attempt(model, snapshot: dict[str, torch.Tensor]) -> None:
+def _undo_attempt(model, snapshot: dict) -> None:
+    import torch
+
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name in snapshot:

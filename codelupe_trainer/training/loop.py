@@ -252,7 +252,7 @@ def trainer_max_steps(training: TrainingSettings, train_blocks: int) -> int:
 
     A max_steps larger than the epochs need would make the Trainer loop over the data again. One smaller
     than a single epoch would leave rows unseen that the state records as trained: the cycle takes no more
-    rows than the budget trains (see `block_budget`), and should the filters' removals ever make the packing
+    rows than the budget trains (see `TrainingSettings.block_budget`), and should the filters' removals ever make the packing
     come out larger, the run trains its whole epoch, a few steps over max_steps, rather than lose rows.
     """
     per_epoch = steps_per_epoch(train_blocks, training.batch_size, training.gradient_accumulation_steps,
@@ -264,14 +264,6 @@ def trainer_max_steps(training: TrainingSettings, train_blocks: int) -> int:
                     training.max_steps, train_blocks, per_epoch)
         return per_epoch
     return training.max_steps
-
-
-def block_budget(training: TrainingSettings) -> int | None:
-    """How many training blocks one epoch may hold so that `training.max_steps` trains all of them
-    (None: no step budget, training runs by epochs)."""
-    if training.max_steps <= 0:
-        return None
-    return training.max_steps * training.batch_size * training.gradient_accumulation_steps * training.world_size
 
 
 def checkpointing_arguments(enabled: bool) -> dict:

@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 
 from ..faults import crash_point
 from .flops import peak_flops, training_flops_per_token, utilisation
+from .perplexity import safe_perplexity
 from .ranks import all_ranks_sum, world_size
 
 
@@ -96,13 +97,6 @@ def device_memory_metrics() -> dict[str, float]:
         metrics[f"system/gpu_{index}_memory_allocated_gb"] = torch.cuda.memory_allocated(index) / 1e9
         metrics[f"system/gpu_{index}_memory_reserved_gb"] = torch.cuda.memory_reserved(index) / 1e9
     return metrics
-
-
-def safe_perplexity(loss: float) -> float:
-    """exp(loss), clamped so a diverging loss reads as a huge number instead of overflowing; NaN stays NaN."""
-    if math.isnan(loss):
-        return float("nan")
-    return math.exp(min(loss, 50.0))
 
 
 
