@@ -118,7 +118,8 @@ def test_a_hung_cycle_is_detected_ended_and_recorded(crawler_table, tiny_model, 
     """The cycle hangs where no signal handler runs (SIGTERM ignored, no progress): the daemon's stall watch
     ends it, records why, and stays up for the next cycle. All the while the daemon keeps systemd's watchdog
     fed (a hung cycle is the stall watch's to end, not a reason to restart the daemon): READY=1 first,
-    WATCHDOG=1 far more often than the unit's WatchdogSec, STOPPING=1 last."""
+    WATCHDOG=1 far more often than the unit's WatchdogSec, STOPPING=1 last. The daemon's own process never
+    loads torch."""
     insert_stdlib_rows(crawler_table, start=0, count=40)
     config = write_config(tmp_path, tiny_model, SHAPE + "[schedule]\ninterval_minutes = 60\nmin_new_samples = 1\n"
                           "[service]\ncycle_stall_minutes = 0.4\n")
@@ -133,6 +134,9 @@ def test_a_hung_cycle_is_detected_ended_and_recorded(crawler_table, tiny_model, 
         assert state.consecutive_failures == 1 and state.last_trained_id == 0
         assert "no progress for" in state.last_error and "in phase '" in state.last_error
         assert daemon.poll() is None  # the daemon carries on
+        # The daemon itself never loads torch (its GPU self-check runs in a child): a CUDA context, once made,
+        # would hold GPU memory for the daemon's whole life, away from every cycle's training.
+        assert "libtorch" not in Path(f"/proc/{daemon.pid}/maps").read_text()
 
         def daemon_phase():
             status = subprocess.run(CLI + ["status", "--config", str(config), "--json"], env=environment(crawler_table),

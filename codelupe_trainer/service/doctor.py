@@ -108,11 +108,28 @@ def model_and_gpu_problems(settings: Settings) -> list[str]:
 def gpu_problems() -> list[str]:
     """On a CUDA machine: a torch build without kernels for the card, no bf16, or a broken 4-bit matmul would
     fail every cycle the same way; refuse to start instead (memory is only warned about: the OOM back-off
-    copes)."""
+    copes).
+
+    Checked in a short-lived child process: the daemon and `join` live for months, and a CUDA context once
+    made stays with its process until it exits (GPU memory every cycle's training would lack, on a card the
+    shipped settings nearly fill), as does torch's host memory (~0.5 GB)."""
     import importlib.util
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     if importlib.util.find_spec("torch") is None:
         return []
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(gpu_problems_here).result()
+    except BrokenProcessPool:
+        return ["the GPU self-check's process died (a crash in the CUDA driver or torch); "
+                "`codelupe-trainer doctor` runs the same checks and shows where"]
+
+
+def gpu_problems_here() -> list[str]:
+    """gpu_problems' checks, in this process."""
     import torch
 
     if not torch.cuda.is_available():
