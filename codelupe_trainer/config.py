@@ -100,6 +100,12 @@ class ModelSettings(Section):
         "them apart, else one sample per row in length-grouped batches.",
     )
 
+    def quantization_on(self, device: str) -> str:
+        """What `quantization` means on that device: auto is 4-bit NF4 on CUDA and none elsewhere."""
+        if self.quantization == "auto":
+            return "4bit" if device == "cuda" else "none"
+        return self.quantization
+
 
 class TrainingSettings(Section):
     batch_size: int = Field(4, ge=1)

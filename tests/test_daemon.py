@@ -218,13 +218,15 @@ def test_daemon_survives_a_database_outage_and_resumes(own_server, tiny_model, t
 
 def test_a_cycle_that_raises_cuda_oom_leaves_the_daemon_running(crawler_table, tiny_model, tmp_path):
     insert_stdlib_rows(crawler_table, start=0, count=40)
-    config = write_config(tmp_path, tiny_model, "[schedule]\ninterval_minutes = 0.05\nmin_new_samples = 10\n")
+    # Micro-batch 1: the back-off has nowhere to go, so each cycle fails at its first out-of-memory error.
+    config = write_config(tmp_path, tiny_model, "[schedule]\ninterval_minutes = 0.05\nmin_new_samples = 10\n"
+                          "[training]\nbatch_size = 1\ngradient_accumulation_steps = 4\ngradient_checkpointing = true\n")
     daemon = start_daemon(config, environment(crawler_table, CODELUPE_FAULT="train:oom"), tmp_path / "daemon.log")
     try:
         state_file = tmp_path / "state.json"
         wait_for(lambda: load_state(state_file).consecutive_failures >= 2, 180, "two failed cycles", daemon, tmp_path / "daemon.log")
         state = load_state(state_file)
-        # Every micro-batch size runs out of memory here: the back-off ends in one clear error, the daemon lives.
+        # The back-off ends in one clear error, and the daemon lives on to run the next cycle.
         assert "out of GPU memory even at micro-batch 1" in state.last_error
         assert state.last_trained_id == 0 and state.total_training_runs == 0
         assert daemon.poll() is None

@@ -122,10 +122,9 @@ def self_check(settings: Settings) -> list[tuple[str, bool, str]]:
     import torch
 
     from .loss import resolve_loss
-    from .model import resolve_quantization
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    quantized = resolve_quantization(settings.model.quantization, device) != "none"
+    quantized = settings.model.quantization_on(device) != "none"
     loss = resolve_loss(settings.training.loss, device)
     config = model_config(settings.model.base_model)
     results = []

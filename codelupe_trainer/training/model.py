@@ -23,12 +23,6 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_quantization(setting: str, device: str) -> str:
-    if setting == "auto":
-        return "4bit" if device == "cuda" else "none"
-    return setting
-
-
 def load_tokenizer(base_model: str):
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     if tokenizer.pad_token_id is None:
@@ -49,7 +43,7 @@ def load_base_model(model_settings: ModelSettings, device: str, device_index: in
     """`device_index`: the GPU of this training rank (one process per GPU when training.num_processes > 1)."""
     crash_point("load")
     quiet_progress_bars_off_a_terminal()
-    quantization = resolve_quantization(model_settings.quantization, device)
+    quantization = model_settings.quantization_on(device)
     compute_dtype = torch.bfloat16 if device == "cuda" else torch.float32
     kwargs: dict[str, Any] = {"dtype": compute_dtype, "attn_implementation": model_settings.attn_implementation}
     if quantization == "4bit":
