@@ -29,6 +29,7 @@ bench: install
 	$(BIN)/python benchmarks/forgetting.py
 	$(BIN)/python benchmarks/rank_handoff.py
 	$(BIN)/python benchmarks/replay_draw.py
+	$(BIN)/python benchmarks/idle_cycle.py
 
 install-service: install
 	bash systemd/install.sh

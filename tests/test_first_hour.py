@@ -72,7 +72,7 @@ def test_run_once_names_a_missing_table_before_loading_torch(db_url, tiny_model,
 
 def test_a_cycle_with_too_few_new_rows_ends_without_loading_torch(crawler_table, tiny_model, tmp_path):
     """The daemon's usual cycle while rows trickle in: count, say so, end. Loading the training stack for it
-    cost ~10 s and ~0.5 GB every interval (measured on the 2-core box: 10.5 s -> 0.8 s a cycle)."""
+    cost ~10 s and ~0.4 GB every interval (benchmarks/idle_cycle.py)."""
     insert_stdlib_rows(crawler_table, start=0, count=20)
     config = write_config(tmp_path, tiny_model, "[schedule]\nmin_new_samples = 1000\n")
     poison = tmp_path / "poison"

@@ -112,20 +112,22 @@ def gpu_problems() -> list[str]:
 
     Checked in a short-lived child process: the daemon and `join` live for months, and a CUDA context once
     made stays with its process until it exits (GPU memory every cycle's training would lack, on a card the
-    shipped settings nearly fill), as does torch's host memory (~0.5 GB)."""
+    shipped settings nearly fill), as does torch's host memory (~0.5 GB). A plain subprocess, not
+    multiprocessing: that would leave its resource tracker running beside `join` for good."""
     import importlib.util
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
+    import json
+    import subprocess
+    import sys
 
     if importlib.util.find_spec("torch") is None:
         return []
-    try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return pool.submit(gpu_problems_here).result()
-    except BrokenProcessPool:
-        return ["the GPU self-check's process died (a crash in the CUDA driver or torch); "
+    code = "import json; from codelupe_trainer.service.doctor import gpu_problems_here; print(json.dumps(gpu_problems_here()))"
+    checked = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if checked.returncode != 0:
+        last = (checked.stderr.strip().splitlines() or ["no output"])[-1]
+        return [f"the GPU self-check's process failed (exit {checked.returncode}: {last}); "
                 "`codelupe-trainer doctor` runs the same checks and shows where"]
+    return json.loads(checked.stdout.strip().splitlines()[-1])
 
 
 def gpu_problems_here() -> list[str]:
