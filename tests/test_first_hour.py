@@ -20,7 +20,7 @@ NO_HUB = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": "", "HF_HUB_OFFLI
 
 
 def run_cli(arguments: list[str], url: str, tmp_path: Path, **extra: str) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("CODELUPE_", "HF_"))}
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("CODELUPE_", "HF_", "WANDB_"))}
     env.update(CODELUPE_DATABASE__URL=url, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     env.update({key: value for key, value in extra.items() if value})
     env.setdefault("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
@@ -145,3 +145,37 @@ def test_each_first_hour_error_is_one_line_and_exit_2_from_the_real_cli(tmp_path
     assert completed.returncode == 2, completed.stderr
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0] and "Traceback" not in completed.stderr, completed.stderr
+
+
+@pytest.mark.slow
+def test_the_shipped_config_trains_as_shipped_where_only_the_machine_differs(crawler_table, tiny_model, tmp_path):
+    """`config/codelupe.toml` itself, every setting as shipped (max_length 2,048, batch 4 x accumulation 4,
+    checkpointing, the gate with a 256-row holdout, replay, near-duplicates, W&B online), with only what this
+    machine must change given as a user would (the database, a local model, writable paths): one cycle trains
+    and promotes on a CPU, falling back where it must (no 4-bit, the chunked loss, W&B offline without a key),
+    each fallback said once and nothing else warned about."""
+    from wandb_reader import find_run_files, read_run
+
+    from codelupe_trainer.state import load_state
+
+    insert_stdlib_rows(crawler_table, start=0, count=80)
+    shipped = Path(__file__).resolve().parent.parent / "config" / "codelupe.toml"
+    completed = run_cli(["run-once", "--force", "--config", str(shipped)], crawler_table, tmp_path,
+                        CODELUPE_MODEL__BASE_MODEL=str(tiny_model), CODELUPE_WANDB__DIR=str(tmp_path),
+                        CODELUPE_PATHS__STATE_FILE=str(tmp_path / "state.json"),
+                        CODELUPE_PATHS__OUTPUT_DIR=str(tmp_path / "adapters"))
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    warnings = [line for line in completed.stderr.splitlines() if " WARNING " in line or " ERROR " in line]
+    assert len(warnings) == 1 and "W&B mode is online but no API key is configured" in warnings[0], warnings
+    assert "Traceback" not in completed.stderr
+    state = load_state(tmp_path / "state.json")
+    run = state.last_run
+    assert state.total_training_runs == 1 and run["promoted"] and run["device"] == "cpu"
+    assert run["quantization"] == "none" and run["packing"] == "position_ids" and run["micro_batch"] == 4
+    assert state.total_samples_held_out > 0 and run["holdout_loss"] is not None  # the gate compared on a holdout
+    assert state.total_samples_trained + state.total_samples_held_out + sum(run["skipped"].values()) \
+        + sum(run["blocked"].values()) == run["rows_examined"] == 80
+    [run_file] = find_run_files(tmp_path)
+    config = read_run(run_file).config
+    assert config["hyperparams/effective_gradient_accumulation_steps"] == 4
+    assert config["hyperparams/effective_micro_batch"] == 4
