@@ -65,7 +65,9 @@ def test_run_once_stops_in_any_phase_within_seconds(phase, signal_number, crawle
         assert finish_records(tmp_path) and finish_records(tmp_path)[-1]["exit_code"] != 0
 
 
-@pytest.mark.parametrize("phase", ["fetch", "load", "train", "eval"])
+# The cycle's own stop in each phase is proved through run-once above (the daemon's cycle is the same code
+# with the same handler); here, the daemon passing the stop on, in the slowest phase to start and mid-training.
+@pytest.mark.parametrize("phase", ["load", "train"])
 def test_the_daemon_stops_in_any_phase_within_seconds(phase, crawler_table, tiny_model, tmp_path):
     insert_stdlib_rows(crawler_table, start=0, count=40)
     config = write_config(tmp_path, tiny_model, SHAPE + "[schedule]\ninterval_minutes = 60\nmin_new_samples = 1\n")
