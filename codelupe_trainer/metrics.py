@@ -256,6 +256,23 @@ def _plain_number(value: Any) -> float | int:
 # ---------------------------------------------------------------- system collector
 
 
+def nvidia_gpu_names() -> list[str]:
+    """The NVIDIA GPUs the driver sees, by name, whatever torch can do with them ([] without a driver)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no driver, no GPU
+        return []
+    try:
+        return [str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(index)))
+                for index in range(pynvml.nvmlDeviceGetCount())]
+    except Exception:
+        return []
+    finally:
+        pynvml.nvmlShutdown()
+
+
 class SystemMonitor:
     """CPU, RAM, disk and NVML GPU readings. Never blocks: cpu_percent is measured since the previous call."""
 

@@ -86,6 +86,30 @@ def test_a_cycle_with_too_few_new_rows_ends_without_loading_torch(crawler_table,
     assert "eligible new samples; waiting for 1000" in completed.stdout + completed.stderr, completed.stderr
 
 
+def test_a_torch_that_cannot_load_stops_the_daemon_at_start_in_one_line(crawler_table, tiny_model, tmp_path):
+    """A broken torch install (a CUDA wheel missing its libraries) would fail every cycle: `run` says so at
+    start, exit 2, from its GPU self-check's own process (the daemon's never loads torch); `doctor` names it in
+    its torch line instead of ending in a traceback."""
+    config = write_config(tmp_path, tiny_model)
+    broken = tmp_path / "broken"
+    (broken / "torch").mkdir(parents=True)
+    (broken / "torch" / "__init__.py").write_text("raise ImportError('libcudart.so.12: cannot open shared object file')\n")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CODELUPE_")}
+    env.update(CODELUPE_DATABASE__URL=crawler_table, PYTHONPATH=f"{broken}:{Path(__file__).resolve().parent.parent}")
+    completed = subprocess.run(CLI + ["run", "--config", str(config)], env=env, capture_output=True, text=True,
+                               timeout=120)
+    assert completed.returncode == 2, completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert "the GPU self-check's process failed (exit 1: ImportError: libcudart.so.12: cannot open shared object" \
+        in completed.stderr, completed.stderr
+
+    doctor = subprocess.run(CLI + ["doctor", "--config", str(config)], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert doctor.returncode == 1 and "Traceback" not in doctor.stdout + doctor.stderr, doctor.stderr
+    assert "FAIL torch: torch cannot be imported (ImportError: libcudart.so.12" in doctor.stdout
+    assert "ok   database: reachable" in doctor.stdout  # every other check still runs
+
+
 def test_progress_off_a_terminal_is_a_line_at_the_start_the_end_and_every_minute(caplog):
     import logging
 

@@ -112,6 +112,24 @@ def test_doctor_passes_on_a_good_setup(crawler_table, make_settings, tmp_path, c
     output = capsys.readouterr().out
     assert "FAIL" not in output
     assert "ok   memory estimate: ~" in output and "micro-batch 4 x 256 tokens" in output
+    assert "ok   torch: torch 2." in output  # which build: the first thing to know on a GPU box
+
+
+@pytest.mark.parametrize(("gpus", "available", "cuda", "expected"), [
+    (["NVIDIA GeForce RTX 5090"], False, None, "that torch 2.13.0+cpu cannot use (a CPU-only build)"),
+    (["NVIDIA GeForce RTX 5090"], False, "12.8", "(built for CUDA 12.8: the NVIDIA driver may be older"),
+    (["NVIDIA GeForce RTX 5090"], True, "12.8", None),
+    ([], False, None, None),  # no GPU: a CPU build is right
+])
+def test_a_torch_that_cannot_use_the_machines_gpus_is_named(gpus, available, cuda, expected):
+    from codelupe_trainer.service.doctor import unusable_gpus
+
+    problem = unusable_gpus(gpus, available, "2.13.0+cpu", cuda)
+    if expected is None:
+        assert problem is None
+    else:
+        assert expected in problem and "1 NVIDIA GPU(s) (NVIDIA GeForce RTX 5090)" in problem
+        assert "every cycle would train on the CPU" in problem
 
 
 QWEN_7B_CONFIG = {"hidden_size": 3584, "num_hidden_layers": 28, "vocab_size": 152064, "intermediate_size": 18944,

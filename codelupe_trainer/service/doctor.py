@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..config import Settings
 from ..data.source import SourceError, check_table, open_connection
-from ..metrics import effective_wandb_mode
+from ..metrics import effective_wandb_mode, nvidia_gpu_names
 from ..training.gpu_check import cuda_checks, self_check
 from ..training.model_files import check_model_path
 from ..training.rendezvous import split_endpoint
@@ -31,8 +31,36 @@ def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
     results.append(("wandb", True, f"mode {mode}" + (" (no API key: falls back to offline)" if mode != settings.wandb.mode and mode == "offline" else "")))
     if settings.training.num_nodes > 1:
         results.append(check_rendezvous(settings.training.rendezvous_endpoint, settings.training.num_nodes))
-    results += self_check(settings)
+    torch_result = check_torch()
+    results.append(torch_result)
+    if "cannot be imported" not in torch_result[2]:
+        results += self_check(settings)
     return results
+
+
+def check_torch() -> tuple[str, bool, str]:
+    """Which torch build this is, and whether it can use the GPUs the driver sees: a CPU-only wheel on a GPU
+    box (what a plain `pip install torch` can pick) would train a 7B on the CPU."""
+    try:
+        import torch
+    except Exception as error:  # ImportError, or OSError from a CUDA library the wheel cannot find
+        return ("torch", False, f"torch cannot be imported ({type(error).__name__}: {error}); install the torch "
+                "build for this machine (README: Install)")
+    problem = unusable_gpus(nvidia_gpu_names(), torch.cuda.is_available(), torch.__version__, torch.version.cuda)
+    if problem:
+        return ("torch", False, problem)
+    return ("torch", True, f"torch {torch.__version__}, " + (f"CUDA {torch.version.cuda}" if torch.version.cuda
+                                                             else "a CPU build"))
+
+
+def unusable_gpus(gpu_names: list[str], cuda_available: bool, torch_version: str, torch_cuda: str | None) -> str | None:
+    """The problem when the driver sees NVIDIA GPUs that torch cannot use, else None."""
+    if cuda_available or not gpu_names:
+        return None
+    why = ("a CPU-only build" if torch_cuda is None
+           else f"built for CUDA {torch_cuda}: the NVIDIA driver may be older than that build needs")
+    return (f"this machine has {len(gpu_names)} NVIDIA GPU(s) ({gpu_names[0]}) that torch {torch_version} cannot "
+            f"use ({why}); every cycle would train on the CPU. Install torch's CUDA build (README: On the GPU box)")
 
 
 def check_rendezvous(endpoint: str, nodes: int) -> tuple[str, bool, str]:
@@ -120,9 +148,11 @@ def gpu_problems() -> list[str]:
     import sys
 
     if importlib.util.find_spec("torch") is None:
-        return []
+        return ["torch is not installed: install the torch build for this machine first (README: Install)"]
     code = "import json; from codelupe_trainer.service.doctor import gpu_problems_here; print(json.dumps(gpu_problems_here()))"
-    checked = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # The child imports this package from where this process did, however it was started.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+    checked = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if checked.returncode != 0:
         last = (checked.stderr.strip().splitlines() or ["no output"])[-1]
         return [f"the GPU self-check's process failed (exit {checked.returncode}: {last}); "
@@ -135,7 +165,8 @@ def gpu_problems_here() -> list[str]:
     import torch
 
     if not torch.cuda.is_available():
-        return []
+        problem = unusable_gpus(nvidia_gpu_names(), False, torch.__version__, torch.version.cuda)
+        return [problem] if problem else []
     return [detail for name, ok, detail in cuda_checks(None) if not ok and name in ("gpu", "bf16", "4-bit")]
 
 
