@@ -185,29 +185,22 @@ def main() -> None:
     import torch
 
     from codelupe_trainer.demo.demo import standard_library_files
-    from codelupe_trainer.demo.pgserver import start_throwaway_postgres, wait_for_postgres
+    from codelupe_trainer.demo.pgserver import postgres_at
     from codelupe_trainer.demo.tinymodel import build_tiny_model, pretrain_tiny_model
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     work = Path(tempfile.mkdtemp(prefix="codelupe-forgetting-"))
-    server = None
     try:
-        url = arguments.url
-        if not url:
-            server = start_throwaway_postgres()
-            url = server.url
-        wait_for_postgres(url)
-        corpus = [path.read_text(encoding="utf-8", errors="replace") for path in standard_library_files(200)]
-        model_dir = build_tiny_model(work / "model", corpus + [text for _, text in c_files(100, skip=400)])
-        pretrain_tiny_model(model_dir, corpus[:100] + [text for _, text in c_files(60, skip=400)], steps=150)
-        results = [run_variant(name, mode, replay, tolerance, drift, url, model_dir, work, arguments)
-                   for name, mode, replay, tolerance, drift in VARIANTS
-                   if not arguments.only or any(part in name for part in arguments.only)]
+        with postgres_at(arguments.url) as url:
+            corpus = [path.read_text(encoding="utf-8", errors="replace") for path in standard_library_files(200)]
+            model_dir = build_tiny_model(work / "model", corpus + [text for _, text in c_files(100, skip=400)])
+            pretrain_tiny_model(model_dir, corpus[:100] + [text for _, text in c_files(60, skip=400)], steps=150)
+            results = [run_variant(name, mode, replay, tolerance, drift, url, model_dir, work, arguments)
+                       for name, mode, replay, tolerance, drift in VARIANTS
+                       if not arguments.only or any(part in name for part in arguments.only)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if server is not None:
-            server.destroy()
 
     print(f"A = Python ({arguments.a_rows} files, 1 cycle), then B = C headers ({arguments.b_cycles} cycles x "
           f"{arguments.b_rows} files); lr {arguments.learning_rate}, {arguments.epochs} epochs, LoRA r 8")

@@ -52,18 +52,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     arguments = parser.parse_args()
 
-    from codelupe_trainer.demo.pgserver import start_throwaway_postgres, wait_for_postgres
+    from codelupe_trainer.demo.pgserver import postgres_at
 
-    server = None
-    if not arguments.url:
-        server = start_throwaway_postgres()
-        arguments.url = server.url
-    wait_for_postgres(arguments.url)
-    try:
+    with postgres_at(arguments.url) as arguments.url:  # without a URL, a throwaway server, as the tests start
         measure(arguments)
-    finally:
-        if server is not None:
-            server.destroy()
 
 
 def measure(arguments) -> None:

@@ -202,19 +202,13 @@ def main() -> None:
         child_main(arguments)
         return
 
-    from codelupe_trainer.demo.pgserver import start_throwaway_postgres, wait_for_postgres
+    from codelupe_trainer.demo.pgserver import postgres_at
     from codelupe_trainer.demo.demo import standard_library_files
     from codelupe_trainer.demo.tinymodel import build_tiny_model
 
-    server = None
-    url = arguments.url
-    if not url:
-        server = start_throwaway_postgres()
-        url = server.url
-    wait_for_postgres(url)
     model_dir = Path(tempfile.mkdtemp(prefix="ingest-tokenizer-"))
     build_tiny_model(model_dir, (path.read_text(encoding="utf-8", errors="replace") for path in standard_library_files(300)))
-    try:
+    with postgres_at(arguments.url) as url:
         for rows in arguments.rows:
             load_table(url, rows)
             if rows <= PRODUCTION_CAP:
@@ -238,9 +232,6 @@ def main() -> None:
                 print(f"[{rows:,} rows] ratio: throughput {ours['rows_per_second'] / seed['rows_per_second']:.1f}x, "
                       f"peak memory {seed['peak_rss_gb'] / ours['peak_rss_gb']:.1f}x lower, "
                       f"real-token fraction {ours['real_token_fraction'] / seed['real_token_fraction']:.1f}x", flush=True)
-    finally:
-        if server is not None:
-            server.destroy()
 
 
 if __name__ == "__main__":

@@ -128,8 +128,14 @@ def command_run_once(settings: Settings, arguments) -> int:
 
 def _run_once(settings: Settings, arguments) -> int:
     from .data.source import SchemaError, SourceError, check_table, open_connection
+    from .service.doctor import unwritable_paths
 
     log = logging.getLogger("codelupe_trainer")
+    problems = unwritable_paths(settings)
+    if problems:
+        for problem in problems:
+            print(f"codelupe-trainer: cannot run: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     # The table is checked before torch is imported: a misspelt table or column is one line in a second.
     try:
         with open_connection(settings.database) as connection:

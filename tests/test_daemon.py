@@ -234,3 +234,30 @@ def test_a_cycle_that_raises_cuda_oom_leaves_the_daemon_running(crawler_table, t
     finally:
         if daemon.poll() is None:
             daemon.kill()
+
+
+def test_a_live_status_that_cannot_be_written_is_said_once_not_every_second(crawler_table, tiny_model, tmp_path):
+    """The daemon writes its live status every second; when it cannot (a full disk, a directory in the way), the
+    journal gets one warning, and one line when it works again, not 86,400 warnings a day."""
+    config = write_config(tmp_path, tiny_model, "[schedule]\ninterval_minutes = 60\nmin_new_samples = 1000\n")
+    log = tmp_path / "daemon.log"
+    blocker = tmp_path / "daemon-status.json"
+    daemon = start_daemon(config, environment(crawler_table), log)
+    try:
+        wait_for(lambda: "waiting for 1000" in log.read_text(), 60, "the first cycle", daemon, log)
+        while not blocker.is_dir():  # the status file's place is taken: every write fails
+            blocker.unlink(missing_ok=True)
+            try:
+                blocker.mkdir()
+            except FileExistsError:  # the daemon wrote it again in between
+                pass
+        time.sleep(4)
+        blocker.rmdir()
+        wait_for(lambda: "the live status is written again" in log.read_text(), 10, "recovery", daemon, log)
+        assert stop_daemon(daemon, log) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    text = log.read_text()
+    assert text.count("could not write the live status") == 1, text
+    assert read_json(blocker)["phase"] == "stopped"

@@ -27,6 +27,20 @@ def run_cli(arguments: list[str], url: str, tmp_path: Path, **extra: str) -> sub
     return subprocess.run(CLI + arguments, env=env, capture_output=True, text=True, timeout=300)
 
 
+def with_fake_torch(tmp_path: Path, url: str, body: str) -> dict[str, str]:
+    """An environment whose `torch` is a stand-in running `body` on import: a poisoned one proves a path never
+    imports torch (-X importtime would be noisy), a raising one plays a broken install."""
+    fake = tmp_path / "fake-torch"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text(body + "\n")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CODELUPE_")}
+    env.update(CODELUPE_DATABASE__URL=url, PYTHONPATH=f"{fake}:{Path(__file__).resolve().parent.parent}")
+    return env
+
+
+POISONED_TORCH = "raise SystemExit('torch was imported')"
+
+
 @pytest.mark.slow
 def test_a_hub_model_that_cannot_be_downloaded_is_one_line(crawler_table, tiny_model, tmp_path):
     insert_stdlib_rows(crawler_table, start=0, count=20)
@@ -58,14 +72,8 @@ def test_doctor_says_whether_a_hub_model_is_cached(crawler_table, tiny_model, tm
 
 def test_run_once_names_a_missing_table_before_loading_torch(db_url, tiny_model, tmp_path):
     config = write_config(tmp_path, tiny_model)
-    # -X importtime would be noisy; instead, a poisoned torch on the path proves it is never imported.
-    poison = tmp_path / "poison"
-    (poison / "torch").mkdir(parents=True)
-    (poison / "torch" / "__init__.py").write_text("raise SystemExit('torch was imported')\n")
-    env = {key: value for key, value in os.environ.items() if not key.startswith("CODELUPE_")}
-    env.update(CODELUPE_DATABASE__URL=db_url, PYTHONPATH=f"{poison}:{Path(__file__).resolve().parent.parent}")
-    completed = subprocess.run(CLI + ["run-once", "--config", str(config)], env=env, capture_output=True, text=True,
-                               timeout=120)
+    completed = subprocess.run(CLI + ["run-once", "--config", str(config)], capture_output=True, text=True,
+                               env=with_fake_torch(tmp_path, db_url, POISONED_TORCH), timeout=120)
     assert completed.returncode == 2, completed.stderr
     assert "table 'processed_files' does not exist" in completed.stderr and "torch was imported" not in completed.stderr
 
@@ -75,13 +83,8 @@ def test_a_cycle_with_too_few_new_rows_ends_without_loading_torch(crawler_table,
     cost ~10 s and ~0.4 GB every interval (benchmarks/idle_cycle.py)."""
     insert_stdlib_rows(crawler_table, start=0, count=20)
     config = write_config(tmp_path, tiny_model, "[schedule]\nmin_new_samples = 1000\n")
-    poison = tmp_path / "poison"
-    (poison / "torch").mkdir(parents=True)
-    (poison / "torch" / "__init__.py").write_text("raise SystemExit('torch was imported')\n")
-    env = {key: value for key, value in os.environ.items() if not key.startswith("CODELUPE_")}
-    env.update(CODELUPE_DATABASE__URL=crawler_table, PYTHONPATH=f"{poison}:{Path(__file__).resolve().parent.parent}")
-    completed = subprocess.run(CLI + ["run-once", "--config", str(config)], env=env, capture_output=True, text=True,
-                               timeout=120)
+    completed = subprocess.run(CLI + ["run-once", "--config", str(config)], capture_output=True, text=True,
+                               env=with_fake_torch(tmp_path, crawler_table, POISONED_TORCH), timeout=120)
     assert completed.returncode == 0, completed.stderr
     assert "eligible new samples; waiting for 1000" in completed.stdout + completed.stderr, completed.stderr
 
@@ -91,11 +94,7 @@ def test_a_torch_that_cannot_load_stops_the_daemon_at_start_in_one_line(crawler_
     start, exit 2, from its GPU self-check's own process (the daemon's never loads torch); `doctor` names it in
     its torch line instead of ending in a traceback."""
     config = write_config(tmp_path, tiny_model)
-    broken = tmp_path / "broken"
-    (broken / "torch").mkdir(parents=True)
-    (broken / "torch" / "__init__.py").write_text("raise ImportError('libcudart.so.12: cannot open shared object file')\n")
-    env = {key: value for key, value in os.environ.items() if not key.startswith("CODELUPE_")}
-    env.update(CODELUPE_DATABASE__URL=crawler_table, PYTHONPATH=f"{broken}:{Path(__file__).resolve().parent.parent}")
+    env = with_fake_torch(tmp_path, crawler_table, "raise ImportError('libcudart.so.12: cannot open shared object file')")
     completed = subprocess.run(CLI + ["run", "--config", str(config)], env=env, capture_output=True, text=True,
                                timeout=120)
     assert completed.returncode == 2, completed.stderr
@@ -147,6 +146,11 @@ def state_is_a_directory(directory: Path) -> str:
     return SHIPPED
 
 
+def a_file_where_a_directory_goes(directory: Path) -> str:
+    (directory / "a-file").write_text("")  # as root every directory is writable: a file stands in for one
+    return SHIPPED
+
+
 @pytest.mark.parametrize(("command", "config", "environment", "expected"), [
     ("status", lambda directory: str(directory), {}, "is a directory, not a TOML file"),
     ("status", not_utf8, {}, "not UTF-8 text"),
@@ -158,6 +162,12 @@ def state_is_a_directory(directory: Path) -> str:
      "environment variable CODELUPE_DATA__MIN_QUALTY: unknown key data.min_qualty"),
     ("status", state_is_a_directory, {"CODELUPE_PATHS__STATE_FILE": "{directory}/state.json"}, "cannot read"),
     ("run-once", unknown_key, {}, "data.min_qualty: unknown key"),
+    # Every cycle would fail, and the daemon warned every second that it could not write its live status.
+    ("run-once", a_file_where_a_directory_goes, {"CODELUPE_PATHS__STATE_FILE": "{directory}/a-file/state.json"},
+     "cannot run: paths.state_file: "),
+    ("run", a_file_where_a_directory_goes, {"CODELUPE_PATHS__OUTPUT_DIR": "{directory}/a-file/adapters",
+                                            "CODELUPE_DATABASE__URL": "postgresql://nobody@127.0.0.1:9/none"},
+     "cannot start: paths.output_dir: "),  # (a database that is down is retried, not refused)
 ])
 def test_each_first_hour_error_is_one_line_and_exit_2_from_the_real_cli(tmp_path, command, config, environment,
                                                                        expected):

@@ -12,6 +12,8 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +90,20 @@ def wait_for_postgres(url: str, timeout_s: float = 30.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+@contextmanager
+def postgres_at(url: str | None) -> Iterator[str]:
+    """The server at `url`, or without one a throwaway server for as long as the block runs (the benchmarks'
+    way to need no PostgreSQL, as the tests and the demo)."""
+    server = None if url else start_throwaway_postgres()
+    try:
+        url = url or server.url
+        wait_for_postgres(url)
+        yield url
+    finally:
+        if server is not None:
+            server.destroy()
 
 
 def database_url(url: str, database: str) -> str:

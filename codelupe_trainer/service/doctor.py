@@ -105,7 +105,7 @@ def fatal_startup_problems(settings: Settings) -> list[str]:
 
     An unreachable database is not among them: the daemon retries it with backoff.
     """
-    problems = model_and_gpu_problems(settings)
+    problems = unwritable_paths(settings) + model_and_gpu_problems(settings)
     try:
         with open_connection(settings.database) as connection:
             check_table(connection, settings.database)
@@ -120,6 +120,14 @@ def fatal_startup_problems(settings: Settings) -> list[str]:
         if not isinstance(addresses, OSError) and not any(can_bind(address) for address in addresses):
             problems.append(not_this_machine(host, addresses))
     return problems
+
+
+def unwritable_paths(settings: Settings) -> list[str]:
+    """Where the state and the adapters go, when they cannot be written there: every cycle would fail on it
+    (and the daemon could not even say what it is doing), so `run` and `run-once` refuse to start instead."""
+    return [f"{setting}: {detail}" for setting, (_, ok, detail) in (
+        ("paths.state_file", check_writable("state_dir", settings.paths.state_file.parent)),
+        ("paths.output_dir", check_writable("output_dir", settings.paths.output_dir))) if not ok]
 
 
 def model_and_gpu_problems(settings: Settings) -> list[str]:

@@ -80,6 +80,7 @@ class Daemon:
         self.stall_reason: str | None = None
         self._progress_seen: tuple[object, float] = (None, time.monotonic())
         self.phase = "idle"
+        self.live_status_failing = False
         self.started_at = time.time()
         # The back-off counts this daemon's own failed cycles: failures a manual run-once left in the state
         # (a bad config tried by hand) must not make the daemon's first real failure wait minutes.
@@ -211,10 +212,7 @@ class Daemon:
             if notify:
                 notify("WATCHDOG=1")
             self.watch_for_a_stalled_cycle()
-            try:
-                write_live_status(self.settings.paths.state_file, phase=self.phase, next_run=self.next_run())
-            except OSError as error:  # a courtesy for `status`; a full disk must not stop the daemon
-                log.warning("could not write the live status: %s", error)
+            self._publish_live_status(phase=self.phase, next_run=self.next_run())
         if notify:
             notify("STOPPING=1")
         # shutdown(wait=True) would hold the job-store lock while the cycle's job still needs it; wait ourselves.
@@ -226,8 +224,22 @@ class Daemon:
                 self.cycle_done.wait()
         if health is not None:
             health.shutdown()
-        write_live_status(self.settings.paths.state_file, phase="stopped", next_run=None)
+        self._publish_live_status(phase="stopped", next_run=None)
         return 0
+
+    def _publish_live_status(self, **fields) -> None:
+        """A courtesy for `status`, written every second: a full disk must not stop the daemon, nor fill the
+        journal with a warning a second. Said once when it starts failing and once when it works again."""
+        try:
+            write_live_status(self.settings.paths.state_file, **fields)
+        except OSError as error:
+            if not self.live_status_failing:
+                log.warning("could not write the live status (said once until it works again): %s", error)
+            self.live_status_failing = True
+        else:
+            if self.live_status_failing:
+                log.info("the live status is written again")
+            self.live_status_failing = False
 
 
 def systemd_notifier():
