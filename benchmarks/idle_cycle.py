@@ -62,13 +62,9 @@ def measure(arguments) -> None:
     import psycopg
 
     from codelupe_trainer.demo.demo import create_table, crawler_rows, insert_rows, standard_library_files
-    from codelupe_trainer.demo.pgserver import database_url
+    from codelupe_trainer.demo.pgserver import scratch_database
 
-    name = f"idle_cycle_{os.getpid()}"
-    with psycopg.connect(arguments.url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = database_url(arguments.url, name)
-    try:
+    with scratch_database(arguments.url, f"idle_cycle_{os.getpid()}") as url:
         with psycopg.connect(url, autocommit=True) as connection:
             create_table(connection)
             insert_rows(connection, list(crawler_rows(standard_library_files(40))))
@@ -100,9 +96,6 @@ def measure(arguments) -> None:
                     print(f"  {label:<32} {wall:6.2f} s   peak RSS {rss:6.0f} MB")
                 (before_wall, before_rss), (after_wall, after_rss) = results.values()
                 print(f"  shipped: {before_wall / after_wall:.1f}x faster, {before_rss / after_rss:.1f}x less memory")
-    finally:
-        with psycopg.connect(arguments.url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 if __name__ == "__main__":

@@ -61,13 +61,9 @@ def measure(arguments) -> None:
 
     from codelupe_trainer.config import DatabaseSettings, DataSettings
     from codelupe_trainer.data.source import fetch_replay_samples
-    from codelupe_trainer.demo.pgserver import CREATE_PROCESSED_FILES, database_url
+    from codelupe_trainer.demo.pgserver import CREATE_PROCESSED_FILES, scratch_database
 
-    name = f"replay_draw_{os.getpid()}"
-    with psycopg.connect(arguments.url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = database_url(arguments.url, name)
-    try:
+    with scratch_database(arguments.url, f"replay_draw_{os.getpid()}") as url:
         with psycopg.connect(url, autocommit=True) as connection:
             connection.execute(CREATE_PROCESSED_FILES)
             started = time.perf_counter()
@@ -98,9 +94,6 @@ def measure(arguments) -> None:
         ratio = statistics.median(timings["previous (rank every trained row)"]) / \
             statistics.median(timings["shipped (ids through the key)"])
         print(f"  the shipped draw is {ratio:,.0f}x faster at {arguments.rows:,} rows")
-    finally:
-        with psycopg.connect(arguments.url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 if __name__ == "__main__":

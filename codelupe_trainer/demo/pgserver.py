@@ -106,6 +106,20 @@ def postgres_at(url: str | None) -> Iterator[str]:
             server.destroy()
 
 
+@contextmanager
+def scratch_database(server_url: str, name: str) -> Iterator[str]:
+    """A new, empty database on that server for as long as the block runs; its URL."""
+    import psycopg
+
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield database_url(server_url, name)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def database_url(url: str, database: str) -> str:
     """The same server's URL for another database (a throwaway server's URL names its socket in the query)."""
     from urllib.parse import urlsplit, urlunsplit
