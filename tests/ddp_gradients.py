@@ -47,6 +47,10 @@ def rank_main(rank: int, model_dir: str, port: int) -> None:
         results = {loss: lora_gradients(rank, model_dir, port, loss) for loss in ("standard", "chunked")}
         if rank == 0:
             print(json.dumps({loss: [gradient.tolist() for gradient in per_rank] for loss, per_rank in results.items()}))
+        # Both ranks out of the last collective before either tears down: a rank may return from all_gather while
+        # its own send is still in flight, and a peer that vanishes mid-transfer aborts gloo's other side
+        # ("terminate called without an active exception", seen once in CI on this 2-core box).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
