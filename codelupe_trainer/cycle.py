@@ -45,7 +45,7 @@ from .training.model_files import check_model_path
 
 # The training stack (torch, transformers, peft, bitsandbytes: ~10 s and ~0.5 GB to import) is imported only
 # once a cycle has something to train: the daemon's cycles that find too few new rows end in about a second.
-# `tests/test_run_once.py` checks that such a cycle never imports torch.
+# `tests/test_first_hour.py` checks that such a cycle never imports torch.
 
 log = logging.getLogger(__name__)
 

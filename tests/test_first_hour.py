@@ -99,7 +99,7 @@ def test_a_torch_that_cannot_load_stops_the_daemon_at_start_in_one_line(crawler_
                                timeout=120)
     assert completed.returncode == 2, completed.stderr
     assert "Traceback" not in completed.stderr
-    assert "the GPU self-check's process failed (exit 1: ImportError: libcudart.so.12: cannot open shared object" \
+    assert "cannot start: torch cannot be imported (ImportError: libcudart.so.12: cannot open shared object" \
         in completed.stderr, completed.stderr
 
     doctor = subprocess.run(CLI + ["doctor", "--config", str(config)], env=env, capture_output=True, text=True,

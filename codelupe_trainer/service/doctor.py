@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import sys
 from pathlib import Path
 
 from ..config import Settings
@@ -31,9 +32,8 @@ def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
     results.append(("wandb", True, f"mode {mode}" + (" (no API key: falls back to offline)" if mode != settings.wandb.mode and mode == "offline" else "")))
     if settings.training.num_nodes > 1:
         results.append(check_rendezvous(settings.training.rendezvous_endpoint, settings.training.num_nodes))
-    torch_result = check_torch()
-    results.append(torch_result)
-    if "cannot be imported" not in torch_result[2]:
+    results.append(check_torch())
+    if "torch" in sys.modules:  # it imported (a failed import leaves no module): the estimate can run
         results += self_check(settings)
     return results
 
@@ -169,12 +169,14 @@ def gpu_problems() -> list[str]:
 
 
 def gpu_problems_here() -> list[str]:
-    """gpu_problems' checks, in this process."""
+    """gpu_problems' checks, in this process: doctor's torch line, then the CUDA checks."""
+    _, usable, detail = check_torch()
+    if not usable:
+        return [detail]
     import torch
 
     if not torch.cuda.is_available():
-        problem = unusable_gpus(nvidia_gpu_names(), False, torch.__version__, torch.version.cuda)
-        return [problem] if problem else []
+        return []
     return [detail for name, ok, detail in cuda_checks(None) if not ok and name in ("gpu", "bf16", "4-bit")]
 
 
