@@ -128,10 +128,10 @@ def command_run_once(settings: Settings, arguments) -> int:
 
 def _run_once(settings: Settings, arguments) -> int:
     from .data.source import SchemaError, SourceError, check_table, open_connection
-    from .service.doctor import unwritable_paths
+    from .service.doctor import adapter_problems, unwritable_paths
 
     log = logging.getLogger("codelupe_trainer")
-    problems = unwritable_paths(settings)
+    problems = unwritable_paths(settings) + adapter_problems(settings)
     if problems:
         for problem in problems:
             print(f"codelupe-trainer: cannot run: {problem}", file=sys.stderr)

@@ -37,7 +37,9 @@ from .progress import write_cycle_progress
 from .promotion import Decision, comparable_anchors, decide_promotion, holdout_metrics, update_anchors
 from .report import (HEARTBEAT_S, ProgressReporter, adapter_card, continuous_metrics, final_metrics, model_config,
                      run_config)
-from .state import TrainerState, advance_state, expire_gaps, load_state, record_failure, save_state
+from .state import (TrainerState, advance_state, expire_gaps, in_service_adapter, load_state, record_failure,
+                    save_state)
+from .training.adapter_fit import in_service_misfit
 from .training.adapters import prune_adapters, save_adapter
 from .training.backoff import BackoffOutcome, OutOfMemoryOnRanks, sized, train_with_oom_backoff
 from .training.distributed import RankGroup, RankSpec, read_adapter_files
@@ -86,6 +88,10 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
         _, model_found, model_problem = check_model_path(settings.model.base_model)
         if not model_found:
             raise TrainingError(model_problem)
+        previous = in_service_adapter(state)
+        misfit = in_service_misfit(previous, settings.model) if previous is not None else None
+        if misfit:  # before the model loads: peft would keep the adapter's own settings without a word
+            raise TrainingError(misfit)
         log.info("%s%d eligible new samples past id %d", "at least " if available == settings.schedule.min_new_samples else "",
                  available, state.last_trained_id)
         write_cycle_progress(settings.paths.state_file, "dataset", new_samples=available)
@@ -165,7 +171,7 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
         write_cycle_progress(settings.paths.state_file, "loading model", run=run_number)
         base, quantization = load_base_model(settings.model, device)
         stop.CURRENT.check("after loading the model")
-        previous = Path(state.latest_adapter) if state.latest_adapter and Path(state.latest_adapter).exists() else None
+        previous = in_service_adapter(state)
         if state.latest_adapter and previous is None:
             # Loud, and recorded: training starts over from a fresh LoRA rather than failing forever.
             log.warning("the previous adapter %s is missing: this run starts a new LoRA", state.latest_adapter)

@@ -74,6 +74,11 @@ def load_state(path: Path) -> TrainerState:
     return TrainerState(**{key: value for key, value in raw.items() if key in known})
 
 
+def in_service_adapter(state: TrainerState) -> Path | None:
+    """The adapter the next run continues from, where it is still on disk."""
+    return Path(state.latest_adapter) if state.latest_adapter and Path(state.latest_adapter).exists() else None
+
+
 def save_state(state: TrainerState, path: Path) -> None:
     write_json_atomically(asdict(state), path, before_replace=lambda: crash_point("state"))
 

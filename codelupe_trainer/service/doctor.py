@@ -11,6 +11,8 @@ from pathlib import Path
 from ..config import Settings
 from ..data.source import SourceError, check_table, open_connection
 from ..metrics import effective_wandb_mode, nvidia_gpu_names
+from ..state import in_service_adapter, load_state
+from ..training.adapter_fit import in_service_misfit
 from ..training.gpu_check import cuda_checks, self_check
 from ..training.model_files import check_model_path
 from ..training.rendezvous import split_endpoint
@@ -26,6 +28,7 @@ def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
     except SourceError as error:
         results.append(("database", False, str(error)))
     results.append(check_model_path(settings.model.base_model))
+    results.append(check_adapter(settings))
     results.append(check_writable("output_dir", settings.paths.output_dir))
     results.append(check_writable("state_dir", settings.paths.state_file.parent))
     mode = effective_wandb_mode(settings.wandb.mode, settings.wandb.enabled)
@@ -36,6 +39,22 @@ def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
     if "torch" in sys.modules:  # it imported (a failed import leaves no module): the estimate can run
         results += self_check(settings)
     return results
+
+
+def check_adapter(settings: Settings) -> tuple[str, bool, str]:
+    """The adapter the next run continues from, and whether today's model settings can continue it."""
+    try:
+        state = load_state(settings.paths.state_file)
+    except (OSError, ValueError, TypeError) as error:  # `status` says more; here only the adapter matters
+        return ("adapter", True, f"the state cannot be read ({type(error).__name__}), so neither can its adapter")
+    adapter = in_service_adapter(state)
+    if adapter is None:
+        return ("adapter", True, f"{state.latest_adapter} is missing: the next run starts a new LoRA"
+                if state.latest_adapter else "none in service yet: the next run starts a new LoRA")
+    misfit = in_service_misfit(adapter, settings.model)
+    if misfit:
+        return ("adapter", False, misfit)
+    return ("adapter", True, f"the next run continues {adapter}")
 
 
 def check_torch() -> tuple[str, bool, str]:
@@ -105,7 +124,7 @@ def fatal_startup_problems(settings: Settings) -> list[str]:
 
     An unreachable database is not among them: the daemon retries it with backoff.
     """
-    problems = unwritable_paths(settings) + model_and_gpu_problems(settings)
+    problems = unwritable_paths(settings) + adapter_problems(settings) + model_and_gpu_problems(settings)
     try:
         with open_connection(settings.database) as connection:
             check_table(connection, settings.database)
@@ -128,6 +147,12 @@ def unwritable_paths(settings: Settings) -> list[str]:
     return [f"{setting}: {detail}" for setting, (_, ok, detail) in (
         ("paths.state_file", check_writable("state_dir", settings.paths.state_file.parent)),
         ("paths.output_dir", check_writable("output_dir", settings.paths.output_dir))) if not ok]
+
+
+def adapter_problems(settings: Settings) -> list[str]:
+    """Model settings the adapter in service cannot be continued with: every cycle would fail on them."""
+    _, fits, detail = check_adapter(settings)
+    return [] if fits else [detail]
 
 
 def model_and_gpu_problems(settings: Settings) -> list[str]:

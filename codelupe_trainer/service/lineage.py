@@ -17,6 +17,7 @@ from ..config import Settings
 from ..hooks import run_on_promote
 from ..lock import trainer_lock
 from ..state import TrainerState, load_state, save_state
+from ..training.adapter_fit import adapter_misfit
 from ..training.adapters import point_latest
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,10 @@ def rollback(settings: Settings, run_number: int) -> Path:
         if not (adapter / "adapter_model.safetensors").exists():
             raise RollbackError(f"the adapter of run {run_number} is no longer on disk ({adapter}); "
                                 "paths.keep_adapters decides how many are kept")
+        misfit = adapter_misfit(adapter, settings.model)
+        if misfit:
+            raise RollbackError(f"the adapter of run {run_number} was trained with other model settings ({misfit}): "
+                                "every run would fail to continue it; set them back first")
         point_latest(adapter.parent, adapter.name)
         previous = state.adapter_in_use
         state.latest_adapter = str(adapter)
