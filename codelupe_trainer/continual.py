@@ -58,13 +58,16 @@ def load_holdout(connection, settings: Settings, state: TrainerState) -> Holdout
 
 
 def holdout_fingerprints(holdout: Holdout, settings: Settings) -> dict[str, str]:
-    """Per language, what its holdout loss is measured on: the rows read today, the base model and the length
-    they are cut to. Losses with different fingerprints are not comparable (promotion.py's anchors)."""
+    """Per language, what its holdout loss is measured on: the rows read today, the base model, the length
+    they are cut to and the format (the completion format puts no loss on the prompt, so its losses are on
+    other tokens). Losses with different fingerprints are not comparable (promotion.py's anchors)."""
     ids: dict[str, list[int]] = {}
     for sample in holdout.samples:
         ids.setdefault(sample.language, []).append(sample.id)
+    # "raw" adds nothing: anchors recorded before the format counted stay comparable after an upgrade.
+    text_format = "" if settings.data.format == "raw" else f"|{settings.data.format}"
     return {language: hashlib.sha256(f"{settings.model.base_model}|{settings.data.max_length}|"
-                                     f"{sorted(language_ids)}".encode()).hexdigest()[:16]
+                                     f"{sorted(language_ids)}{text_format}".encode()).hexdigest()[:16]
             for language, language_ids in ids.items()}
 
 

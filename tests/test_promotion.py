@@ -298,3 +298,25 @@ def test_gate_rejects_a_worse_adapter_promotes_a_better_one_and_rolls_back(crawl
     assert set(state.holdout_best) == {"python", "c"}
     for language, (loss, _, source) in state.holdout_best.items():
         assert source in (1, 4) and loss <= in_use_losses[language] + 1e-6
+
+
+def test_holdout_losses_are_comparable_only_on_the_same_model_length_and_format(tmp_path):
+    """What the anchors compare across runs: a change of base model, block length or text format (the completion
+    format scores only the completion) makes a new fingerprint, so the anchor restarts instead of judging runs
+    against losses on other tokens; a setting that does not change what is measured keeps it."""
+    from codelupe_trainer.config import Settings
+    from codelupe_trainer.continual import Holdout, holdout_fingerprints
+    from codelupe_trainer.data.records import Sample
+
+    holdout = Holdout({1, 2, 3}, [Sample(1, "a", "python", 90), Sample(2, "b", "c", 90), Sample(3, "c", "python", 90)])
+    shipped = Settings(database={"url": "postgresql://localhost/db"}, model={"base_model": "Qwen/Qwen2.5-Coder-7B"})
+    before = holdout_fingerprints(holdout, shipped)
+    # An anchor recorded before the format took part (raw, as shipped) stays comparable after an upgrade.
+    assert before == {"python": "cdc77367ffe6e275", "c": "eb9517db09956716"}
+    same = shipped.model_copy(update={"training": shipped.training.model_copy(update={"learning_rate": 1e-5})})
+    assert holdout_fingerprints(holdout, same) == before
+    for section, change in (("model", {"base_model": "Qwen/Qwen2.5-Coder-7B-Instruct"}), ("data", {"max_length": 1024}),
+                            ("data", {"format": "completion"})):
+        changed = shipped.model_copy(update={section: getattr(shipped, section).model_copy(update=change)})
+        after = holdout_fingerprints(holdout, changed)
+        assert after.keys() == before.keys() and all(after[key] != before[key] for key in before), change
