@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator,
+                      model_validator)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 DEFAULT_CONFIG_PATH = Path("config/codelupe.toml")
@@ -252,6 +253,19 @@ class Settings(BaseSettings):
     paths: PathsSettings = Field(default_factory=PathsSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     promotion: PromotionSettings = Field(default_factory=PromotionSettings)
+    # The TOML file these settings were read from; None: no file, the built-in defaults and the environment.
+    _config_file: Path | None = PrivateAttr(default=None)
+
+    @property
+    def config_file(self) -> Path | None:
+        return self._config_file
+
+    def config_source(self) -> str:
+        """Where these settings came from, for `doctor` and the daemon's first line."""
+        if self._config_file is not None:
+            return str(self._config_file)
+        return (f"no config file ({DEFAULT_CONFIG_PATH} is not in {Path.cwd()}): the built-in defaults and "
+                "CODELUPE_* variables; pass --config FILE")
 
     @field_validator("promotion")
     @classmethod
@@ -334,6 +348,8 @@ def load_settings(path: str | Path | None = None) -> Settings:
         raise ConfigError(
             "WANDB_LOG_MODEL is set: codelupe-trainer sends metrics only and never uploads model files; unset it"
         )
+    if config_path.exists():
+        settings._config_file = config_path.resolve()
     return settings
 
 

@@ -113,6 +113,24 @@ def test_doctor_passes_on_a_good_setup(crawler_table, make_settings, tmp_path, c
     assert "FAIL" not in output
     assert "ok   memory estimate: ~" in output and "micro-batch 4 x 256 tokens" in output
     assert "ok   torch: torch 2." in output  # which build: the first thing to know on a GPU box
+    assert f"ok   config: {tmp_path / 'codelupe.toml'} loaded and valid" in output  # which file, not just "a" file
+    assert "ok   adapter: none in service yet" in output
+
+
+def test_settings_without_a_config_file_say_so(tmp_path, monkeypatch):
+    """Run from a directory without config/codelupe.toml (a shell in $HOME, a unit without --config), the
+    defaults apply: `doctor` and the daemon's first line say so instead of "loaded and valid"."""
+    from codelupe_trainer.config import load_settings
+
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(None)
+    assert settings.config_file is None
+    assert settings.config_source().startswith(f"no config file (config/codelupe.toml is not in {tmp_path})")
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "codelupe.toml").write_text("[schedule]\nmin_new_samples = 5\n")
+    found = load_settings(None)
+    assert found.config_file == tmp_path / "config" / "codelupe.toml" and found.schedule.min_new_samples == 5
+    assert found.model_copy().config_source() == str(tmp_path / "config" / "codelupe.toml")
 
 
 @pytest.mark.parametrize(("gpus", "available", "cuda", "expected"), [

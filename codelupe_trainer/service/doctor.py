@@ -19,7 +19,8 @@ from ..training.rendezvous import split_endpoint
 
 
 def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
-    results: list[tuple[str, bool, str]] = [("config", True, "loaded and valid")]
+    results: list[tuple[str, bool, str]] = [("config", True, settings.config_source() + (
+        " loaded and valid" if settings.config_file else ""))]
     try:
         with open_connection(settings.database) as connection:
             results.append(("database", True, "reachable"))

@@ -207,7 +207,8 @@ class Daemon:
                                          failure_threshold=self.settings.service.alert_after_failures)
         if notify:
             notify("READY=1")
-        log.info("daemon started: a cycle every %.1f min", self.settings.schedule.interval_minutes)
+        log.info("daemon started: a cycle every %.1f min; config: %s", self.settings.schedule.interval_minutes,
+                 self.settings.config_source())
         while not self.stopping.wait(1.0):
             if notify:
                 notify("WATCHDOG=1")
