@@ -18,9 +18,30 @@ from .logs import setup_logging
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
 
+# What a bug report needs to know, read from the installed packages' metadata (nothing is imported).
+STACK = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel", "wandb", "psycopg")
+
+
+def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"codelupe-trainer {installed('codelupe-trainer')} (Python {sys.version.split()[0]}; "
+            + ", ".join(f"{package} {installed(package)}" for package in STACK) + ")")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="codelupe-trainer", description=__doc__.splitlines()[0])
+    # Raw: the version line is one line (argparse would wrap it), easy to paste into a bug report.
+    parser = argparse.ArgumentParser(prog="codelupe-trainer", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-V", "--version", action="version", version=versions(),
+                        help="this program's version and the training stack's (for a bug report)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_config(name: str, help_text: str) -> argparse.ArgumentParser:

@@ -213,3 +213,17 @@ def test_the_shipped_config_trains_as_shipped_where_only_the_machine_differs(cra
     config = read_run(run_file).config
     assert config["hyperparams/effective_gradient_accumulation_steps"] == 4
     assert config["hyperparams/effective_micro_batch"] == 4
+
+
+def test_version_names_the_training_stack_in_one_line_without_importing_it(tmp_path):
+    """What a bug report needs (the troubleshooting table asks for these versions), on a machine where torch
+    would not even import: read from the packages' metadata, one line."""
+    from importlib.metadata import version
+
+    env = with_fake_torch(tmp_path, "postgresql://unused", POISONED_TORCH)
+    completed = subprocess.run(CLI + ["--version"], env=env, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0 and completed.stderr == "", completed.stderr
+    [line] = completed.stdout.strip().splitlines()
+    assert line.startswith(f"codelupe-trainer {version('codelupe-trainer')} (Python ")
+    for package in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        assert f"{package} {version(package)}" in line
