@@ -257,3 +257,14 @@ def test_doctor_checks_that_the_rendezvous_endpoint_names_this_machine(endpoint,
 
     name, passed, detail = check_rendezvous(endpoint, 3)
     assert (name, passed) == ("rendezvous", ok) and expected in detail, detail
+
+
+def test_rollback_where_nothing_was_trained_says_so_and_creates_nothing(tmp_path, capsys):
+    """`rollback` with the wrong --config (or none) names the state it looked for and leaves no directory
+    behind (its lock would have created the state's directory)."""
+    state_dir = tmp_path / "var-not-here"
+    config = tmp_path / "codelupe.toml"
+    config.write_text(f'[paths]\nstate_file = "{state_dir / "state.json"}"\noutput_dir = "{tmp_path / "adapters"}"\n')
+    assert main(["rollback", "3", "--config", str(config)]) == 1
+    assert f"no state at {state_dir / 'state.json'}: nothing was trained here" in capsys.readouterr().err
+    assert not state_dir.exists()

@@ -76,6 +76,9 @@ def print_adapters(settings: Settings, as_json: bool) -> int:
 
 def rollback(settings: Settings, run_number: int) -> Path:
     """Point `latest` (and the state) at the adapter of promoted run `run_number`; returns its folder."""
+    if not settings.paths.state_file.exists():  # before the lock, which would create the state's directory
+        raise RollbackError(f"no state at {settings.paths.state_file}: nothing was trained here "
+                            "(is --config the service's file?)")
     with trainer_lock(settings.paths.state_file):
         state = load_state(settings.paths.state_file)
         entry = next((item for item in state.lineage if item.get("run") == run_number and "event" not in item), None)
