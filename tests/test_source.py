@@ -67,8 +67,10 @@ def test_bad_rows_are_skipped_and_counted_by_reason(loose_table):
 
 
 def test_language_filter_and_limit(loose_table):
-    samples, _ = fetch_all(loose_table, DataSettings(languages=["go"]))
+    samples, passed = fetch_all(loose_table, DataSettings(languages=["go"]))
     assert samples == []
+    # Another language's rows are skipped, counted, and passed over for good (README: data.languages).
+    assert passed.skipped["language"] == 5 and passed.last_examined_id == len(LOOSE_ROWS)
     samples, result = fetch_all(loose_table, DataSettings(), limit=2)
     assert [sample.id for sample in samples] == [1, 10]
     assert result.last_examined_id == 10  # rows past the limit stay for the next run
