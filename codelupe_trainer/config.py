@@ -101,6 +101,19 @@ class ModelSettings(Section):
         "them apart, else one sample per row in length-grouped batches.",
     )
 
+    @property
+    def is_local(self) -> bool:
+        """A local directory rather than a hub id (which has no leading ./ ~ and names no existing path)."""
+        return self.base_model.startswith((".", "/", "~")) or Path(self.base_model).expanduser().exists()
+
+    @property
+    def public_name(self) -> str:
+        """The model's name where it leaves the machine (W&B): a hub id as it is, a local directory by its last
+        folder only (its path can name a user, a host or a project)."""
+        if not self.is_local:
+            return self.base_model
+        return "local:" + (Path(self.base_model).expanduser().name or "model")
+
     def quantization_on(self, device: str) -> str:
         """What `quantization` means on that device: auto is 4-bit NF4 on CUDA and none elsewhere."""
         if self.quantization == "auto":

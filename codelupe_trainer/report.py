@@ -24,6 +24,7 @@ def run_config(settings: Settings) -> dict[str, Any]:
     """The W&B run config, from an allow-list: no URL, no key, no path that could name a user's secret."""
     dumped = settings.model_dump(mode="json")
     allowed = {section: dumped[section] for section in ("schedule", "data", "model", "training", "metrics")}
+    allowed["model"]["base_model"] = settings.model.public_name
     # The promotion settings, but not the on_promote command line (it may carry a host name or a token).
     allowed["promotion"] = {key: value for key, value in dumped["promotion"].items() if key != "on_promote"}
     allowed["promotion"]["on_promote_configured"] = bool(dumped["promotion"]["on_promote"])
@@ -34,7 +35,7 @@ def run_config(settings: Settings) -> dict[str, Any]:
 
 def model_config(settings: Settings, trainable: int, total: int, quantization: str, previous: Path | None) -> dict[str, Any]:
     return {
-        "model/name": settings.model.base_model,
+        "model/name": settings.model.public_name,
         "model/total_params": total,
         "model/trainable_params": trainable,
         "model/trainable_percent": 100.0 * trainable / total if total else 0.0,

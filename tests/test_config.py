@@ -199,3 +199,20 @@ def test_every_setting_is_in_the_shipped_config_and_the_readme():
             if key not in sections.get(section, set()) and f"{section}.{key}" != "database.url":  # a secret: env only
                 missing.append(f"config/codelupe.toml: {section}.{key}")
     assert missing == []
+
+
+@pytest.mark.parametrize(("base_model", "public"), [
+    ("Qwen/Qwen2.5-Coder-7B-Instruct", "Qwen/Qwen2.5-Coder-7B-Instruct"),  # a hub id is a public name
+    ("/home/alice/acme-internal/coder-7b", "local:coder-7b"),
+    ("./models/coder-7b/", "local:coder-7b"),
+    ("~/coder-7b", "local:coder-7b"),
+])
+def test_a_local_model_leaves_the_machine_by_its_folder_name_only(base_model, public):
+    from codelupe_trainer.config import ModelSettings
+    from codelupe_trainer.report import run_config
+
+    model = ModelSettings(base_model=base_model)
+    assert model.public_name == public
+    settings = Settings(database={"url": "postgresql://localhost/db"}, model={"base_model": base_model})
+    assert run_config(settings)["model"]["base_model"] == public
+    assert settings.model.base_model == base_model  # only what W&B is given changes

@@ -206,6 +206,9 @@ def test_only_metrics_leave_the_machine(trained_run, tmp_path):
         assert secret.encode() not in raw, secret
     assert "artifact" not in run.record_types and "files" not in run.record_types
     assert not any(isinstance(value, str) and "run-once" in value for value in run.config.values())
+    # No path of this machine either: the model's directory, the state's, a user's home.
+    for path in (settings.model.base_model, str(tmp_path), str(Path.home())):
+        assert path.encode() not in raw, path
 
 
 def test_jsonl_file_holds_the_same_numbers_as_wandb(trained_run):

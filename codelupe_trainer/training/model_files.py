@@ -11,6 +11,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ..config import ModelSettings
+
 HUB_PROBE_TIMEOUT_S = 5.0
 
 
@@ -42,8 +44,7 @@ def hub_reachable() -> tuple[bool, str]:
 
 def check_model_path(base_model: str, probe_hub: bool = True) -> tuple[str, bool, str]:
     path = Path(base_model)
-    looks_local = base_model.startswith((".", "/", "~")) or path.exists()
-    if looks_local:
+    if ModelSettings(base_model=base_model).is_local:
         if (path.expanduser() / "config.json").exists():
             return ("model", True, f"local model at {path}")
         return ("model", False, f"model.base_model {base_model!r} is not a directory with a config.json")
