@@ -361,6 +361,11 @@ def load_settings(path: str | Path | None = None) -> Settings:
         raise ConfigError(
             "WANDB_LOG_MODEL is set: codelupe-trainer sends metrics only and never uploads model files; unset it"
         )
+    promotion, service = settings.promotion, settings.service
+    if promotion.on_promote and promotion.on_promote_timeout_s >= service.stop_timeout_s:
+        # A stop waits for the hand-off to finish; the daemon would kill the cycle half-way through it.
+        raise ConfigError(f"{config_path}: promotion.on_promote_timeout_s ({promotion.on_promote_timeout_s:g}) must be "
+                          f"below service.stop_timeout_s ({service.stop_timeout_s:g}): a stop lets on_promote finish")
     if config_path.exists():
         settings._config_file = config_path.resolve()
     return settings

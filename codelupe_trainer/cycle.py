@@ -213,15 +213,17 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
                                     comparable_anchors(state.holdout_best, fingerprints))
         log.info("%s run %d: %s", "promoting" if decision.promoted else "rejecting", run_number, decision.reason)
         write_cycle_progress(settings.paths.state_file, "saving adapter", run=run_number)
-        # From here the run is published as a whole: a stop signal waits for the state and the store.
+        # From here the run is published as a whole: a stop signal waits for the state and the store, and then
+        # for the hand-off to the inference server (on_promote, bounded by its timeout), which belongs to the
+        # published run: interrupted, it would leave the server on the old adapter and nothing would retry it.
         with stop.CURRENT.deferred():
             outcome = _publish(settings, state, model, run_number, previous, dataset, fetched, result, duplicate_store,
                                device, quantization, packing, process_started, metrics, dataset_seconds, sizing,
                                decision, holdout, fingerprints)
-        exit_code = 0
-        if settings.promotion.mode == "gate":
-            metrics.rename("promoted" if decision.promoted else "rejected")
-        announce_decision(settings, decision, outcome, state)
+            exit_code = 0
+            if settings.promotion.mode == "gate":
+                metrics.rename("promoted" if decision.promoted else "rejected")
+            announce_decision(settings, decision, outcome, state)
         return outcome
     finally:
         if ranks is not None:

@@ -37,9 +37,11 @@ def run_on_promote(settings: PromotionSettings, event: str, adapter_path: Path, 
     for name in ("CODELUPE_DATABASE__URL", "WANDB_API_KEY"):
         environment.pop(name, None)
     try:
+        # Its own session: a Ctrl-C at run-once's terminal (SIGINT to the whole foreground group) must not kill
+        # the hand-off half-way; the cycle lets it finish (cycle.py) and the timeout still bounds it.
         completed = subprocess.run(settings.on_promote, env=environment, stdin=subprocess.DEVNULL,
                                    capture_output=True, text=True, errors="replace",
-                                   timeout=settings.on_promote_timeout_s)
+                                   timeout=settings.on_promote_timeout_s, start_new_session=True)
     except subprocess.TimeoutExpired:
         outcome = f"killed after promotion.on_promote_timeout_s = {settings.on_promote_timeout_s:g} s"
     except OSError as error:

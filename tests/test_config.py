@@ -45,6 +45,9 @@ def test_production_config_matches_the_5090_plan():
         ("[databse]\nurl = \"x\"\n", "unknown section [databse]"),
         ("[wandb]\nmode = \"sometimes\"\n", "wandb.mode: Input should be 'online', 'offline' or 'disabled'"),
         ("[data\n", "not valid TOML"),
+        # A stop lets the hand-off finish, so it must fit in the daemon's wait for a stopping cycle.
+        ('[promotion]\non_promote = ["/usr/local/bin/reload"]\non_promote_timeout_s = 300\n',
+         "promotion.on_promote_timeout_s (300) must be below service.stop_timeout_s (120)"),
     ],
 )
 def test_bad_config_is_one_line_that_names_the_key(tmp_path, toml, expected):

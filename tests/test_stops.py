@@ -190,3 +190,29 @@ def test_a_locked_table_fails_the_cycle_within_the_statement_timeout(crawler_tab
     finally:
         locker.rollback()
         locker.close()
+
+
+def test_a_stop_during_the_hand_off_to_on_promote_lets_it_finish_and_says_what_was_saved(crawler_table, tiny_model,
+                                                                                          tmp_path):
+    """Once a run is published (adapter, state, store), the `on_promote` hand-off to the inference server is
+    part of it: a stop that arrives while the command runs lets it finish (it is bounded by
+    promotion.on_promote_timeout_s), and run-once reports the promoted run, not "nothing was saved"."""
+    insert_stdlib_rows(crawler_table, start=0, count=40)
+    started, finished = tmp_path / "hook-started", tmp_path / "hook-finished"
+    hook = f"touch {started}; sleep 4; touch {finished}"
+    config = write_config(tmp_path, tiny_model, SHAPE + '[promotion]\nmode = "always"\nholdout_samples = 0\n'
+                          f'replay_fraction = 0.0\non_promote = ["sh", "-c", "{hook}"]\n')
+    log = tmp_path / "run-once.log"
+    process = subprocess.Popen(CLI + ["run-once", "--config", str(config), "--force"], env=environment(crawler_table),
+                               stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for(started.exists, 180, "the on_promote command to start", process, log)
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0, log.read_text()
+    assert time.monotonic() - signalled < 15
+    output = log.read_text()
+    assert finished.exists(), output  # the hand-off ran to its end
+    assert "nothing was saved" not in output and "Traceback" not in output, output
+    assert "on_promote ran for run 1 (promote)" in output
+    state = load_state(tmp_path / "state.json")
+    assert state.total_training_runs == 1 and state.adapter_in_use == 1 and state.last_trained_id > 0
