@@ -200,7 +200,7 @@ def test_a_stop_during_the_hand_off_to_on_promote_lets_it_finish_and_says_what_w
     insert_stdlib_rows(crawler_table, start=0, count=40)
     started, finished = tmp_path / "hook-started", tmp_path / "hook-finished"
     hook = f"touch {started}; sleep 4; touch {finished}"
-    config = write_config(tmp_path, tiny_model, SHAPE + '[promotion]\nmode = "always"\nholdout_samples = 0\n'
+    config = write_config(tmp_path, tiny_model, '[promotion]\nmode = "always"\nholdout_samples = 0\n'
                           f'replay_fraction = 0.0\non_promote = ["sh", "-c", "{hook}"]\n')
     log = tmp_path / "run-once.log"
     process = subprocess.Popen(CLI + ["run-once", "--config", str(config), "--force"], env=environment(crawler_table),
