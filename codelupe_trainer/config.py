@@ -371,6 +371,11 @@ def load_settings(path: str | Path | None = None) -> Settings:
     return settings
 
 
+# Secrets that arrive as environment variables (from secrets.env): masked in every log line and saved
+# traceback, and never handed to the on_promote command. PGPASSWORD is libpq's alternative to a password in
+# database.url.
+SECRET_VARIABLES = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "PGPASSWORD")
+
 # CODELUPE_* variables that are not settings: the config path, the tests' database, fault injection.
 NON_SETTING_VARIABLES = {"CODELUPE_CONFIG", "CODELUPE_TEST_DATABASE_URL", "CODELUPE_FAULT"}
 

@@ -13,7 +13,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from .config import PromotionSettings
+from .config import SECRET_VARIABLES, PromotionSettings
 
 log = logging.getLogger(__name__)
 OUTPUT_LIMIT = 4000  # characters of the command's output kept in the log
@@ -33,8 +33,8 @@ def run_on_promote(settings: PromotionSettings, event: str, adapter_path: Path, 
         "CODELUPE_HOLDOUT_LOSS": "" if candidate_loss is None else f"{candidate_loss:.6f}",
         "CODELUPE_PREVIOUS_HOLDOUT_LOSS": "" if in_use_loss is None else f"{in_use_loss:.6f}",
     })
-    # Never hand the database password or the W&B key to a command that only needs to reload an adapter.
-    for name in ("CODELUPE_DATABASE__URL", "WANDB_API_KEY"):
+    # Never hand the database password or an API key to a command that only needs to reload an adapter.
+    for name in ("CODELUPE_DATABASE__URL", *SECRET_VARIABLES):
         environment.pop(name, None)
     try:
         # Its own session: a Ctrl-C at run-once's terminal (SIGINT to the whole foreground group) must not kill

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import warnings
-from .config import Settings, dsn_passwords
+from .config import SECRET_VARIABLES, Settings, dsn_passwords
 
 
 def redact_secrets(text: str, secrets: list[str]) -> str:
@@ -48,8 +48,8 @@ def secrets_of(settings: Settings) -> list[str]:
     url = settings.database.url.get_secret_value()
     # The passwords first: a message may hold the password without the whole connection string.
     found = dsn_passwords(url) + [url]
-    # API keys from secrets.env: W&B's, and the Hugging Face token a gated base model needs.
-    for variable in ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+    # API keys from secrets.env: W&B's, the Hugging Face token a gated base model needs, libpq's password.
+    for variable in SECRET_VARIABLES:
         if os.environ.get(variable):
             found.append(os.environ[variable])
     return found

@@ -133,7 +133,7 @@ def noise_files(count: int, seed: int) -> list[tuple[str, str]]:
 
 HOOK = """import json, os, sys
 keys = ["CODELUPE_EVENT", "CODELUPE_ADAPTER_PATH", "CODELUPE_ADAPTER_NAME", "CODELUPE_RUN_NUMBER",
-        "CODELUPE_HOLDOUT_LOSS", "CODELUPE_PREVIOUS_HOLDOUT_LOSS", "CODELUPE_DATABASE__URL"]
+        "CODELUPE_HOLDOUT_LOSS", "CODELUPE_PREVIOUS_HOLDOUT_LOSS", "CODELUPE_DATABASE__URL", "HF_TOKEN", "PGPASSWORD"]
 with open(sys.argv[1], "a") as handle:
     handle.write(json.dumps({key: os.environ.get(key) for key in keys}) + "\\n")
 print("reloaded")
@@ -182,8 +182,11 @@ def cli(tmp_path: Path, url: str, *arguments: str) -> subprocess.CompletedProces
 
 @pytest.mark.slow
 def test_gate_rejects_a_worse_adapter_promotes_a_better_one_and_rolls_back(crawler_table, tmp_path, make_settings,
-                                                                           learned_model):
+                                                                           learned_model, monkeypatch):
     url = crawler_table
+    # Secrets from secrets.env, in the daemon's environment: the hook must get none of them.
+    monkeypatch.setenv("HF_TOKEN", "hf_tokenvalue0123456789")
+    monkeypatch.setenv("PGPASSWORD", "libpq-password-42")
     insert_stdlib_rows(url, start=0, count=70)
     insert_files(url, c_headers(30), "c", "glibc")
     settings = make_settings(url, gate_config(tmp_path), learned_model)
@@ -205,7 +208,8 @@ def test_gate_rejects_a_worse_adapter_promotes_a_better_one_and_rolls_back(crawl
     assert len(calls) == 1 and calls[0]["CODELUPE_EVENT"] == "promote" and calls[0]["CODELUPE_RUN_NUMBER"] == "1"
     assert calls[0]["CODELUPE_ADAPTER_PATH"] == str((settings.paths.output_dir / "run-000001").resolve())
     assert float(calls[0]["CODELUPE_HOLDOUT_LOSS"]) == pytest.approx(state.lineage[0]["holdout_loss"], rel=1e-5)
-    assert calls[0]["CODELUPE_DATABASE__URL"] is None  # the password is not handed to the hook
+    # The database password and the API keys are not handed to the hook.
+    assert calls[0]["CODELUPE_DATABASE__URL"] is None and calls[0]["HF_TOKEN"] is None and calls[0]["PGPASSWORD"] is None
     # The adapter is ready to serve: group-readable files and a real card, with numbers and no sample text.
     adapter = settings.paths.output_dir / "run-000001"
     assert stat.S_IMODE((adapter / "adapter_model.safetensors").stat().st_mode) == 0o640
