@@ -49,6 +49,7 @@ def test_an_interrupted_demo_stops_its_server_and_removes_its_directory(tmp_path
             demo.kill()
     output = log.read_text()
     assert "stopped on SIGINT" in output and "Traceback" not in output
+    assert "\r" not in output and "it/s]" not in output  # no progress bar drawn into a pipe
     assert "stopped the throwaway PostgreSQL" in output
     assert not data_dir.exists()
     assert postgres_processes_under(data_dir) == []

@@ -141,6 +141,7 @@ def run_demo(directory: Path = DEMO_DIR) -> int:
     from ..config import load_settings
     from ..cycle import run_cycle
     from ..outcome import describe_outcome
+    from ..training.model import quiet_progress_bars_off_a_terminal
     from .tinymodel import build_tiny_model
 
     directory = directory.resolve()
@@ -169,6 +170,7 @@ def run_demo(directory: Path = DEMO_DIR) -> int:
                 print(f"processed_files already holds {already} rows", flush=True)
         model_dir = directory / "tiny-qwen2"
         if not (model_dir / "config.json").exists():
+            quiet_progress_bars_off_a_terminal()  # "Writing model shards" in a pipe is a line of control characters
             corpus = (path.read_text(encoding="utf-8", errors="replace") for path in standard_library_files(300))
             build_tiny_model(model_dir, corpus)
             print(f"built a tiny Qwen2 model and tokenizer in {model_dir}", flush=True)
