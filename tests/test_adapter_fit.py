@@ -159,3 +159,20 @@ def test_a_changed_lora_setting_stops_run_once_doctor_rollback_and_a_cycle_in_on
     assert state.last_trained_id == 5 and state.total_training_runs == 1 and state.latest_adapter == str(adapter)
     assert state.consecutive_failures == 1 and expected in state.last_error
     assert not (changed.paths.state_file.parent / "last-failure.txt").exists()  # an expected failure: no traceback
+
+
+def test_a_mixture_of_experts_adapter_fits_its_own_model():
+    """Qwen3-Coder-30B-A3B's shape: the experts' MLP projections are moe_intermediate_size wide, not
+    intermediate_size; an adapter on them fits its model, and the dense 7B's does not."""
+    moe = {"hidden_size": 2048, "num_hidden_layers": 48, "intermediate_size": 6144, "moe_intermediate_size": 768,
+           "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128}
+    experts = {"intermediate_size": moe["moe_intermediate_size"]}
+    adapter = [(layer, module, matrix, shape) for layer, module, matrix, shape in lora_matrices(moe | experts)
+               if module in ("gate_proj", "up_proj", "down_proj")]
+    # Attention with head_dim 128 x 32 heads = 4,096, wider than the 2,048 hidden size.
+    adapter += [(layer, "q_proj", "A", (16, 2048)) for layer in range(48)]
+    adapter += [(layer, "q_proj", "B", (4096, 16)) for layer in range(48)]
+    assert base_model_misfit(adapter, moe) is None
+    assert "q_proj has 4096 output features, the base model's 2048" in base_model_misfit(
+        adapter, moe | {"head_dim": 64})
+    assert base_model_misfit(lora_matrices(QWEN_7B_CONFIG), moe) is not None

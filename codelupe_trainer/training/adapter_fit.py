@@ -77,34 +77,38 @@ def lora_shapes(adapter_dir: Path) -> list[tuple[int, str, str, tuple[int, ...]]
 def base_model_misfit(shapes: list[tuple[int, str, str, tuple[int, ...]]], config: dict) -> str | None:
     """Why the adapter's matrices cannot sit on a model with this config.json, or None.
 
-    LoRA's A is (r, in) and B is (out, r) for the projection it adapts; the Qwen2/Llama projections' widths
-    follow from the config, and a projection of another name must at least have one of the model's widths."""
+    LoRA's A is (r, in) and B is (out, r) for the projection it adapts; the widths of the Qwen2/Llama
+    projections follow from the config (the MLP's from any of its intermediate sizes: a mixture-of-experts
+    model's experts and shared expert have their own). Projections of other names are left to the load."""
     text = config.get("text_config", config)  # multimodal configs nest the language model's
     try:
         hidden = int(text["hidden_size"])
         layers = int(text["num_hidden_layers"])
         heads = int(text.get("num_attention_heads", 1))
         head_dim = int(text.get("head_dim") or hidden // heads)
-        inner = int(text.get("intermediate_size", hidden))
         key_value = int(text.get("num_key_value_heads", heads)) * head_dim
+        inner = {int(text[key]) for key in ("intermediate_size", "moe_intermediate_size",
+                                            "shared_expert_intermediate_size") if text.get(key)} or {hidden}
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return None  # a config we cannot read: leave the verdict to the load
-    in_out = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, key_value), "v_proj": (hidden, key_value),
-              "o_proj": (heads * head_dim, hidden), "gate_proj": (hidden, inner), "up_proj": (hidden, inner),
-              "down_proj": (inner, hidden)}
-    any_width = {hidden, inner, heads * head_dim, key_value}
+    attention = heads * head_dim
+    in_out = {"q_proj": ({hidden}, {attention}), "k_proj": ({hidden}, {key_value}), "v_proj": ({hidden}, {key_value}),
+              "o_proj": ({attention}, {hidden}), "gate_proj": ({hidden}, inner), "up_proj": ({hidden}, inner),
+              "down_proj": (inner, {hidden})}
     # Our LoRA always spans every layer: another count is another model (peft would drop the extra layers'
     # weights without a word, or leave the missing ones untrained).
     deepest = max((layer for layer, _, _, _ in shapes), default=layers - 1)
     if deepest + 1 != layers:
         return f"the adapter spans {deepest + 1} layers and the base model has {layers}"
     for layer, module, matrix, shape in shapes:
+        if module not in in_out:
+            continue
         width = shape[1] if matrix == "A" else shape[0]
-        expected = in_out.get(module, (None, None))[0 if matrix == "A" else 1]
-        if (width != expected) if expected is not None else (width not in any_width):
+        expected = in_out[module][0 if matrix == "A" else 1]
+        if width not in expected:
             side = "input" if matrix == "A" else "output"
-            return (f"its layer {layer} {module} has {width} {side} features, the base model's "
-                    f"{expected if expected is not None else sorted(any_width)}")
+            wanted = " or ".join(str(value) for value in sorted(expected))
+            return f"its layer {layer} {module} has {width} {side} features, the base model's {wanted}"
     return None
 
 
