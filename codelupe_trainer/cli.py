@@ -1,7 +1,7 @@
 """Command line: `codelupe-trainer run | run-once | status | adapters | rollback | show-config | doctor | join | demo`.
 
-Exit codes: 0 success or nothing to do; 1 the run failed; 2 bad configuration or usage; 3 another cycle
-holds the trainer lock. Heavy imports (torch, transformers) happen only in the commands that train.
+Exit codes: 0 success or nothing to do (a stopped run-once or daemon too); 1 the run failed; 2 bad
+configuration or usage; 3 another cycle holds the trainer lock; 130 interrupted by Ctrl-C (the other commands). Heavy imports (torch, transformers) happen only in the commands that train.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from .config import ConfigError, Settings, load_settings, public_settings
 from .logs import setup_logging
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 
 
 # What a bug report needs to know, read from the installed packages' metadata (nothing is imported).
@@ -90,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         "doctor": command_doctor,
         "join": command_join,
     }[arguments.command]
-    return handler(settings, arguments)
+    try:
+        return handler(settings, arguments)
+    except KeyboardInterrupt:  # Ctrl-C in a command without its own stop handling (status, doctor, ...)
+        print("codelupe-trainer: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def command_show_config(settings: Settings, arguments) -> int:
@@ -120,11 +125,17 @@ def command_adapters(settings: Settings, arguments) -> int:
 
 
 def command_rollback(settings: Settings, arguments) -> int:
+    from . import stop
+    from .errors import TrainingInterrupted
     from .lock import AlreadyRunning
     from .service.lineage import RollbackError, rollback
 
+    stop.CURRENT.install()  # a Ctrl-C lets a recorded rollback's hand-off finish (lineage.py)
     try:
         adapter = rollback(settings, arguments.run)
+    except TrainingInterrupted as interruption:
+        print(f"codelupe-trainer: {interruption} before the rollback was recorded; nothing changed", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except AlreadyRunning as busy:
         print(f"codelupe-trainer: {busy}; try again when the cycle has finished", file=sys.stderr)
         return EXIT_BUSY

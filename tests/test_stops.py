@@ -216,3 +216,47 @@ def test_a_stop_during_the_hand_off_to_on_promote_lets_it_finish_and_says_what_w
     assert "on_promote ran for run 1 (promote)" in output
     state = load_state(tmp_path / "state.json")
     assert state.total_training_runs == 1 and state.adapter_in_use == 1 and state.last_trained_id > 0
+
+
+def test_ctrl_c_during_a_rollbacks_hand_off_lets_it_finish_and_elsewhere_is_one_line(tmp_path, tiny_model):
+    """`rollback` by hand: a Ctrl-C while on_promote reloads the server lets it finish (the state already
+    names the adapter; a hand-off cut short would leave the server on another one). Ctrl-C in a command with
+    nothing to protect (doctor, waiting on an unreachable hub here) is one line and exit 130, no traceback."""
+    from test_adapter_fit import save_lora
+
+    from codelupe_trainer.config import ModelSettings
+    from codelupe_trainer.state import TrainerState, save_state
+
+    model = ModelSettings(base_model=str(tiny_model), lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    adapter = save_lora(tiny_model, tmp_path / "adapters", model)
+    save_state(TrainerState(last_trained_id=5, latest_adapter=None, adapter_in_use=None, total_training_runs=1,
+                            lineage=[{"run": 1, "adapter": str(adapter), "promoted": True}]), tmp_path / "state.json")
+    started, finished = tmp_path / "hook-started", tmp_path / "hook-finished"
+    config = write_config(tmp_path, tiny_model, f'[promotion]\nmode = "always"\nholdout_samples = 0\n'
+                          f'on_promote = ["sh", "-c", "touch {started}; sleep 3; touch {finished}"]\n')
+    env = {**environment("postgresql://unused"), "PYTHONUNBUFFERED": "1"}
+    rollback = subprocess.Popen(CLI + ["rollback", "1", "--config", str(config)], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_for(started.exists, 60, "the on_promote command to start", rollback, None)
+    rollback.send_signal(signal.SIGINT)
+    output = rollback.communicate(timeout=30)[0]
+    assert rollback.returncode == 0 and finished.exists(), output
+    assert "the adapter in use is now run 1" in output and "Traceback" not in output
+    assert load_state(tmp_path / "state.json").adapter_in_use == 1
+
+    # A hub id that is not cached, behind a server that takes the connection and never answers: doctor waits
+    # on its probe (5 s) while it is interrupted.
+    silent_hub = socket.create_server(("127.0.0.1", 0))
+    hub_config = write_config(tmp_path, tiny_model, '[model]\nbase_model = "Qwen/Qwen2.5-Coder-7B"\n')
+    try:
+        doctor = subprocess.Popen(CLI + ["doctor", "--config", str(hub_config)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                  env={**env, "HF_ENDPOINT": f"http://127.0.0.1:{silent_hub.getsockname()[1]}",
+                                       "HF_HUB_CACHE": str(tmp_path / "hub")})
+        time.sleep(3)
+        doctor.send_signal(signal.SIGINT)
+        _, errors = doctor.communicate(timeout=30)
+    finally:
+        silent_hub.close()
+    assert doctor.returncode == 130 and errors.strip().splitlines()[-1] == "codelupe-trainer: interrupted", errors
+    assert "Traceback" not in errors

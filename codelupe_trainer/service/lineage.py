@@ -13,6 +13,7 @@ import logging
 import time
 from pathlib import Path
 
+from .. import stop
 from ..config import Settings
 from ..hooks import run_on_promote
 from ..lock import trainer_lock
@@ -95,18 +96,22 @@ def rollback(settings: Settings, run_number: int) -> Path:
         if misfit:
             raise RollbackError(f"the adapter of run {run_number} was trained with other model settings ({misfit}): "
                                 "every run would fail to continue it; set them back first")
-        point_latest(adapter.parent, adapter.name)
-        previous = state.adapter_in_use
-        state.latest_adapter = str(adapter)
-        state.adapter_in_use = run_number
-        # A rollback is a person's word on what is good enough: the anchors start again from the adapter put
-        # back (the next run measures it), or a run continuing from an older adapter could never come within
-        # promotion.max_drift of the best the newer one reached, and every run would be rejected.
-        state.holdout_best = {}
-        state.lineage.append({"event": "rollback", "run": run_number, "from_run": previous, "at": time.time()})
-        save_state(state, settings.paths.state_file)
-    log.info("rolled back: the adapter in use is run %d (was run %s)", run_number, previous)
-    outcome = run_on_promote(settings.promotion, "rollback", adapter, run_number, entry.get("holdout_loss"))
+        # From `latest` to the hand-off, as one: a Ctrl-C here waits (stop.py), so `latest`, the state and the
+        # served adapter never disagree; before it, a Ctrl-C changes nothing.
+        with stop.CURRENT.deferred():
+            point_latest(adapter.parent, adapter.name)
+            previous = state.adapter_in_use
+            state.latest_adapter = str(adapter)
+            state.adapter_in_use = run_number
+            # A rollback is a person's word on what is good enough: the anchors start again from the adapter
+            # put back (the next run measures it), or a run continuing from an older adapter could never come
+            # within promotion.max_drift of the best the newer one reached, and every run would be rejected.
+            state.holdout_best = {}
+            state.lineage.append({"event": "rollback", "run": run_number, "from_run": previous, "at": time.time()})
+            save_state(state, settings.paths.state_file)
+    with stop.CURRENT.deferred():
+        log.info("rolled back: the adapter in use is run %d (was run %s)", run_number, previous)
+        outcome = run_on_promote(settings.promotion, "rollback", adapter, run_number, entry.get("holdout_loss"))
     if outcome is not None:
         print(f"on_promote: {outcome}")
     return adapter
