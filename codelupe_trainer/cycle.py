@@ -8,7 +8,9 @@ failure before that changes nothing but the failure counters.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -43,7 +45,7 @@ from .training.adapter_fit import in_service_misfit
 from .training.adapters import prune_adapters, save_adapter
 from .training.backoff import BackoffOutcome, OutOfMemoryOnRanks, sized, train_with_oom_backoff
 from .training.distributed import RankGroup, RankSpec, read_adapter_files
-from .training.model_files import check_model_path
+from .training.model_files import check_model_path, watching_download
 
 # The training stack (torch, transformers, peft, bitsandbytes: ~10 s and ~0.5 GB to import) is imported only
 # once a cycle has something to train: the daemon's cycles that find too few new rows end in about a second.
@@ -169,7 +171,8 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
         metrics.log(0, dataset.data_metrics | dataset.dataset_metrics | {"performance/dataset_build_seconds": dataset_seconds}
                     | continuous_metrics(state, run_number))
         write_cycle_progress(settings.paths.state_file, "loading model", run=run_number)
-        base, quantization = load_base_model(settings.model, device)
+        with download_progress(settings, run_number):
+            base, quantization = load_base_model(settings.model, device)
         stop.CURRENT.check("after loading the model")
         previous = in_service_adapter(state)
         if state.latest_adapter and previous is None:
@@ -231,6 +234,25 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
         reporter.line.close()
         monitor.close()
         metrics.finish(exit_code)
+
+
+def download_progress(settings: Settings, run_number: int, interval_s: float = HEARTBEAT_S,
+                      cache_dir: str | Path | None = None):
+    """The first load of a hub model downloads it (~15 GB for the 7B): the bytes arriving are the cycle's progress,
+    so a download slower than service.cycle_stall_minutes is not taken for a hang (a stalled one still is),
+    and `status` and the log (once a minute) say how far it is instead of a silent 'loading model'."""
+    if settings.model.is_local:
+        return contextlib.nullcontext()
+    logged = [-math.inf]  # the first bytes are said at once, then once a minute
+
+    def on_growth(total: int) -> None:
+        write_cycle_progress(settings.paths.state_file, "downloading model", run=run_number,
+                             downloaded_gb=round(total / 1e9, 2))
+        if time.monotonic() - logged[0] >= 60:
+            logged[0] = time.monotonic()
+            log.info("downloading %s: %.1f GB so far", settings.model.base_model, total / 1e9)
+
+    return watching_download(settings.model.base_model, on_growth, interval_s, cache_dir)
 
 
 def _publish(settings: Settings, state: TrainerState, model, run_number: int, previous: Path | None,

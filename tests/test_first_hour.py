@@ -227,3 +227,43 @@ def test_version_names_the_training_stack_in_one_line_without_importing_it(tmp_p
     assert line.startswith(f"codelupe-trainer {version('codelupe-trainer')} (Python ")
     for package in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
         assert f"{package} {version(package)}" in line
+
+
+def test_a_model_download_is_progress_while_bytes_arrive_and_a_stall_once_they_stop(tmp_path, caplog):
+    """The 7B's first download (~15 GB) can outlast service.cycle_stall_minutes on a slow line: the bytes
+    arriving in the hub cache move the cycle's progress (what the stall watch reads, and `status` shows),
+    and once they stop, the progress stops too, so a dead download is still ended as a stall."""
+    import logging
+    import threading
+    import time
+
+    from codelupe_trainer.config import Settings
+    from codelupe_trainer.cycle import download_progress
+    from codelupe_trainer.progress import read_cycle_progress
+
+    caplog.set_level(logging.INFO)
+    settings = Settings(database={"url": "postgresql://localhost/db"}, model={"base_model": "Qwen/Qwen2.5-Coder-7B"},
+                        paths={"state_file": str(tmp_path / "state.json"), "output_dir": str(tmp_path / "adapters")})
+    blobs = tmp_path / "hub" / "models--Qwen--Qwen2.5-Coder-7B" / "blobs"
+    blobs.mkdir(parents=True)
+    seen = []
+    with download_progress(settings, 3, interval_s=0.1, cache_dir=tmp_path / "hub"):
+        time.sleep(0.5)  # the watcher's first look (it imports huggingface_hub, as transformers has in a cycle)
+        with (blobs / "0123abcd.5f3e1a2b.incomplete").open("wb") as partial:
+            for _ in range(3):
+                partial.write(b"\0" * 10_000_000)
+                partial.flush()
+                time.sleep(0.4)
+                seen.append(read_cycle_progress(settings.paths.state_file))
+        stalled = read_cycle_progress(settings.paths.state_file)
+        time.sleep(0.5)  # no byte arrives: five looks, no progress
+        assert read_cycle_progress(settings.paths.state_file) == stalled
+    assert [progress["phase"] for progress in seen] == ["downloading model"] * 3
+    assert [progress["downloaded_gb"] for progress in seen] == [0.01, 0.02, 0.03] and seen[0]["run"] == 3
+    assert len({progress["updated_at"] for progress in seen}) == 3
+    assert "downloading Qwen/Qwen2.5-Coder-7B: 0.0 GB so far" in caplog.text
+    # A local directory downloads nothing: no watcher.
+    local = settings.model_copy(update={"model": settings.model.model_copy(update={"base_model": str(tmp_path)})})
+    assert not any(thread.name == "download-progress" for thread in threading.enumerate())
+    with download_progress(local, 3):
+        assert not any(thread.name == "download-progress" for thread in threading.enumerate())

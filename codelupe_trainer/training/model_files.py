@@ -7,8 +7,11 @@ reachable hub that fails in one line within seconds, instead of transformers' mi
 from __future__ import annotations
 
 import os
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..config import ModelSettings
@@ -59,3 +62,47 @@ def check_model_path(base_model: str, probe_hub: bool = True) -> tuple[str, bool
                                 f"cannot be reached: {detail}; download it on a connected machine or set a local directory")
     return ("model", True, f"hub id {base_model!r}, not in the local cache yet: the first run downloads it "
                            "(~15 GB for a 7B; set HF_TOKEN in secrets.env for a gated model)")
+
+
+def downloaded_bytes(repo_id: str, cache_dir: str | Path | None = None) -> int:
+    """Bytes of the model's files in the local hub cache, partial downloads included (both the HTTP and the
+    Xet download write into `blobs/<etag>.<id>.incomplete` there)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    blobs = Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "blobs"
+    total = 0
+    try:
+        for entry in os.scandir(blobs):
+            try:
+                total += entry.stat(follow_symlinks=False).st_size
+            except OSError:
+                continue  # renamed from .incomplete to its final name between the listing and the stat
+    except OSError:
+        return 0
+    return total
+
+
+@contextmanager
+def watching_download(repo_id: str, on_growth: Callable[[int], None], interval_s: float,
+                      cache_dir: str | Path | None = None) -> Iterator[None]:
+    """While the block runs (a model load that may download), call on_growth(bytes) each time the model's
+    bytes in the cache have grown since the last look: a download that moves is progress, one that stalls
+    is not."""
+    done = threading.Event()
+
+    def watch() -> None:
+        seen = downloaded_bytes(repo_id, cache_dir)
+        while not done.wait(interval_s):
+            now = downloaded_bytes(repo_id, cache_dir)
+            if now > seen:
+                seen = now
+                on_growth(now)
+
+    watcher = threading.Thread(target=watch, name="download-progress", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
