@@ -11,7 +11,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator,
                       model_validator)
@@ -34,6 +34,14 @@ class DatabaseSettings(Section):
         SecretStr("postgresql://postgres@127.0.0.1:5432/postgres"),
         description="libpq connection URL; a password in it is never printed.",
     )
+
+    @field_validator("url")
+    @classmethod
+    def _read_alike_by_libpq(cls, url: SecretStr) -> SecretStr:
+        problem = url_ambiguity(url.get_secret_value())
+        if problem:
+            raise ValueError(problem)
+        return url
     table: str = Field("processed_files", description="Table the crawler fills; only read, never written.")
     id_column: str = "id"
     content_column: str = "content"
@@ -423,17 +431,53 @@ def is_url_dsn(dsn: str) -> bool:
     return dsn.startswith(("postgresql://", "postgres://"))
 
 
+def _libpq_url_password(dsn: str) -> str | None:
+    """The password as libpq reads a URL: its user info runs to the FIRST '@' (unless a '/' comes before),
+    where urllib takes the last one and stops at '?' or '#' as well."""
+    rest = dsn.split("://", 1)[1]
+    end = re.search(r"[@/]", rest)
+    if end is None or end.group() != "@" or ":" not in rest[:end.start()]:
+        return None
+    return rest[:end.start()].split(":", 1)[1]
+
+
+def url_ambiguity(dsn: str) -> str | None:
+    """Why libpq would read another user, password, host or port from this URL than it says, or None.
+
+    A raw '@', '/', '?', '#' or space in the password makes libpq and every URL parser disagree on where it
+    ends: libpq then tries part of the password as a host name or a port, and says so in its error. The
+    message never repeats the URL."""
+    if not is_url_dsn(dsn):
+        return None
+    rest = dsn.split("://", 1)[1]
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    try:
+        urlsplit(dsn).port
+        port_ok = True
+    except ValueError:
+        port_ok = False
+    libpq_password = _libpq_url_password(dsn) or ""
+    if ("@" in authority.rpartition("@")[0] or (not port_ok and "@" in rest[len(authority):])
+            or re.search(r"\s", libpq_password)):
+        return ("its user or password holds a character a URL reserves ('@', '/', '?', '#' or a space), so libpq "
+                "would read another host, port or password from it: percent-encode it (@ as %40, / as %2F, "
+                "? as %3F, # as %23, a space as %20)")
+    return None
+
+
 def dsn_passwords(dsn: str) -> list[str]:
     """Every password a connection string carries, in both libpq forms (URL userinfo and query parameter,
-    or key=value), as written and as libpq reads it (percent-decoded, unquoted), for the log filter."""
+    or key=value), as written and as libpq reads it (percent-decoded, unquoted), for the log filter. For a
+    URL, both readings of where the password ends (libpq's and urllib's)."""
     found: list[str] = []
     if is_url_dsn(dsn):
         try:
             password = urlsplit(dsn).password
         except ValueError:
             password = None
-        if password:
-            found += [password, unquote(password)]
+        for candidate in (password, _libpq_url_password(dsn)):
+            if candidate:
+                found += [candidate, unquote(candidate)]
         for match in _QUERY_PASSWORD.finditer(dsn):
             found += [match.group(2), unquote(match.group(2))]
     else:
@@ -446,21 +490,20 @@ def dsn_passwords(dsn: str) -> list[str]:
 
 
 def redact_url(dsn: str) -> str:
-    """The connection string with every password replaced by '***' (user, host and database stay readable).
-    Both libpq forms: a URL (userinfo or ?password=) and key=value."""
+    """The connection string with every password replaced by '***' (user, host and database stay readable, and
+    the rest of the string as written). Both libpq forms: a URL (userinfo or ?password=) and key=value."""
     if not is_url_dsn(dsn):
         return _KEYWORD_PASSWORD.sub(lambda match: match.group(1) + "***", dsn)
+    redacted = _QUERY_PASSWORD.sub(lambda match: match.group(1) + "***", dsn)
     try:
-        parts = urlsplit(dsn)
+        urllib_password = urlsplit(dsn).password
     except ValueError:
-        return "***"
-    netloc = parts.netloc
-    if parts.password is not None:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{hostinfo}"
-    query = _QUERY_PASSWORD.sub(lambda match: match.group(1) + "***", "?" + parts.query)[1:]
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        urllib_password = None
+    # Where the password ends, as urllib reads it (the last '@') and as libpq does (the first).
+    for password in (urllib_password, _libpq_url_password(dsn)):
+        if password:
+            redacted = redacted.replace(f":{password}@", ":***@", 1)
+    return redacted
 
 
 def public_settings(settings: Settings) -> dict[str, Any]:

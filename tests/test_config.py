@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -91,6 +92,11 @@ def test_wandb_log_model_is_refused(tmp_path, monkeypatch):
         ("host=db password = 'hunter 22' dbname=code", "host=db password = *** dbname=code"),
         ("host=db PASSWORD=hunter22", "host=db PASSWORD=***"),
         ("host=db user=trainer dbname=code", "host=db user=trainer dbname=code"),
+        # A socket directory and several hosts: shown as written, nothing to mask.
+        ("postgresql:///code?host=/var/run/postgresql", "postgresql:///code?host=/var/run/postgresql"),
+        ("postgresql://u:hunter22@h1:5432,h2:5433/d", "postgresql://u:***@h1:5432,h2:5433/d"),
+        ("postgresql://u:hunter%3F22@h/d?password=x9y&sslmode=require",
+         "postgresql://u:***@h/d?password=***&sslmode=require"),
     ],
 )
 def test_redact_url(url, shown):
@@ -108,6 +114,28 @@ def test_redact_url(url, shown):
 )
 def test_dsn_passwords_finds_both_forms(dsn, passwords):
     assert dsn_passwords(dsn) == passwords
+
+
+@pytest.mark.parametrize("password", ["hunt@er22sec", "hunt/er22sec", "hunt?er22sec", "hunt#er22sec", "hunt er22sec"])
+def test_a_url_whose_password_libpq_would_misread_is_refused_without_a_fragment_of_it(password, monkeypatch, capsys,
+                                                                                       tmp_path):
+    """A raw '@' (or '/', '?', '#', a space) in a URL's password: libpq and URL parsers disagree on where it
+    ends, libpq tries part of it as a host or a port and prints that part in its error ("failed to resolve
+    host 'er22sec'"), where no redaction could know it. Refused at load instead, exit 2, naming the key and
+    the fix, with no piece of the password; percent-encoded, the same password works and is masked."""
+    monkeypatch.setenv("CODELUPE_DATABASE__URL", f"postgresql://trainer:{password}@127.0.0.1:5432/code")
+    assert main(["show-config", "--config", str(CONFIG_DIR / "codelupe.toml")]) == 2
+    captured = capsys.readouterr()
+    [line] = captured.err.strip().splitlines()
+    assert "database.url" in line and "percent-encode it" in line and captured.out == ""
+    for fragment in ("hunt", "er22sec"):
+        assert fragment not in captured.err
+    encoded = quote(password, safe="")
+    monkeypatch.setenv("CODELUPE_DATABASE__URL", f"postgresql://trainer:{encoded}@127.0.0.1:5432/code")
+    assert main(["show-config", "--config", str(CONFIG_DIR / "codelupe.toml")]) == 0
+    output = capsys.readouterr().out
+    assert "postgresql://trainer:***@127.0.0.1:5432/code" in output and "er22sec" not in output
+    assert {encoded, password} <= set(dsn_passwords(f"postgresql://trainer:{encoded}@127.0.0.1:5432/code"))
 
 
 def test_key_value_dsn_password_stays_out_of_show_config_and_logs(tmp_path, monkeypatch, capsys):
