@@ -38,7 +38,7 @@ class DatabaseSettings(Section):
     @field_validator("url")
     @classmethod
     def _read_alike_by_libpq(cls, url: SecretStr) -> SecretStr:
-        problem = url_ambiguity(url.get_secret_value())
+        problem = url_ambiguity(url.get_secret_value()) or keyword_dsn_problem(url.get_secret_value())
         if problem:
             raise ValueError(problem)
         return url
@@ -422,7 +422,10 @@ def describe_validation_error(error: ValidationError, config_path: Path) -> str:
 
 
 # libpq's key=value form: `password=secret` or `password = 'it''s \\ quoted'` anywhere in the string.
-_KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s']+)", re.IGNORECASE)
+_KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|(?:[^\s\\]|\\.)+)", re.IGNORECASE)
+# One `key = value` of that form, as libpq reads it: a value is single-quoted, or runs to the next space
+# (a backslash escapes the character after it in both).
+_KEYWORD_PAIR = re.compile(r"\s*\w+\s*=\s*(?:'(?:[^'\\]|\\.)*'|(?!')(?:[^\s\\]|\\.)*)\s*")
 # A URL's query parameter: ?password=secret&...
 _QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
 
@@ -439,6 +442,21 @@ def _libpq_url_password(dsn: str) -> str | None:
     if end is None or end.group() != "@" or ":" not in rest[:end.start()]:
         return None
     return rest[:end.start()].split(":", 1)[1]
+
+
+def keyword_dsn_problem(dsn: str) -> str | None:
+    """Why libpq cannot read this key=value string, or None. Its own error repeats the word it stumbled on,
+    which is often the second half of an unquoted password with a space ('missing "=" after "..."')."""
+    if is_url_dsn(dsn):
+        return None
+    position = 0
+    while position < len(dsn):
+        match = _KEYWORD_PAIR.match(dsn, position)
+        if match is None or match.end() == position:
+            return ("not a key=value connection string libpq can read: a value with a space or a quote must be in "
+                    "single quotes, e.g. password='two words'")
+        position = match.end()
+    return None
 
 
 def url_ambiguity(dsn: str) -> str | None:
@@ -484,8 +502,8 @@ def dsn_passwords(dsn: str) -> list[str]:
         for match in _KEYWORD_PASSWORD.finditer(dsn):
             raw = match.group(2)
             found.append(raw)
-            if raw.startswith("'"):
-                found.append(re.sub(r"\\(.)", r"\1", raw[1:-1]))
+            # As libpq reads it: unquoted, and with its backslash escapes resolved (quoted or not).
+            found.append(re.sub(r"\\(.)", r"\1", raw[1:-1] if len(raw) > 1 and raw[0] == raw[-1] == "'" else raw))
     return [password for password in dict.fromkeys(found) if password]
 
 

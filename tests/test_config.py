@@ -109,6 +109,7 @@ def test_redact_url(url, shown):
         ("postgresql://u:hunter%2122@h/d", ["hunter%2122", "hunter!22"]),
         ("host=db password='it\\'s secret' dbname=d", ["'it\\'s secret'", "it's secret"]),
         ("host=db password=hunter22", ["hunter22"]),
+        ("host=db password=hunter\\ 22 user=u", ["hunter\\ 22", "hunter 22"]),  # libpq's escaped space
         ("host=db user=u", []),
     ],
 )
@@ -123,13 +124,18 @@ def test_a_url_whose_password_libpq_would_misread_is_refused_without_a_fragment_
     ends, libpq tries part of it as a host or a port and prints that part in its error ("failed to resolve
     host 'er22sec'"), where no redaction could know it. Refused at load instead, exit 2, naming the key and
     the fix, with no piece of the password; percent-encoded, the same password works and is masked."""
-    monkeypatch.setenv("CODELUPE_DATABASE__URL", f"postgresql://trainer:{password}@127.0.0.1:5432/code")
-    assert main(["show-config", "--config", str(CONFIG_DIR / "codelupe.toml")]) == 2
-    captured = capsys.readouterr()
-    [line] = captured.err.strip().splitlines()
-    assert "database.url" in line and "percent-encode it" in line and captured.out == ""
-    for fragment in ("hunt", "er22sec"):
-        assert fragment not in captured.err
+    for dsn, advice in ((f"postgresql://trainer:{password}@127.0.0.1:5432/code", "percent-encode it"),
+                        # The key=value form with the password unquoted: libpq says 'missing "=" after "er22sec"'.
+                        (f"host=127.0.0.1 user=trainer password={password} dbname=code", "in single quotes")):
+        if " " not in password and advice == "in single quotes":
+            continue  # only a space breaks an unquoted key=value password
+        monkeypatch.setenv("CODELUPE_DATABASE__URL", dsn)
+        assert main(["show-config", "--config", str(CONFIG_DIR / "codelupe.toml")]) == 2
+        captured = capsys.readouterr()
+        [line] = captured.err.strip().splitlines()
+        assert "database.url" in line and advice in line and captured.out == ""
+        for fragment in ("hunt", "er22sec"):
+            assert fragment not in captured.err
     encoded = quote(password, safe="")
     monkeypatch.setenv("CODELUPE_DATABASE__URL", f"postgresql://trainer:{encoded}@127.0.0.1:5432/code")
     assert main(["show-config", "--config", str(CONFIG_DIR / "codelupe.toml")]) == 0
