@@ -261,3 +261,27 @@ def test_a_live_status_that_cannot_be_written_is_said_once_not_every_second(craw
     text = log.read_text()
     assert text.count("could not write the live status") == 1, text
     assert read_json(blocker)["phase"] == "stopped"
+
+
+def test_an_edited_config_is_said_to_need_a_restart_once(crawler_table, tiny_model, tmp_path):
+    """The daemon keeps the settings it started with; an edit to its config file would look applied while it
+    is not. It says so once in the log (however many edits follow) and `status` shows it until a restart."""
+    config = write_config(tmp_path, tiny_model, "[schedule]\ninterval_minutes = 60\nmin_new_samples = 1000\n")
+    log = tmp_path / "daemon.log"
+    env = environment(crawler_table)
+    daemon = start_daemon(config, env, log)
+    try:
+        wait_for(lambda: "waiting for 1000" in log.read_text(), 60, "the first cycle", daemon, log)
+        assert "restart it to apply" not in log.read_text()
+        for minimum in (500, 200):  # two edits, one line
+            config.write_text(config.read_text().replace("min_new_samples = 1000", f"min_new_samples = {minimum}")
+                              .replace("min_new_samples = 500", f"min_new_samples = {minimum}"))
+            time.sleep(2.5)
+        status = subprocess.run(CLI + ["status", "--config", str(config)], env=env, capture_output=True, text=True)
+        assert "its config file changed since it started: restart it to apply the edit" in status.stdout, status.stdout
+        assert stop_daemon(daemon, log) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    text = log.read_text()
+    assert text.count(f"{config} changed since the daemon started") == 1, text

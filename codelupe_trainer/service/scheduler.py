@@ -15,6 +15,7 @@ import threading
 import time
 
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
@@ -81,6 +82,9 @@ class Daemon:
         self._progress_seen: tuple[object, float] = (None, time.monotonic())
         self.phase = "idle"
         self.live_status_failing = False
+        # The config file as the daemon read it: an edit is noticed and said (it applies at the next start).
+        self.config_read = file_stamp(settings.config_file)
+        self.config_changed = False
         self.started_at = time.time()
         # The back-off counts this daemon's own failed cycles: failures a manual run-once left in the state
         # (a bad config tried by hand) must not make the daemon's first real failure wait minutes.
@@ -213,7 +217,9 @@ class Daemon:
             if notify:
                 notify("WATCHDOG=1")
             self.watch_for_a_stalled_cycle()
-            self._publish_live_status(phase=self.phase, next_run=self.next_run())
+            self.notice_a_changed_config()
+            self._publish_live_status(phase=self.phase, next_run=self.next_run(),
+                                      **({"config_changed": True} if self.config_changed else {}))
         if notify:
             notify("STOPPING=1")
         # shutdown(wait=True) would hold the job-store lock while the cycle's job still needs it; wait ourselves.
@@ -228,6 +234,17 @@ class Daemon:
         self._publish_live_status(phase="stopped", next_run=None)
         return 0
 
+    def notice_a_changed_config(self) -> None:
+        """The daemon keeps the settings it started with (its cycles get them from it): an edit to the file
+        would otherwise look applied while it is not. Said once, and shown by `status`, until a restart."""
+        if self.config_changed or self.settings.config_file is None:
+            return
+        if file_stamp(self.settings.config_file) != self.config_read:
+            self.config_changed = True
+            log.warning("%s changed since the daemon started; it keeps the settings it started with: restart it to "
+                        "apply them (`systemctl restart codelupe-trainer`: a running cycle stops, its rows train "
+                        "next time)", self.settings.config_file)
+
     def _publish_live_status(self, **fields) -> None:
         """A courtesy for `status`, written every second: a full disk must not stop the daemon, nor fill the
         journal with a warning a second. Said once when it starts failing and once when it works again."""
@@ -241,6 +258,15 @@ class Daemon:
             if self.live_status_failing:
                 log.info("the live status is written again")
             self.live_status_failing = False
+
+
+def file_stamp(path: Path | None) -> tuple[int, int] | None:
+    """What tells an edited file from the one read: its modification time and size (None: no file)."""
+    try:
+        status = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return (status.st_mtime_ns, status.st_size) if status is not None else None
 
 
 def systemd_notifier():

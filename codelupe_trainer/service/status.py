@@ -67,6 +67,8 @@ def print_status(settings: Settings, as_json: bool) -> int:
     live, cycle = view["live"], view["cycle"]
     if live:
         print(f"daemon:                {live.get('phase')} (pid {live.get('pid')}), next run {live.get('next_run') or '-'}")
+        if live.get("config_changed"):
+            print("                       its config file changed since it started: restart it to apply the edit")
     else:
         print("daemon:                not running")
     if cycle:
