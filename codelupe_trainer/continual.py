@@ -33,28 +33,41 @@ class Holdout:
 
 def load_holdout(connection, settings: Settings, state: TrainerState) -> Holdout:
     """Freeze the holdout on the first run (stratified by language); add a language it lacks when one first
-    appears; re-read its rows. The ids are committed before anything trains."""
+    appears, or again when all its rows are gone; refill it when fewer than half its rows are left (rows
+    deleted from the table), so the gate never runs out of rows to judge on; re-read its rows. Added ids come
+    from the rows this run is about to read (never trained) and are committed before anything trains."""
     promotion = settings.promotion
     if promotion.holdout_samples == 0:
         return Holdout(set(), [])
     store = holdout_store(settings.paths.state_file.parent)
     try:
-        languages = store.languages()
+        ids = store.ids()
+        samples = fetch_samples_by_id(connection, settings.database, settings.data, ids)
+        if len(samples) < len(ids):
+            log.warning("holdout: %d of its %d rows are gone from the table or no longer eligible",
+                        len(ids) - len(samples), len(ids))
+        # Half its rows gone: the per-run comparison would rest on a handful of samples, and on none once the
+        # last one goes ("promoted unchecked" forever). Refill to holdout_samples like the first run did; the
+        # anchors restart, since their fingerprints include the ids.
+        refill = bool(ids) and len(samples) < min(len(ids), promotion.holdout_samples) / 2
+        live_languages = set() if refill else {sample.language for sample in samples}
+        size = promotion.holdout_samples - len(samples) if refill or not ids else 0
         added = select_holdout(connection, settings.database, settings.data, state.last_trained_id,
-                               settings.data.max_samples_per_run, set(languages),
-                               size=0 if languages else promotion.holdout_samples,
+                               settings.data.max_samples_per_run, live_languages, size=size,
                                min_per_language=promotion.holdout_min_per_language)
+        known = set(ids)
+        added = [(row_id, language) for row_id, language in added if row_id not in known]
         if added:
             store.add(added, state.total_training_runs + 1)
-            log.info("holdout: %d samples added (%s)", len(added),
+            log.info("holdout: %d samples %s (%s)", len(added),
+                     "added to refill it: fewer than half of its rows were left" if refill else "added",
                      ", ".join(sorted({language for _, language in added})))
-        ids = store.ids()
+            samples += fetch_samples_by_id(connection, settings.database, settings.data,
+                                           [row_id for row_id, _ in added])
+            ids = store.ids()
     finally:
         store.close()
-    samples = fetch_samples_by_id(connection, settings.database, settings.data, ids)
-    if len(samples) < len(ids):
-        log.warning("holdout: %d of its %d rows are gone from the table or no longer eligible", len(ids) - len(samples), len(ids))
-    return Holdout(set(ids), samples)
+    return Holdout(set(ids), sorted(samples, key=lambda sample: sample.id))
 
 
 def holdout_fingerprints(holdout: Holdout, settings: Settings) -> dict[str, str]:

@@ -5,6 +5,7 @@ real CLI as a subprocess, and the W&B run read back from its `.wandb` file."""
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import json
 import socket
 import stat
@@ -324,3 +325,53 @@ def test_holdout_losses_are_comparable_only_on_the_same_model_length_and_format(
         changed = shipped.model_copy(update={section: getattr(shipped, section).model_copy(update=change)})
         after = holdout_fingerprints(holdout, changed)
         assert after.keys() == before.keys() and all(after[key] != before[key] for key in before), change
+
+
+def test_a_holdout_whose_rows_are_deleted_is_refilled_from_untrained_rows_never_left_empty(crawler_table, make_settings):
+    """Rows deleted from the table (a crawler pruning old files) drop out of the holdout. A few gone: it goes
+    on with the rest. A language with none left: it joins again from this run's rows. Fewer than half left:
+    it is refilled to holdout_samples from this run's rows, never trained. Left alone, the last deletion
+    would leave the gate nothing to compare on, and every later run would be promoted unchecked."""
+    from codelupe_trainer.continual import load_holdout
+    from codelupe_trainer.data.source import open_connection
+    from codelupe_trainer.state import TrainerState
+
+    url = crawler_table
+    insert_stdlib_rows(url, start=0, count=40)
+    insert_files(url, c_headers(20), "c", "glibc")
+    settings = make_settings(url, "[promotion]\nmode = \"gate\"\nholdout_samples = 24\nholdout_min_per_language = 6\n"
+                             "replay_fraction = 0.0\n")
+
+    def delete(ids) -> None:
+        with psycopg.connect(url, autocommit=True) as connection:
+            connection.execute("DELETE FROM processed_files WHERE id = ANY(%s)", (list(ids),))
+
+    def languages(holdout) -> dict[str, int]:
+        return dict(Counter(sample.language for sample in holdout.samples))
+
+    with open_connection(settings.database) as connection:
+        first = load_holdout(connection, settings, TrainerState())
+        assert len(first.samples) >= 20 and set(languages(first)) == {"python", "c"}
+        # The next runs read new rows: the watermark has passed every row there was.
+        with psycopg.connect(url) as reader:
+            watermark = reader.execute("SELECT max(id) FROM processed_files").fetchone()[0]
+        insert_stdlib_rows(url, start=200, count=60, repo="later")
+        insert_files(url, c_headers(20, skip=20), "c", "glibc-later")
+        later = TrainerState(last_trained_id=watermark, total_training_runs=1)
+
+        python = sorted(sample.id for sample in first.samples if sample.language == "python")
+        delete(python[:3])
+        some_gone = load_holdout(connection, settings, later)
+        assert some_gone.ids == first.ids and len(some_gone.samples) == len(first.samples) - 3
+
+        c_ids = [sample.id for sample in first.samples if sample.language == "c"]
+        delete(c_ids)
+        c_again = load_holdout(connection, settings, later)
+        new_c = [sample.id for sample in c_again.samples if sample.language == "c"]
+        assert len(new_c) == 6 and min(new_c) > watermark  # from this run's rows, never trained ones
+
+        survivors = sorted(sample.id for sample in c_again.samples)
+        delete(survivors[: len(survivors) - 5])  # 5 rows left of 20-odd
+        refilled = load_holdout(connection, settings, later)
+    assert len(refilled.samples) >= 20 and set(languages(refilled)) == {"python", "c"}
+    assert all(sample.id > watermark for sample in refilled.samples if sample.id not in survivors)

@@ -2,7 +2,8 @@
 
 Kept by id (and language) in the daemon's own SQLite store beside the state, never as a copy of the code:
 each run re-reads the rows from PostgreSQL. Ids are only ever added (a language the holdout lacks joins it
-when it first appears), never removed, so holdout losses are comparable across runs.
+when it first appears; rows deleted from the table are topped up from new ones: continual.load_holdout),
+never removed, so holdout losses are comparable across runs while the rows stay.
 """
 
 from __future__ import annotations
