@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import psycopg
 import pytest
@@ -10,7 +13,7 @@ import pytest
 from codelupe_trainer.config import DatabaseSettings, DataSettings
 from codelupe_trainer.state import advance_state, expire_gaps, load_state, remove_ids
 from codelupe_trainer.data.records import FetchResult
-from codelupe_trainer.data.source import SourceError, check_table, count_new_samples, fetch_new_samples, open_connection
+from codelupe_trainer.data.source import SchemaError, SourceError, check_table, count_new_samples, fetch_new_samples, open_connection
 from codelupe_trainer.state import TrainerState
 
 GOOD = "def f(x):\n    return x + 1\n" * 4
@@ -80,6 +83,39 @@ def test_missing_columns_are_named(loose_table):
     broken = loose_table.model_copy(update={"quality_column": "quality_score"})
     with open_connection(broken) as connection, pytest.raises(SourceError, match="database.quality_column='quality_score'"):
         check_table(connection, broken)
+
+
+@pytest.mark.parametrize(("columns", "expected"), [
+    ("id uuid PRIMARY KEY DEFAULT gen_random_uuid(), content text, language text, quality_score int",
+     "database.id_column='id' is uuid; it must be an integer column whose values grow with each new row"),
+    ("id bigserial PRIMARY KEY, content bytea, language text, quality_score int",
+     "database.content_column='content' is bytea; it must be a text column"),
+    ("id bigserial PRIMARY KEY, content text, language text, quality_score text",
+     "database.quality_column='quality_score' is text; it must be a numeric column"),
+])
+def test_a_column_of_a_type_the_queries_cannot_use_is_named_in_one_line(db_url, tmp_path, columns, expected):
+    """A table with every column present but one of the wrong type (a uuid id cannot carry a watermark):
+    one line naming the setting and the type, exit 2 from run-once, instead of an SQL error and a traceback
+    every cycle. varchar, numeric and the like pass."""
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        connection.execute(f"CREATE TABLE processed_files ({columns})")
+    database = DatabaseSettings(url=db_url)
+    with open_connection(database) as connection, pytest.raises(SchemaError) as raised:
+        check_table(connection, database)
+    assert expected in str(raised.value) and "\n" not in str(raised.value)
+    config = tmp_path / "codelupe.toml"
+    config.write_text(f'[paths]\nstate_file = "{tmp_path / "state.json"}"\noutput_dir = "{tmp_path / "adapters"}"\n')
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CODELUPE_")}
+    completed = subprocess.run([sys.executable, "-m", "codelupe_trainer.cli", "run-once", "--config", str(config)],
+                               env={**env, "CODELUPE_DATABASE__URL": db_url}, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2 and expected in completed.stderr, completed.stderr
+    assert len(completed.stderr.strip().splitlines()) == 1 and "Traceback" not in completed.stderr
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        connection.execute("DROP TABLE processed_files")
+        connection.execute("CREATE TABLE processed_files (id integer PRIMARY KEY, content varchar(9000), "
+                           "language character varying, quality_score numeric(5, 2))")
+    with open_connection(database) as connection:
+        check_table(connection, database)  # every accepted kind of type
 
 
 def test_unreachable_database_error_hides_the_password():

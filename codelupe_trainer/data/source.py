@@ -76,25 +76,38 @@ def describe_database_error(error: BaseException) -> str:
     return text
 
 
+_INTEGER = {"smallint", "integer", "bigint"}
+_TEXT = {"text", "character varying", "character", "USER-DEFINED"}  # USER-DEFINED: citext and the like
+# What each column must hold for the queries: ids compared and ordered as numbers (the watermark), text
+# matched by regular expressions, a quality compared with numbers.
+_COLUMN_TYPES = {
+    "id_column": (_INTEGER, "an integer column whose values grow with each new row (bigserial or an identity column)"),
+    "content_column": (_TEXT, "a text column"),
+    "language_column": (_TEXT, "a text column"),
+    "quality_column": (_INTEGER | {"numeric", "real", "double precision"}, "a numeric column (0-100)"),
+}
+
+
 def check_table(connection: psycopg.Connection, database: DatabaseSettings) -> None:
-    """Raise SourceError naming the missing table or columns."""
+    """Raise SchemaError naming the missing table, a missing column or a column of a type the queries cannot
+    use (each cycle would otherwise fail on an SQL error, a traceback and all)."""
     rows = connection.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = %s "
+        "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = %s "
         "AND table_schema = ANY(current_schemas(false))",
         (database.table,),
     ).fetchall()
     if not rows:
         raise SchemaError(f"table {database.table!r} does not exist (database.table)")
-    present = {row[0] for row in rows}
-    wanted = {
-        "database.id_column": database.id_column,
-        "database.content_column": database.content_column,
-        "database.language_column": database.language_column,
-        "database.quality_column": database.quality_column,
-    }
+    present = dict(rows)
+    wanted = {f"database.{key}": getattr(database, key) for key in _COLUMN_TYPES}
     missing = [f"{key}={column!r}" for key, column in wanted.items() if column not in present]
     if missing:
         raise SchemaError(f"table {database.table!r} has no column {', '.join(missing)}")
+    for key, (types, need) in _COLUMN_TYPES.items():
+        column = getattr(database, key)
+        if present[column] not in types:
+            raise SchemaError(f"table {database.table!r}: database.{key}={column!r} is {present[column]}; it must be "
+                              f"{need}")
 
 
 def _names(database: DatabaseSettings) -> dict[str, sql.Composable]:
