@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
+import tempfile
 from pathlib import Path
 
 from .config import SECRET_VARIABLES, PromotionSettings
@@ -37,22 +39,38 @@ def run_on_promote(settings: PromotionSettings, event: str, adapter_path: Path, 
     for name in ("CODELUPE_DATABASE__URL", *SECRET_VARIABLES):
         environment.pop(name, None)
     try:
-        # Its own session: a Ctrl-C at run-once's terminal (SIGINT to the whole foreground group) must not kill
-        # the hand-off half-way; the cycle lets it finish (cycle.py) and the timeout still bounds it.
-        completed = subprocess.run(settings.on_promote, env=environment, stdin=subprocess.DEVNULL,
-                                   capture_output=True, text=True, errors="replace",
-                                   timeout=settings.on_promote_timeout_s, start_new_session=True)
-    except subprocess.TimeoutExpired:
-        outcome = f"killed after promotion.on_promote_timeout_s = {settings.on_promote_timeout_s:g} s"
+        outcome, output = _run_bounded(settings.on_promote, environment, settings.on_promote_timeout_s)
     except OSError as error:
-        outcome = f"could not start {settings.on_promote[0]!r}: {error.strerror or error}"
-    else:
-        output = (completed.stdout + completed.stderr).strip()
-        if output:
-            log.info("on_promote output: %s", output[-OUTPUT_LIMIT:])
-        outcome = "ok" if completed.returncode == 0 else f"exited with status {completed.returncode}"
+        outcome, output = f"could not start {settings.on_promote[0]!r}: {error.strerror or error}", ""
+    if output:
+        log.info("on_promote output: %s", output[-OUTPUT_LIMIT:])
     if outcome == "ok":
         log.info("on_promote ran for run %d (%s)", run_number, event)
     else:
         log.warning("on_promote for run %d (%s) failed: %s; the adapter stays promoted", run_number, event, outcome)
     return outcome
+
+
+def _run_bounded(command: list[str], environment: dict[str, str], timeout_s: float) -> tuple[str, str]:
+    """Run the command in its own session, its output in a file (not a pipe: a process it leaves running in
+    the background, a server it restarts, would hold a pipe open and keep us waiting for it). Past the
+    timeout its whole process group is killed. Returns the outcome and the output.
+
+    Its own session also keeps a Ctrl-C at run-once's terminal (SIGINT to the whole foreground group) from
+    killing the hand-off half-way; the cycle lets it finish (cycle.py) and the timeout still bounds it."""
+    with tempfile.TemporaryFile() as output:
+        process = subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL, stdout=output,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait()
+            outcome = f"killed after promotion.on_promote_timeout_s = {timeout_s:g} s"
+        else:
+            outcome = "ok" if returncode == 0 else f"exited with status {returncode}"
+        output.seek(0)
+        return outcome, output.read().decode("utf-8", errors="replace").strip()

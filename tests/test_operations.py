@@ -268,3 +268,28 @@ def test_rollback_where_nothing_was_trained_says_so_and_creates_nothing(tmp_path
     assert main(["rollback", "3", "--config", str(config)]) == 1
     assert f"no state at {state_dir / 'state.json'}: nothing was trained here" in capsys.readouterr().err
     assert not state_dir.exists()
+
+
+def test_on_promote_is_killed_whole_at_its_timeout_and_a_process_it_leaves_behind_never_holds_us(tmp_path, caplog):
+    """The hand-off is bounded by on_promote_timeout_s, its children included (a shell script's own commands
+    are killed with it); and a command that starts something in the background and exits (a server it
+    restarts) is done when it exits, not when the background process closes its output."""
+    import logging
+
+    from codelupe_trainer.config import PromotionSettings
+    from codelupe_trainer.hooks import run_on_promote
+
+    caplog.set_level(logging.INFO)
+    marker = tmp_path / "grandchild-ran-on"
+    hung = PromotionSettings(on_promote=["sh", "-c", f"sh -c 'sleep 2; touch {marker}' & sleep 30"],
+                             on_promote_timeout_s=0.5)
+    started = time.monotonic()
+    assert run_on_promote(hung, "promote", tmp_path, 1) == "killed after promotion.on_promote_timeout_s = 0.5 s"
+    assert time.monotonic() - started < 5
+    time.sleep(2.5)
+    assert not marker.exists()  # the script's own child went with it
+
+    restarts = PromotionSettings(on_promote=["sh", "-c", "sleep 20 & echo reloaded"], on_promote_timeout_s=10)
+    started = time.monotonic()
+    assert run_on_promote(restarts, "promote", tmp_path, 2) == "ok"
+    assert time.monotonic() - started < 5 and "on_promote output: reloaded" in caplog.text
