@@ -1,7 +1,8 @@
 """Command line: `codelupe-trainer run | run-once | status | adapters | rollback | show-config | doctor | join | demo`.
 
 Exit codes: 0 success or nothing to do (a stopped run-once or daemon too); 1 the run failed; 2 bad
-configuration or usage; 3 another cycle holds the trainer lock; 130 interrupted by Ctrl-C (the other commands). Heavy imports (torch, transformers) happen only in the commands that train.
+configuration or usage; 3 another cycle holds the trainer lock; 130 interrupted by Ctrl-C (the other
+commands). Heavy imports (torch, transformers) happen only in the commands that train.
 """
 
 from __future__ import annotations

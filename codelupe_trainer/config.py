@@ -34,14 +34,6 @@ class DatabaseSettings(Section):
         SecretStr("postgresql://postgres@127.0.0.1:5432/postgres"),
         description="libpq connection URL; a password in it is never printed.",
     )
-
-    @field_validator("url")
-    @classmethod
-    def _read_alike_by_libpq(cls, url: SecretStr) -> SecretStr:
-        problem = url_ambiguity(url.get_secret_value()) or keyword_dsn_problem(url.get_secret_value())
-        if problem:
-            raise ValueError(problem)
-        return url
     table: str = Field("processed_files", description="Table the crawler fills; only read, never written.")
     id_column: str = "id"
     content_column: str = "content"
@@ -56,6 +48,14 @@ class DatabaseSettings(Section):
         ge=0,
         description="How long a gap in ids below the watermark is watched for a late-committing row.",
     )
+
+    @field_validator("url")
+    @classmethod
+    def _read_alike_by_libpq(cls, url: SecretStr) -> SecretStr:
+        problem = url_ambiguity(url.get_secret_value()) or keyword_dsn_problem(url.get_secret_value())
+        if problem:
+            raise ValueError(problem)
+        return url
 
 
 class ScheduleSettings(Section):
@@ -93,6 +93,11 @@ class DataSettings(Section):
         "(BigCode's value for The Stack).")
 
 
+def is_local_model(base_model: str) -> bool:
+    """A local directory rather than a hub id (which has no leading ./ ~ and names no existing path)."""
+    return base_model.startswith((".", "/", "~")) or Path(base_model).expanduser().exists()
+
+
 class ModelSettings(Section):
     base_model: str = "Qwen/Qwen2.5-Coder-7B-Instruct"
     quantization: Literal["auto", "4bit", "8bit", "none"] = "auto"
@@ -111,8 +116,7 @@ class ModelSettings(Section):
 
     @property
     def is_local(self) -> bool:
-        """A local directory rather than a hub id (which has no leading ./ ~ and names no existing path)."""
-        return self.base_model.startswith((".", "/", "~")) or Path(self.base_model).expanduser().exists()
+        return is_local_model(self.base_model)
 
     @property
     def public_name(self) -> str:

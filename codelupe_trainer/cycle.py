@@ -243,13 +243,14 @@ def download_progress(settings: Settings, run_number: int, interval_s: float = H
     and `status` and the log (once a minute) say how far it is instead of a silent 'loading model'."""
     if settings.model.is_local:
         return contextlib.nullcontext()
-    logged = [-math.inf]  # the first bytes are said at once, then once a minute
+    logged = -math.inf  # the first bytes are said at once, then once a minute
 
     def on_growth(total: int) -> None:
+        nonlocal logged
         write_cycle_progress(settings.paths.state_file, "downloading model", run=run_number,
                              downloaded_gb=round(total / 1e9, 2))
-        if time.monotonic() - logged[0] >= 60:
-            logged[0] = time.monotonic()
+        if time.monotonic() - logged >= 60:
+            logged = time.monotonic()
             log.info("downloading %s: %.1f GB so far", settings.model.base_model, total / 1e9)
 
     return watching_download(settings.model.base_model, on_growth, interval_s, cache_dir)

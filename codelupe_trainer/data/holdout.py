@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections import Counter
 from pathlib import Path
 
 
@@ -27,9 +26,6 @@ class HoldoutStore:
 
     def ids(self) -> list[int]:
         return [row[0] for row in self._connection.execute("SELECT id FROM holdout ORDER BY id")]
-
-    def languages(self) -> Counter:
-        return Counter(dict(self._connection.execute("SELECT language, count(*) FROM holdout GROUP BY language")))
 
     def add(self, rows: list[tuple[int, str]], run_number: int) -> None:
         """Committed at once, before the run trains: a sample chosen for the holdout is never trained, even if

@@ -262,11 +262,13 @@ class Daemon:
 
 def file_stamp(path: Path | None) -> tuple[int, int] | None:
     """What tells an edited file from the one read: its modification time and size (None: no file)."""
+    if path is None:
+        return None
     try:
-        status = path.stat() if path is not None else None
+        status = path.stat()
     except OSError:
         return None
-    return (status.st_mtime_ns, status.st_size) if status is not None else None
+    return status.st_mtime_ns, status.st_size
 
 
 def systemd_notifier():

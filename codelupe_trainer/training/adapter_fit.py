@@ -15,10 +15,10 @@ import re
 from pathlib import Path
 
 from ..config import ModelSettings
+from .adapters import ADAPTER_WEIGHTS
 from .model_files import cached_hub_model
 
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # peft's key for one LoRA matrix: ...layers.<i>.<module path>.lora_A.weight (or lora_B).
 _LORA_KEY = re.compile(r"\.layers\.(\d+)\.(?:.*\.)?(\w+)\.lora_([AB])\.weight$")
 

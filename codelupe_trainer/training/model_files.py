@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..config import ModelSettings
+from ..config import is_local_model
 
 HUB_PROBE_TIMEOUT_S = 5.0
 
@@ -47,7 +47,7 @@ def hub_reachable() -> tuple[bool, str]:
 
 def check_model_path(base_model: str, probe_hub: bool = True) -> tuple[str, bool, str]:
     path = Path(base_model)
-    if ModelSettings(base_model=base_model).is_local:
+    if is_local_model(base_model):
         if (path.expanduser() / "config.json").exists():
             return ("model", True, f"local model at {path}")
         return ("model", False, f"model.base_model {base_model!r} is not a directory with a config.json")
