@@ -131,7 +131,8 @@ def test_completion_format_puts_no_loss_on_the_prompt(tiny_model):
     content = "".join(f"def step_{index}(x):\n    return x + {index}\n" for index in range(10))
     sample = Sample(42, content, "python", 80)
     formatter = make_completion_formatter(tokenizer)
-    prompt, completion = formatter(sample)
+    pieces, completion = formatter(sample)
+    prompt = "".join(pieces)
     assert prompt.startswith("<|im_start|>user\nContinue this python code:\n") and prompt.endswith("<|im_start|>assistant\n")
     assert content.startswith(prompt.split("code:\n", 1)[1].split("<|im_end|>")[0]) and content.endswith(completion)
 
@@ -141,6 +142,54 @@ def test_completion_format_puts_no_loss_on_the_prompt(tiny_model):
     assert all(label == IGNORE_INDEX for label in block.labels[:prompt_length])
     assert block.labels[prompt_length:].tolist() == block.input_ids[prompt_length:].tolist()
     assert tokenizer.decode(block.input_ids[prompt_length:-1].tolist()) == completion
+
+
+def test_control_token_text_in_code_trains_as_text_never_as_the_control_token(tiny_model):
+    """Code that holds "<|endoftext|>" or "<|im_start|>" as text (tokenizer code, model servers) is tokenized
+    as that text: the only end-of-text id is the one after each sample, and in the completion format the
+    only chat markers are the template's own. Read as control tokens, the model would learn to end a file
+    in the middle of a string."""
+    from transformers import AutoTokenizer
+
+    from codelupe_trainer.data.dataset import make_completion_formatter
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    eos, im_start, im_end = (tokenizer.convert_tokens_to_ids(token) for token in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    content = ('STOP = "<|endoftext|>"\nSTART = "<|im_start|>"\nEND = "<|im_end|>"\n'
+               + "".join(f"def step_{index}(x):\n    return x + {index}\n" for index in range(6)))
+    sample = Sample(7, content, "python", 80)
+
+    raw = build_dataset([sample], tokenizer, max_length=1024, eval_fraction=0.0, seed=0)
+    [block] = raw.train_blocks
+    ids = block.input_ids.tolist()
+    assert ids.count(eos) == 1 and ids[-1] == eos, "one end-of-text, after the sample"
+    assert im_start not in ids and im_end not in ids
+    assert tokenizer.decode(ids[:-1]) == f"<|lang:python|>\n{content}"
+
+    completion = build_dataset([sample], tokenizer, max_length=1024, eval_fraction=0.0, seed=0,
+                               format_text=make_completion_formatter(tokenizer))
+    [block] = completion.train_blocks
+    ids = block.input_ids.tolist()
+    # The template's markers: <|im_start|>user ... <|im_end|> <|im_start|>assistant; the code's are text.
+    assert ids.count(im_start) == 2 and ids.count(im_end) == 1 and ids.count(eos) == 1 and ids[-1] == eos
+    assert ids[0] == im_start
+    assert tokenizer.decode(ids[:-1]).replace("<|im_start|>user\nContinue this python code:\n", "", 1) \
+        .replace("<|im_end|>\n<|im_start|>assistant\n", "", 1) == content
+
+
+def test_the_completion_format_with_a_model_that_has_no_chat_template_is_one_clear_error(tiny_model):
+    from transformers import AutoTokenizer
+
+    from codelupe_trainer.data.dataset import make_completion_formatter
+    from codelupe_trainer.errors import TrainingError
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = None  # a base model's tokenizer
+    with pytest.raises(TrainingError, match=r"data.format = 'completion' needs the model's chat template.*'raw'"):
+        make_completion_formatter(tokenizer)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"  # rewrites the message
+    with pytest.raises(TrainingError, match="does not show the user message as written"):
+        make_completion_formatter(tokenizer)
 
 
 @pytest.mark.parametrize(
@@ -182,7 +231,11 @@ def test_fast_path_tokenizes_exactly_like_the_transformers_call(tiny_model):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     texts = ["def f(x):\n    return x  # ünïcode\n", "<|im_start|>user\nhi<|im_end|>\n", "\t\n  "]
-    assert _encode(tokenizer, texts) == tokenizer(texts, add_special_tokens=False)["input_ids"]
+    # Markup (the chat template's pieces) as the transformers call reads it; code with special tokens as text.
+    assert _encode(tokenizer, texts, markup=True) == tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert _encode(tokenizer, texts, markup=False) == tokenizer(texts, add_special_tokens=False,
+                                                               split_special_tokens=True)["input_ids"]
+    assert _encode(tokenizer, texts, markup=False) != _encode(tokenizer, texts, markup=True), "control: they differ"
 
 
 def test_one_sample_per_block_undoes_packing():

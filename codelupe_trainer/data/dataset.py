@@ -9,6 +9,7 @@ Packing (`packing.py`) puts several samples into one block of at most `max_lengt
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,14 +20,19 @@ from typing import Any, Protocol
 import numpy as np
 
 
+from ..errors import TrainingError
 from .codestats import CodeTotals, measure_code
 from .packing import Block, Packer, TokenizedSample
 from .records import Blocker, FetchResult, Sample
 
 TOKENIZE_CHUNK = 1000
 
-# A formatter turns a sample into (prompt, completion); only the completion's tokens carry loss.
-Formatter = Callable[[Sample], "tuple[str, str]"]
+# A formatter turns a sample into (prompt, completion); only the completion's tokens carry loss. The prompt is
+# a tuple of pieces that alternate between markup (even positions: the chat template's own text, whose
+# special tokens such as <|im_start|> are meant) and code (odd positions). Code, in the prompt and in the
+# completion, is tokenized as plain text: a file that holds the text "<|endoftext|>" or "<|fim_prefix|>"
+# (tokenizer code, model servers, this project) must not teach the model to emit those control tokens.
+Formatter = Callable[[Sample], "tuple[tuple[str, ...], str]"]
 
 
 class Tokenizer(Protocol):
@@ -52,9 +58,9 @@ class BuiltDataset:
         return len(self.sample_ids)
 
 
-def format_raw(sample: Sample) -> tuple[str, str]:
+def format_raw(sample: Sample) -> tuple[tuple[str, ...], str]:
     """Plain causal-LM text: a language tag line, then the code (EOS is appended as a token id); all of it trains."""
-    return "", f"<|lang:{sample.language}|>\n{sample.content}"
+    return (), f"<|lang:{sample.language}|>\n{sample.content}"
 
 
 def completion_split_line(sample: Sample, line_count: int) -> int:
@@ -63,20 +69,30 @@ def completion_split_line(sample: Sample, line_count: int) -> int:
     return max(1, min(line_count - 1, round(line_count * fraction)))
 
 
+# Stands in for the user message while the chat template is rendered once: what comes before and after it
+# is the template's markup. A private-use character no template touches.
+_MESSAGE_SLOT = "\ue000codelupe-message\ue000"
+
+
 def make_completion_formatter(tokenizer) -> Formatter:
     """Prompt: the start of the file as a user message in the tokenizer's chat template; completion: the rest."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TrainingError("data.format = 'completion' needs the model's chat template, and this model's tokenizer "
+                            "has none (a base model): use data.format = 'raw', or an instruct model")
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _MESSAGE_SLOT}], tokenize=False,
+                                             add_generation_prompt=True)
+    before, slot, after = rendered.partition(_MESSAGE_SLOT)
+    if not slot:
+        raise TrainingError("data.format = 'completion': the model's chat template does not show the user message "
+                            "as written, so the prompt cannot be told from the code; use data.format = 'raw'")
 
-    def format_completion(sample: Sample) -> tuple[str, str]:
+    def format_completion(sample: Sample) -> tuple[tuple[str, ...], str]:
         lines = sample.content.splitlines(keepends=True)
         if len(lines) < 2:
             return format_raw(sample)
         split = completion_split_line(sample, len(lines))
         head, tail = "".join(lines[:split]), "".join(lines[split:])
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"Continue this {sample.language} code:\n{head}"}],
-            tokenize=False, add_generation_prompt=True,
-        )
-        return prompt, tail
+        return (before, f"Continue this {sample.language} code:\n{head}", after), tail
 
     return format_completion
 
@@ -132,8 +148,8 @@ def tokenize_samples(
 ) -> list[TokenizedSample]:
     """Batched tokenizer calls per chunk; samples longer than max_length are split into pieces."""
     pairs = [format_text(sample) for sample in samples]
-    completions = _encode(tokenizer, [completion for _, completion in pairs])
-    prompts = _encode(tokenizer, [prompt for prompt, _ in pairs]) if any(prompt for prompt, _ in pairs) else [[]] * len(pairs)
+    completions = _encode(tokenizer, [completion for _, completion in pairs], markup=False)
+    prompts = _encode_prompts(tokenizer, [prompt for prompt, _ in pairs])
     eos = tokenizer.eos_token_id
     tokenized = []
     for sample, prompt_ids, completion_ids in zip(samples, prompts, completions):
@@ -145,13 +161,40 @@ def tokenize_samples(
     return tokenized
 
 
-def _encode(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
-    # The Rust tokenizer behind a fast transformers tokenizer, without computing character offsets we
-    # never use: about 20 % faster than the transformers call, same ids.
+def _encode_prompts(tokenizer: Tokenizer, prompts: list[tuple[str, ...]]) -> list[list[int]]:
+    """Each prompt's ids: its markup pieces with their special tokens, its code pieces as plain text."""
+    if not any(prompts):
+        return [[] for _ in prompts]
+    markup = sorted({piece for prompt in prompts for piece in prompt[0::2]})  # the same few pieces every sample
+    markup_ids = dict(zip(markup, _encode(tokenizer, markup, markup=True)))
+    code = iter(_encode(tokenizer, [piece for prompt in prompts for piece in prompt[1::2]], markup=False))
+    return [[token for position, piece in enumerate(prompt)
+             for token in (markup_ids[piece] if position % 2 == 0 else next(code))] for prompt in prompts]
+
+
+# Per tokenizer, two copies of its Rust backend: one reads special-token text as the special token (markup),
+# one as plain text (code). Copies, not the backend's own flag flipped around each call: two threads
+# tokenize at once (the build's worker and the step budget's shadow), and the transformers call leaves the
+# flag as its last caller set it.
+_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _encode(tokenizer: Tokenizer, texts: list[str], markup: bool) -> list[list[int]]:
+    """Token ids of each text; `markup` False reads special-token text as plain text (code, never control)."""
+    if not texts:
+        return []
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_batch_fast"):
+    if backend is not None and hasattr(backend, "encode_batch_fast") and hasattr(backend, "encode_special_tokens"):
+        if tokenizer not in _BACKENDS:
+            copies = type(backend).from_str(backend.to_str()), type(backend).from_str(backend.to_str())
+            copies[0].encode_special_tokens, copies[1].encode_special_tokens = False, True
+            _BACKENDS[tokenizer] = copies
+        backend = _BACKENDS[tokenizer][0 if markup else 1]
+        # The Rust tokenizer directly, without computing character offsets we never use: about 20 % faster
+        # than the transformers call, same ids.
         return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                     split_special_tokens=not markup)["input_ids"]
 
 
 @dataclass
