@@ -79,6 +79,32 @@ def test_language_filter_and_limit(loose_table):
     assert result.last_examined_id == 10  # rows past the limit stay for the next run
 
 
+def test_a_language_with_stray_whitespace_or_capitals_is_one_language_everywhere(db_url):
+    """"Python\n", " python " and "PYTHON\t" are python to the language filter, the samples and the holdout's
+    strata alike: none is skipped as another language, and none becomes a holdout language of its own (which
+    would add min_per_language rows to the holdout at every run)."""
+    from codelupe_trainer.data.source import select_holdout
+
+    languages = ["Python\n", " python ", "PYTHON\t", "python", "\tGo\r\n", "go"] * 4
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        connection.execute(CREATE_LOOSE)
+        for lang in languages:
+            connection.execute("INSERT INTO snippets (body, lang, score) VALUES (%s, %s, 90)", (GOOD, lang))
+    database = DatabaseSettings(url=db_url, table="snippets", id_column="sid", content_column="body",
+                                language_column="lang", quality_column="score")
+    samples, result = fetch_all(database, DataSettings(languages=["Python ", "GO"]))
+    assert len(samples) == len(languages) and dict(result.skipped) == {}
+    assert {sample.language for sample in samples} == {"python", "go"}
+    samples, result = fetch_all(database, DataSettings(languages=["python"]))
+    assert {sample.language for sample in samples} == {"python"} and result.skipped["language"] == 8
+    with open_connection(database) as connection:
+        picked = select_holdout(connection, database, DataSettings(), after_id=0, window=1000, known_languages=set(),
+                                size=6, min_per_language=2)
+        assert {language for _, language in picked} == {"python", "go"}
+        assert select_holdout(connection, database, DataSettings(), after_id=0, window=1000,
+                              known_languages={"python", "go"}, size=0, min_per_language=2) == []
+
+
 def test_missing_columns_are_named(loose_table):
     broken = loose_table.model_copy(update={"quality_column": "quality_score"})
     with open_connection(broken) as connection, pytest.raises(SourceError, match="database.quality_column='quality_score'"):

@@ -120,6 +120,17 @@ def _names(database: DatabaseSettings) -> dict[str, sql.Composable]:
     }
 
 
+# A row's language as the trainer knows it: lower case, without the whitespace around it ("Python\n" is
+# python). The same in SQL (the language filter, the holdout's strata) and in Python (each sample), so a
+# crawler's stray newline never makes a language of its own. (\x0b: PostgreSQL's E'' has no \v.)
+LANGUAGE_SPACE = " \t\n\r\f\v"
+_LANGUAGE_SQL = "lower(btrim({language}, E' \\t\\n\\r\\f\\x0b'))"
+
+
+def normal_language(language: object) -> str:
+    return str(language).strip(LANGUAGE_SPACE).lower()
+
+
 def _skip_reason_sql(data: DataSettings) -> tuple[sql.Composable, dict]:
     """A CASE expression giving NULL for an eligible row and the skip reason otherwise."""
     conditions = [
@@ -133,13 +144,13 @@ def _skip_reason_sql(data: DataSettings) -> tuple[sql.Composable, dict]:
         ("too_long", "char_length({content}) > %(max_chars)s"),
     ]
     if data.languages:
-        conditions.append(("language", "NOT (lower({language}) = ANY(%(languages)s))"))
+        conditions.append(("language", f"NOT ({_LANGUAGE_SQL} = ANY(%(languages)s))"))
     branches = " ".join(f"WHEN {condition} THEN '{reason}'" for reason, condition in conditions)
     parameters = {
         "min_quality": data.min_quality,
         "min_chars": data.min_chars,
         "max_chars": data.max_chars,
-        "languages": [language.lower() for language in data.languages],
+        "languages": [normal_language(language) for language in data.languages],
     }
     return sql.SQL(f"CASE {branches} END"), parameters
 
@@ -243,7 +254,7 @@ def _classify(row: tuple, result: FetchResult) -> Sample | None:
     if skip_reason is not None:
         result.skipped[skip_reason] += 1
         return None
-    return Sample(id=row_id, content=content, language=str(language).strip().lower(), quality=int(quality))
+    return Sample(id=row_id, content=content, language=normal_language(language), quality=int(quality))
 
 
 # ------------------------------------------------------------------ the holdout and replay reads
@@ -265,7 +276,7 @@ def select_holdout(
     reason, parameters = _skip_reason_sql(data)
     query = sql.SQL(
         "WITH window_rows AS ("
-        "  SELECT {id} AS id, lower(btrim({language})) AS language FROM {table}"
+        f"  SELECT {{id}} AS id, {_LANGUAGE_SQL} AS language FROM {{table}}"
         "  WHERE {id} > %(after_id)s AND ({reason}) IS NULL ORDER BY {id} LIMIT %(window)s"
         "), ranked AS ("
         "  SELECT id, language, row_number() OVER (PARTITION BY language ORDER BY md5(id::text)) AS rank,"
