@@ -92,8 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         "doctor": command_doctor,
         "join": command_join,
     }[arguments.command]
+    from .errors import StateError
+
     try:
         return handler(settings, arguments)
+    except StateError as error:  # a hand edit gone wrong: nothing can run until the file is fixed
+        print(f"codelupe-trainer: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:  # Ctrl-C in a command without its own stop handling (status, doctor, ...)
         print("codelupe-trainer: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -161,10 +166,11 @@ def command_run_once(settings: Settings, arguments) -> int:
 
 def _run_once(settings: Settings, arguments) -> int:
     from .data.source import SchemaError, SourceError, check_table, open_connection
-    from .service.doctor import adapter_problems, unwritable_paths
+    from .errors import StateError
+    from .service.doctor import adapter_problems, state_problems, unwritable_paths
 
     log = logging.getLogger("codelupe_trainer")
-    problems = unwritable_paths(settings) + adapter_problems(settings)
+    problems = unwritable_paths(settings) + state_problems(settings) + adapter_problems(settings)
     if problems:
         for problem in problems:
             print(f"codelupe-trainer: cannot run: {problem}", file=sys.stderr)
@@ -196,6 +202,8 @@ def _run_once(settings: Settings, arguments) -> int:
     except SourceError as error:
         log.error("database: %s", error)
         return EXIT_FAILED
+    except StateError:
+        raise  # main() says it in one line, exit 2
     except Exception as error:
         log.error("run failed: %s", describe_failure(error))
         return EXIT_FAILED

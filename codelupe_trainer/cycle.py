@@ -27,7 +27,7 @@ from .data.neardup import signed_ahead
 from .data.packing import one_sample_per_block
 from .data.records import FetchResult
 from .data.source import SourceError, check_table, count_new_samples, fetch_new_samples, open_connection
-from .errors import TrainingError, TrainingInterrupted
+from .errors import StateError, TrainingError, TrainingInterrupted
 from .failures import save_traceback
 from .faults import crash_point
 from .hooks import run_on_promote
@@ -63,6 +63,8 @@ def run_cycle(settings: Settings, force: bool = False, process_started: float | 
             return _run_locked(settings, force, stop.CURRENT.requested, started)
         except TrainingInterrupted as interruption:
             return CycleOutcome("interrupted", str(interruption))
+        except StateError:
+            raise  # one line; no failure can be recorded in a state that cannot be read
         except Exception as error:
             if not isinstance(error, (TrainingError, SourceError)):  # a bug or a library's surprise: keep the trace
                 save_traceback(settings, error)

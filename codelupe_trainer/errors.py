@@ -13,3 +13,8 @@ class TrainingError(Exception):
 class TrainingInterrupted(BaseException):
     """A stop was requested; the cycle ended where it was and nothing was saved. A BaseException, like
     KeyboardInterrupt, so that no `except Exception` on the way (ours or a library's) swallows it."""
+
+
+class StateError(Exception):
+    """The state file exists but cannot be used (not JSON, a field of the wrong type: a hand edit gone wrong).
+    Nothing can run or be recorded until it is fixed: it holds the watermark and the adapter in service."""

@@ -10,12 +10,15 @@ import json
 import os
 import tempfile
 import time
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
 from .data.records import FetchResult
+from .errors import StateError
 from .faults import crash_point
 
 
@@ -65,13 +68,46 @@ class TrainerState:
 
 
 def load_state(path: Path) -> TrainerState:
+    """The state, or a fresh one where there is no file yet. A file that is there but unusable (written by
+    hand) raises StateError naming the problem: guessing would retrain or skip rows. (A PermissionError is
+    left as it is: `status` says who may read the file.)"""
     if not path.exists():
         return TrainerState()
-    raw = json.loads(path.read_text(encoding="utf-8"))
-    known = {name for name in TrainerState.__dataclass_fields__}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, IsADirectoryError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise StateError(state_problem(path, f"it is not JSON ({str(error).splitlines()[0] if str(error) else type(error).__name__})")) from None
+    if not isinstance(raw, dict):
+        raise StateError(state_problem(path, f"it holds a JSON {type(raw).__name__}, not an object"))
     if isinstance(raw.get("pending_gaps"), dict):  # the format before ranges: {"id": first seen}
         raw["pending_gaps"] = [[int(gap), int(gap), seen] for gap, seen in raw["pending_gaps"].items()]
-    return TrainerState(**{key: value for key, value in raw.items() if key in known})
+    fields = typing.get_type_hints(TrainerState)
+    values = {key: value for key, value in raw.items() if key in fields}
+    for key, value in values.items():
+        wrong = _wrong_type(value, fields[key])
+        if wrong:
+            raise StateError(state_problem(path, f"{key} is {json.dumps(value)[:40]}, not {wrong}"))
+    return TrainerState(**values)
+
+
+def state_problem(path: Path, what: str) -> str:
+    return (f"the state file {path} cannot be used: {what}. It holds the watermark and the adapter in service: "
+            "fix it by hand, or restore it from a backup (moving it aside trains every row again)")
+
+
+def _wrong_type(value: Any, hint: Any) -> str | None:
+    """What `value` should have been, where it is not of the field's type; None where it is."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for kind in allowed:
+        origin = typing.get_origin(kind) or kind
+        if (value is None and kind is type(None)) or (origin is float and isinstance(value, (int, float))
+                                                      and not isinstance(value, bool)):
+            return None
+        if origin is not float and origin is not type(None) and isinstance(value, origin) and not (
+                origin is int and isinstance(value, bool)):
+            return None
+    names = {int: "a whole number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return " or ".join(names.get(typing.get_origin(kind) or kind, "null") for kind in allowed)
 
 
 def in_service_adapter(state: TrainerState) -> Path | None:

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "codelupe_trainer"
 # What each wing may import from the package. Top-level modules are named by their own name.
 # cli -> service -> cycle -> {data, training, state, metrics, ...} -> config; demo is an entry point like cli.
 ALLOWED = {
-    "data": {"config", "faults", "data"},
+    "data": {"config", "errors", "faults", "data"},
     "training": {"config", "errors", "faults", "logs", "data", "training"},  # logs: a rank process sets up its own
     "service": {"config", "cycle", "data", "errors", "failures", "faults", "hooks", "lock", "logs", "metrics", "outcome", "progress",
                 "stop", "state", "training", "service"},

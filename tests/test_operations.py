@@ -293,3 +293,43 @@ def test_on_promote_is_killed_whole_at_its_timeout_and_a_process_it_leaves_behin
     started = time.monotonic()
     assert run_on_promote(restarts, "promote", tmp_path, 2) == "ok"
     assert time.monotonic() - started < 5 and "on_promote output: reloaded" in caplog.text
+
+
+@pytest.mark.parametrize("text, says", [
+    ('{"last_trained_id": 1200,\n', "it is not JSON (Expecting property name"),
+    ('{"last_trained_id": "1200", "total_training_runs": 3}\n', 'last_trained_id is "1200", not a whole number'),
+    ('[{"last_trained_id": 1200}]\n', "it holds a JSON list, not an object"),
+])
+def test_a_state_file_broken_by_hand_stops_every_command_in_one_line_and_is_never_overwritten(
+        crawler_table, make_settings, tmp_path, capsys, caplog, text, says):
+    """A state edited by hand into something unusable: guessing would retrain or skip rows, so every command
+    names the file and the problem in one line (exit 2), a cycle fails without recording anything in it (the
+    failure counters live there too), nothing is saved beside it, and /health says stuck."""
+    from codelupe_trainer.cycle import run_cycle
+    from codelupe_trainer.errors import StateError
+    from codelupe_trainer.service.health import health_document
+
+    from conftest import insert_stdlib_rows
+
+    insert_stdlib_rows(crawler_table, 0, 20)
+    settings = make_settings(crawler_table)
+    config = str(tmp_path / "codelupe.toml")
+    state_file = tmp_path / "state.json"
+    state_file.write_text(text)
+    line = f"the state file {state_file} cannot be used: {says}"
+
+    for command, code, prefix in ((["run-once", "--force"], 2, "cannot run: "), (["run"], 2, "cannot start: "),
+                                  (["status"], 2, ""), (["adapters"], 2, ""), (["rollback", "1"], 2, "")):
+        assert main([*command, "--config", config]) == code, command
+        captured = capsys.readouterr()
+        assert f"codelupe-trainer: {prefix}{line}" in captured.err, command
+        assert "Traceback" not in captured.err + captured.out
+    assert main(["doctor", "--config", config]) == 1
+    assert f"FAIL state: {line}" in capsys.readouterr().out
+
+    with pytest.raises(StateError, match="fix it by hand, or restore it from a backup"):
+        run_cycle(settings, force=True)
+    assert health_document(state_file, lambda: "idle")["status"] == "stuck"
+    assert state_file.read_text() == text, "never overwritten"
+    assert not (tmp_path / "last-failure.txt").exists(), "an expected failure: no traceback kept"
+    assert not (tmp_path / "adapters").exists()

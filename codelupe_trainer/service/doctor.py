@@ -11,6 +11,7 @@ from pathlib import Path
 from ..config import Settings
 from ..data.source import SourceError, check_table, open_connection
 from ..metrics import effective_wandb_mode, nvidia_gpu_names
+from ..errors import StateError
 from ..state import in_service_adapter, load_state
 from ..training.adapter_fit import in_service_misfit
 from ..training.gpu_check import cuda_checks, self_check
@@ -29,6 +30,7 @@ def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
     except SourceError as error:
         results.append(("database", False, str(error)))
     results.append(check_model_path(settings.model.base_model))
+    results.append(check_state(settings))
     results.append(check_adapter(settings))
     results.append(check_writable("output_dir", settings.paths.output_dir))
     results.append(check_writable("state_dir", settings.paths.state_file.parent))
@@ -42,11 +44,31 @@ def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
     return results
 
 
+def check_state(settings: Settings) -> tuple[str, bool, str]:
+    """Whether the state file can be used: every cycle reads it first."""
+    path = settings.paths.state_file
+    try:
+        state = load_state(path)
+    except StateError as error:
+        return ("state", False, str(error))
+    except OSError as error:
+        return ("state", False, f"{path} cannot be read: {error.strerror or error}")
+    if not path.exists():
+        return ("state", True, f"{path} does not exist yet: the first run starts at the table's first row")
+    return ("state", True, f"{path}: {state.total_training_runs} runs, rows up to id {state.last_trained_id} consumed")
+
+
+def state_problems(settings: Settings) -> list[str]:
+    """An unusable state file: `run` and `run-once` refuse to start on it (every cycle would fail on it)."""
+    _, ok, detail = check_state(settings)
+    return [] if ok else [detail]
+
+
 def check_adapter(settings: Settings) -> tuple[str, bool, str]:
     """The adapter the next run continues from, and whether today's model settings can continue it."""
     try:
         state = load_state(settings.paths.state_file)
-    except (OSError, ValueError, TypeError) as error:  # `status` says more; here only the adapter matters
+    except (OSError, StateError) as error:  # the `state` line says what is wrong
         return ("adapter", True, f"the state cannot be read ({type(error).__name__}), so neither can its adapter")
     adapter = in_service_adapter(state)
     if adapter is None:
@@ -125,7 +147,8 @@ def fatal_startup_problems(settings: Settings) -> list[str]:
 
     An unreachable database is not among them: the daemon retries it with backoff.
     """
-    problems = unwritable_paths(settings) + adapter_problems(settings) + model_and_gpu_problems(settings)
+    problems = (unwritable_paths(settings) + state_problems(settings) + adapter_problems(settings)
+                + model_and_gpu_problems(settings))
     try:
         with open_connection(settings.database) as connection:
             check_table(connection, settings.database)

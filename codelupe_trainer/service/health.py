@@ -16,6 +16,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..errors import StateError
 from ..state import load_state
 
 
@@ -24,7 +25,10 @@ class StateCollector:
         self.state_file = state_file
 
     def collect(self):
-        state = load_state(self.state_file)
+        try:
+            state = load_state(self.state_file)
+        except StateError:
+            return  # no figures rather than an error page; /health says what is wrong
         runs = CounterMetricFamily("codelupe_training_runs", "Training runs that saved an adapter")
         runs.add_metric([], state.total_training_runs)
         failures = CounterMetricFamily("codelupe_training_failures", "Training cycles that failed")
@@ -46,7 +50,10 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def health_document(state_file: Path, daemon_phase: Callable[[], str], failure_threshold: int = 3) -> dict:
-    state = load_state(state_file)
+    try:
+        state = load_state(state_file)
+    except StateError as error:  # every cycle fails on it: stuck until someone fixes the file
+        return {"status": "stuck", "phase": daemon_phase(), "last_error": str(error), "checked_at": time.time()}
     healthy = state.consecutive_failures < failure_threshold
     return {
         "status": "ok" if healthy else "stuck",
