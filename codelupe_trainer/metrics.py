@@ -119,6 +119,7 @@ class MetricsRun:
         self.wandb_dir: Path | None = None
         jsonl_path.parent.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(jsonl_path, "a", encoding="utf-8")
+        self._jsonl_failing = False
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._worker: threading.Thread | None = None
         self._closing = threading.Event()
@@ -210,7 +211,10 @@ class MetricsRun:
     def finish(self, exit_code: int = 0) -> None:
         """Flush and close; never blocks longer than the finish timeout."""
         self._write_jsonl({"event": "finish", "run": self.run_number, "exit_code": exit_code, "dropped": self.dropped})
-        self._jsonl.close()
+        try:
+            self._jsonl.close()
+        except OSError:
+            pass  # the last lines could not be flushed (a full disk), as _write_jsonl has already said
         if self._worker is None:
             return
         # Never a blocking put: with wandb-core stalled the queue stays full and a put would wait forever.
@@ -238,11 +242,20 @@ class MetricsRun:
             log.warning("W&B finish failed (%s)", type(error).__name__)
 
     def _write_jsonl(self, record: dict[str, Any]) -> None:
+        # A full disk fails every write of a long run: said once, and again when it recovers, not thousands
+        # of times into a journal on the same full disk.
         try:
             self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
             self._jsonl.flush()
         except (OSError, ValueError) as error:
-            log.warning("could not write the metrics file %s (%s)", self.jsonl_path, error)
+            if not self._jsonl_failing:
+                log.warning("could not write the metrics file %s (said once until it works again; W&B still gets "
+                            "the metrics): %s", self.jsonl_path, error)
+            self._jsonl_failing = True
+            return
+        if self._jsonl_failing:
+            self._jsonl_failing = False
+            log.info("the metrics file %s is written again", self.jsonl_path)
 
 
 def _plain_number(value: Any) -> float | int:

@@ -295,6 +295,7 @@ def test_on_promote_is_killed_whole_at_its_timeout_and_a_process_it_leaves_behin
     assert time.monotonic() - started < 5 and "on_promote output: reloaded" in caplog.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text, says", [
     ('{"last_trained_id": 1200,\n', "it is not JSON (Expecting property name"),
     ('{"last_trained_id": "1200", "total_training_runs": 3}\n', 'last_trained_id is "1200", not a whole number'),

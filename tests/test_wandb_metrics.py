@@ -289,6 +289,48 @@ def test_steps_never_go_backwards(tmp_path):
     assert "less than the current step" not in debug_logs
 
 
+FULL_METRICS_FILE = """
+import json, logging, resource, signal, sys
+from pathlib import Path
+from codelupe_trainer.metrics import MetricsRun, WandbOptions
+
+directory = Path(sys.argv[1])
+records = []
+logging.basicConfig(level=logging.INFO, handlers=[type("Keep", (logging.Handler,), {"emit": lambda self, r: records.append(r.getMessage())})()])
+run = MetricsRun(3, directory / "metrics.jsonl", WandbOptions("offline", "p", None, "g", directory, 60, 60), {})
+# The file may grow no further (RLIMIT_FSIZE: every write fails with EFBIG, as a full disk fails with ENOSPC);
+# set after W&B's own process started, so only this process's files are capped.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, ((directory / "metrics.jsonl").stat().st_size, limit[1]))
+for step in range(1, 41):
+    run.log(step, {"train/loss": 1.0 / step})
+resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+run.log(41, {"train/loss": 0.5})
+run.finish(0)
+print(json.dumps(records))
+"""
+
+
+def test_a_metrics_file_that_cannot_be_written_is_said_once_and_the_run_still_reaches_wandb(tmp_path):
+    """A disk that fills during a long run fails every write of the local metrics file: one warning (not one
+    per metric), one line when it recovers, the W&B run keeps every step, and closing never raises."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FULL_METRICS_FILE, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    messages = json.loads(done.stdout.strip().splitlines()[-1])
+    failed = [message for message in messages if "could not write the metrics file" in message]
+    assert len(failed) == 1 and "said once until it works again" in failed[0], messages
+    assert sum("is written again" in message for message in messages) == 1
+    [run_file] = find_run_files(tmp_path)
+    assert [row["_step"] for row in read_run(run_file).history] == list(range(1, 42))
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["event"] == "finish"
+
+
 def test_unreachable_wandb_server_degrades_to_the_local_file(crawler_table, make_settings, tmp_path, monkeypatch, caplog):
     api_key = "0123456789abcdef0123456789abcdef01234567"
     monkeypatch.setenv("WANDB_API_KEY", api_key)
