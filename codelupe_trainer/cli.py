@@ -218,7 +218,7 @@ def _run_once(settings: Settings, arguments) -> int:
 
 
 def command_run(settings: Settings, arguments) -> int:
-    from .service.doctor import fatal_startup_problems
+    from .service.doctor import fatal_startup_problems, startup_warnings
     from .service.scheduler import run_daemon
 
     problems = fatal_startup_problems(settings)
@@ -227,6 +227,8 @@ def command_run(settings: Settings, arguments) -> int:
         for problem in problems:
             print(f"codelupe-trainer: cannot start: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    for warning in startup_warnings(settings):
+        logging.getLogger("codelupe_trainer").warning("%s", warning)
     return run_daemon(settings)
 
 
@@ -235,8 +237,8 @@ def command_doctor(settings: Settings, arguments) -> int:
 
     problems = 0
     for name, ok, detail in run_checks(settings):
-        print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
-        problems += not ok
+        print(f"{'ok  ' if ok else 'warn' if ok is None else 'FAIL'} {name}: {detail}")
+        problems += ok is False
     return EXIT_OK if problems == 0 else EXIT_FAILED
 
 

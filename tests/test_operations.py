@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from codelupe_trainer.cli import main
@@ -115,6 +116,13 @@ def test_doctor_passes_on_a_good_setup(crawler_table, make_settings, tmp_path, c
     assert "ok   torch: torch 2." in output  # which build: the first thing to know on a GPU box
     assert f"ok   config: {tmp_path / 'codelupe.toml'} loaded and valid" in output  # which file, not just "a" file
     assert "ok   adapter: none in service yet" in output
+    assert f"ok   state: {tmp_path / 'state.json'} does not exist yet" in output
+    assert "ok   index: id is indexed" in output
+    # Without the primary key's index it still works, slowly: a warning, and doctor still passes.
+    with psycopg.connect(crawler_table, autocommit=True) as connection:
+        connection.execute("ALTER TABLE processed_files DROP CONSTRAINT processed_files_pkey")
+    assert main(["doctor", "--config", str(tmp_path / "codelupe.toml")]) == 0
+    assert "warn index: table 'processed_files' has no index on database.id_column='id'" in capsys.readouterr().out
 
 
 def test_settings_without_a_config_file_say_so(tmp_path, monkeypatch):

@@ -333,3 +333,28 @@ def test_the_replay_draw_finds_rows_in_a_sparse_id_range_and_stops_at_what_exist
         everything = fetch_replay_samples(connection, database, DataSettings(), 50_000, 100, [], salt=3)
     assert len(found) == 50
     assert sorted(sample.id for sample in everything) == [1, 10_001, 20_001, 30_001, 40_001]  # all there is
+
+
+def test_an_id_column_without_an_index_is_named_with_the_statement_that_adds_one(db_url):
+    """The README's own advice for a table without an integer id (`ADD COLUMN seq bigserial`) makes a column
+    with no index: every count and fetch would then read the whole table. `doctor` and the daemon's start
+    say so; a plain index (or the primary key) silences it, a partial one does not, a view is not judged."""
+    from codelupe_trainer.data.source import id_index_problem
+
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        connection.execute("CREATE TABLE files (uid uuid DEFAULT gen_random_uuid(), body text, lang text, score int)")
+        connection.execute("ALTER TABLE files ADD COLUMN seq bigserial")
+        connection.execute("CREATE VIEW recent_files AS SELECT * FROM files")
+    database = DatabaseSettings(url=db_url, table="files", id_column="seq", content_column="body",
+                                language_column="lang", quality_column="score")
+    with open_connection(database) as connection:
+        check_table(connection, database)
+        assert id_index_problem(connection, database) == (
+            "table 'files' has no index on database.id_column='seq': every cycle reads the whole table to find the "
+            "new rows; add one: CREATE UNIQUE INDEX ON files (seq)")
+        connection.execute("CREATE INDEX ON files (seq) WHERE score >= 70")
+        assert id_index_problem(connection, database) is not None, "a partial index does not serve the fetch"
+        assert id_index_problem(connection, database.model_copy(update={"table": "recent_files"})) is None
+        connection.execute("CREATE UNIQUE INDEX ON files (seq)")
+        assert id_index_problem(connection, database) is None
+        connection.commit()

@@ -110,6 +110,21 @@ def check_table(connection: psycopg.Connection, database: DatabaseSettings) -> N
                               f"{need}")
 
 
+def id_index_problem(connection: psycopg.Connection, database: DatabaseSettings) -> str | None:
+    """Why finding the new rows reads the whole table every cycle, or None: no index (other than a partial
+    one, which the fetch cannot use) starts with the id column. A view is not checked: its table's are used."""
+    row = connection.execute(
+        "SELECT t.relkind, EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+        "  AND a.attnum = i.indkey[0] WHERE i.indrelid = t.oid AND a.attname = %s AND i.indpred IS NULL) "
+        "FROM pg_class t WHERE t.relname = %s AND pg_table_is_visible(t.oid)",
+        (database.id_column, database.table),
+    ).fetchone()
+    if row is None or row[0] not in ("r", "p") or row[1]:  # a plain or partitioned table without such an index
+        return None
+    return (f"table {database.table!r} has no index on database.id_column={database.id_column!r}: every cycle reads "
+            f"the whole table to find the new rows; add one: CREATE UNIQUE INDEX ON {database.table} ({database.id_column})")
+
+
 def _names(database: DatabaseSettings) -> dict[str, sql.Composable]:
     return {
         "table": sql.Identifier(database.table),

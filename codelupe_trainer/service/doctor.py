@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..config import Settings
-from ..data.source import SourceError, check_table, open_connection
+from ..data.source import SourceError, check_table, id_index_problem, open_connection
 from ..metrics import effective_wandb_mode, nvidia_gpu_names
 from ..errors import StateError
 from ..state import in_service_adapter, load_state
@@ -19,7 +19,8 @@ from ..training.model_files import check_model_path
 from ..training.rendezvous import split_endpoint
 
 
-def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
+def run_checks(settings: Settings) -> list[tuple[str, bool | None, str]]:
+    """(name, ok, detail) per check; ok None is a warning: it works, but not as it should (`doctor` exits 0)."""
     results: list[tuple[str, bool, str]] = [("config", True, settings.config_source() + (
         " loaded and valid" if settings.config_file else ""))]
     try:
@@ -27,6 +28,9 @@ def run_checks(settings: Settings) -> list[tuple[str, bool, str]]:
             results.append(("database", True, "reachable"))
             check_table(connection, settings.database)
             results.append(("table", True, f"{settings.database.table} has the configured columns"))
+            slow = id_index_problem(connection, settings.database)
+            results.append(("index", None, slow) if slow else
+                           ("index", True, f"{settings.database.id_column} is indexed: new rows are found by a range scan"))
     except SourceError as error:
         results.append(("database", False, str(error)))
     results.append(check_model_path(settings.model.base_model))
@@ -163,6 +167,17 @@ def fatal_startup_problems(settings: Settings) -> list[str]:
         if not isinstance(addresses, OSError) and not any(can_bind(address) for address in addresses):
             problems.append(not_this_machine(host, addresses))
     return problems
+
+
+def startup_warnings(settings: Settings) -> list[str]:
+    """What works but not as it should, said once when the daemon starts: a table without an index on its
+    id (each cycle then reads all of it)."""
+    try:
+        with open_connection(settings.database) as connection:
+            slow = id_index_problem(connection, settings.database)
+    except SourceError:
+        return []  # an outage or a missing table: said elsewhere
+    return [slow] if slow else []
 
 
 def unwritable_paths(settings: Settings) -> list[str]:
