@@ -69,13 +69,13 @@ class TrainerState:
 
 def load_state(path: Path) -> TrainerState:
     """The state, or a fresh one where there is no file yet. A file that is there but unusable (written by
-    hand) raises StateError naming the problem: guessing would retrain or skip rows. (A PermissionError is
-    left as it is: `status` says who may read the file.)"""
+    hand) raises StateError naming the problem: guessing would retrain or skip rows. (An OSError is left as it
+    is: `status` says who may read the file, `doctor` that it cannot be read.)"""
     if not path.exists():
         return TrainerState()
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, IsADirectoryError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError (an OSError is left to the caller)
         raise StateError(state_problem(path, f"it is not JSON ({str(error).splitlines()[0] if str(error) else type(error).__name__})")) from None
     if not isinstance(raw, dict):
         raise StateError(state_problem(path, f"it holds a JSON {type(raw).__name__}, not an object"))
