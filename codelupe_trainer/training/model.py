@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from ..config import ModelSettings
+from ..config import ModelSettings, is_local_model
 from ..errors import TrainingError
 from ..faults import crash_point
 
@@ -23,8 +23,25 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def from_cache_first(load, name: str, cache_only: dict[str, Any] | None = None, **kwargs):
+    """`load(name, ...)` (a from_pretrained), from the local Hugging Face cache alone when the model is wholly
+    there, and from the hub only for what is missing (a first or interrupted download).
+
+    Left to itself, transformers asks the hub about every file of a cached model on each load (56 requests for
+    a small one), so a hub outage answering 5xx costs each cycle minutes of retries (190 s measured on a tiny
+    model), and a new revision pushed to the hub would be downloaded and trained on behind the adapter in
+    service. From the cache the base stays the revision on disk until someone downloads another.
+    `cache_only`: more arguments for the cache-only attempt."""
+    if not is_local_model(name):
+        try:
+            return load(name, local_files_only=True, **(cache_only or {}), **kwargs)
+        except OSError:  # transformers' "not in the cache" (also for one missing shard)
+            log.info("%s is not wholly in the local Hugging Face cache: fetching what is missing from the hub", name)
+    return load(name, **kwargs)
+
+
 def load_tokenizer(base_model: str):
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    tokenizer = from_cache_first(AutoTokenizer.from_pretrained, base_model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -56,7 +73,9 @@ def load_base_model(model_settings: ModelSettings, device: str, device_index: in
     elif quantization == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     kwargs["device_map"] = {"": device_index} if device == "cuda" else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_settings.base_model, **kwargs)
+    # transformers does not pass local_files_only on to its check for an adapter repository: said again.
+    model = from_cache_first(AutoModelForCausalLM.from_pretrained, model_settings.base_model,
+                             cache_only={"adapter_kwargs": {"local_files_only": True}}, **kwargs)
     # A KV cache in training would hide the packed-sequence layout from the attention mask builder.
     model.config.use_cache = False
     if quantization in ("4bit", "8bit"):
