@@ -26,7 +26,8 @@ from .continual import Holdout, add_replay, holdout_fingerprints, load_holdout, 
 from .data.neardup import signed_ahead
 from .data.packing import one_sample_per_block
 from .data.records import FetchResult
-from .data.source import SourceError, check_table, count_new_samples, fetch_new_samples, open_connection
+from .data.source import (SourceError, check_table, count_new_samples, fetch_new_samples, ids_behind_watermark,
+                          open_connection)
 from .errors import StateError, TrainingError, TrainingInterrupted
 from .failures import save_traceback
 from .faults import crash_point
@@ -84,6 +85,9 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
         available = count_new_samples(connection, settings.database, settings.data, state.last_trained_id, gaps,
                                       up_to=settings.schedule.min_new_samples)
         if available == 0 or (available < settings.schedule.min_new_samples and not force):
+            behind = ids_behind_watermark(connection, settings.database, state.last_trained_id) if not available else None
+            if behind:
+                log.warning("%s", behind)  # each idle cycle: the daemon would otherwise wait in silence
             return CycleOutcome(
                 "nothing_to_do",
                 f"{available} eligible new samples; waiting for {settings.schedule.min_new_samples}",

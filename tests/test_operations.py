@@ -342,3 +342,34 @@ def test_a_state_file_broken_by_hand_stops_every_command_in_one_line_and_is_neve
     assert state_file.read_text() == text, "never overwritten"
     assert not (tmp_path / "last-failure.txt").exists(), "an expected failure: no traceback kept"
     assert not (tmp_path / "adapters").exists()
+
+
+def test_a_table_created_again_below_the_watermark_is_said_each_idle_cycle_and_by_doctor(
+        crawler_table, make_settings, tmp_path, capsys, caplog):
+    """The crawler's table dropped and created again: its ids start over at 1, below the watermark, and the
+    daemon would wait for new rows in silence forever. Each idle cycle warns and doctor says it; an emptied
+    table, or one whose rows above the watermark were deleted but whose next ids go on, is not taken for it."""
+    import logging
+
+    from conftest import insert_stdlib_rows
+
+    from codelupe_trainer.cycle import run_cycle
+    from codelupe_trainer.data.source import ids_behind_watermark, open_connection
+
+    settings = make_settings(crawler_table)
+    save_state(TrainerState(last_trained_id=500, total_training_runs=3), settings.paths.state_file)
+    with open_connection(settings.database) as connection:
+        assert ids_behind_watermark(connection, settings.database, 500) is None, "an empty table: nothing to say"
+    insert_stdlib_rows(crawler_table, 0, 20)  # ids 1-20: a table created again
+    with caplog.at_level(logging.WARNING, logger="codelupe_trainer"):
+        outcome = run_cycle(settings)
+    assert outcome.status == "nothing_to_do"
+    said = "every id in 'processed_files' is at most 20, below the watermark (last_trained_id 500)"
+    assert said in caplog.text
+    assert main(["doctor", "--config", str(tmp_path / "codelupe.toml")]) == 0
+    assert f"warn watermark: {said}" in capsys.readouterr().out
+    with psycopg.connect(crawler_table, autocommit=True) as connection:
+        connection.execute("SELECT setval(pg_get_serial_sequence('processed_files', 'id'), 600)")
+    insert_stdlib_rows(crawler_table, 20, 1)  # the next id goes on above the watermark: trainable, nothing to say
+    with open_connection(settings.database) as connection:
+        assert ids_behind_watermark(connection, settings.database, 500) is None

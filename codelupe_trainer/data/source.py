@@ -199,6 +199,20 @@ def count_new_samples(
     return _run(connection, database, query, parameters).fetchone()[0]
 
 
+def ids_behind_watermark(connection: psycopg.Connection, database: DatabaseSettings, watermark: int) -> str | None:
+    """Why no row can ever be new again, or None: every id in the table is at or below the watermark. Rows
+    deleted after training leave the next ids above it (sequences never go back); a table dropped and created
+    again (or TRUNCATE ... RESTART IDENTITY) starts its ids at 1 again, below the watermark, and the daemon
+    would wait for "new" rows in silence forever while the crawler's rows were taken as trained."""
+    names = _names(database)
+    highest = _run(connection, database, sql.SQL("SELECT max({id}) FROM {table}").format(**names)).fetchone()[0]
+    if highest is None or highest >= watermark:
+        return None
+    return (f"every id in {database.table!r} is at most {highest:,}, below the watermark (last_trained_id "
+            f"{watermark:,}): if the table was created again, its ids started over and its rows count as trained; "
+            "see README, Troubleshooting")
+
+
 def fetch_new_samples(
     connection: psycopg.Connection,
     database: DatabaseSettings,

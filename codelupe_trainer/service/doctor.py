@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..config import Settings
-from ..data.source import SourceError, check_table, id_index_problem, open_connection
+from ..data.source import SourceError, check_table, id_index_problem, ids_behind_watermark, open_connection
 from ..metrics import effective_wandb_mode, nvidia_gpu_names
 from ..errors import StateError
 from ..state import in_service_adapter, load_state
@@ -31,6 +31,13 @@ def run_checks(settings: Settings) -> list[tuple[str, bool | None, str]]:
             slow = id_index_problem(connection, settings.database)
             results.append(("index", None, slow) if slow else
                            ("index", True, f"{settings.database.id_column} is indexed: new rows are found by a range scan"))
+            try:
+                watermark = load_state(settings.paths.state_file).last_trained_id
+            except (OSError, StateError):
+                watermark = 0  # the state line says why
+            behind = ids_behind_watermark(connection, settings.database, watermark) if watermark else None
+            if behind:
+                results.append(("watermark", None, behind))
     except SourceError as error:
         results.append(("database", False, str(error)))
     results.append(check_model_path(settings.model.base_model))
