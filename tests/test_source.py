@@ -13,7 +13,8 @@ import pytest
 from codelupe_trainer.config import DatabaseSettings, DataSettings
 from codelupe_trainer.state import advance_state, expire_gaps, load_state, remove_ids
 from codelupe_trainer.data.records import FetchResult
-from codelupe_trainer.data.source import SchemaError, SourceError, check_table, count_new_samples, fetch_new_samples, open_connection
+from codelupe_trainer.data.source import (SchemaError, SourceError, check_table, count_new_samples, fetch_new_samples,
+                                          id_index_problem, open_connection)
 from codelupe_trainer.state import TrainerState
 
 GOOD = "def f(x):\n    return x + 1\n" * 4
@@ -358,3 +359,55 @@ def test_an_id_column_without_an_index_is_named_with_the_statement_that_adds_one
         connection.execute("CREATE UNIQUE INDEX ON files (seq)")
         assert id_index_problem(connection, database) is None
         connection.commit()
+
+
+def test_a_table_in_a_schema_is_named_schema_table_and_a_missing_grant_is_named_as_one(db_url):
+    """`database.table = "crawl.processed_files"` reads a table outside the search path (the unqualified name
+    says how to reach it), and a database user without SELECT hears that a GRANT is missing, with the
+    statement, rather than "does not exist" (information_schema hides what a user may not read)."""
+    import uuid
+    from urllib.parse import urlsplit
+
+    role = f"codelupe_reader_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        connection.execute("CREATE SCHEMA crawl")
+        connection.execute(CREATE_LOOSE.replace("TABLE snippets", "TABLE crawl.snippets"))
+        for body, lang, score in LOOSE_ROWS[:3]:
+            connection.execute("INSERT INTO crawl.snippets (body, lang, score) VALUES (%s, %s, %s)", (body, lang, score))
+        connection.execute(f"CREATE ROLE {role} LOGIN")
+        connection.execute(f"GRANT USAGE ON SCHEMA crawl TO {role}")
+    columns = dict(id_column="sid", content_column="body", language_column="lang", quality_column="score")
+    database = DatabaseSettings(url=db_url, table="crawl.snippets", **columns)
+    try:
+        with open_connection(database) as connection:
+            check_table(connection, database)
+            assert id_index_problem(connection, database) is None  # the primary key, found in its schema
+        samples, result = fetch_all(database, DataSettings())
+        assert [sample.id for sample in samples] == [1] and result.skipped["null_content"] == 1
+        unqualified = DatabaseSettings(url=db_url, table="snippets", **columns)
+        with open_connection(unqualified) as connection, pytest.raises(SchemaError, match=r"is named schema\.table"):
+            check_table(connection, unqualified)
+
+        parts = urlsplit(db_url)
+        reader = DatabaseSettings(url=db_url.replace(parts.netloc, f"{role}@{parts.hostname}:{parts.port}"),
+                                  table="crawl.snippets", **columns)
+        grant = f'GRANT SELECT ON "crawl"."snippets" TO "{role}"'
+        with open_connection(reader) as connection:
+            with pytest.raises(SchemaError) as refused:
+                check_table(connection, reader)
+            assert str(refused.value) == f"table 'crawl.snippets' exists, but the database user '{role}' may not read it: {grant}"
+        with psycopg.connect(db_url, autocommit=True) as connection:
+            connection.execute(f"GRANT SELECT (sid, lang) ON crawl.snippets TO {role}")
+        with open_connection(reader) as connection:
+            with pytest.raises(SchemaError) as refused:
+                check_table(connection, reader)
+            assert str(refused.value) == (f"table 'crawl.snippets': the database user '{role}' may not read "
+                                          f"database.content_column='body', database.quality_column='score': {grant}")
+        with psycopg.connect(db_url, autocommit=True) as connection:
+            connection.execute(f"GRANT SELECT ON crawl.snippets TO {role}")
+        with open_connection(reader) as connection:
+            check_table(connection, reader)
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as connection:
+            connection.execute(f"DROP OWNED BY {role}")
+            connection.execute(f"DROP ROLE {role}")

@@ -91,17 +91,31 @@ _COLUMN_TYPES = {
 def check_table(connection: psycopg.Connection, database: DatabaseSettings) -> None:
     """Raise SchemaError naming the missing table, a missing column or a column of a type the queries cannot
     use (each cycle would otherwise fail on an SQL error, a traceback and all)."""
+    schema, table = table_parts(database.table)
     rows = connection.execute(
         "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = %s "
-        "AND table_schema = ANY(current_schemas(false))",
-        (database.table,),
+        "AND (table_schema = %s::text OR (%s::text IS NULL AND table_schema = ANY(current_schemas(false))))",
+        (table, schema, schema),
     ).fetchall()
+    # information_schema shows only what this user may read; the catalog tells a missing table or column
+    # from one the user was not granted (the fix is then a GRANT, not a setting).
+    quoted = _names(database)["table"].as_string(connection)
+    user, oid = connection.execute("SELECT current_user, to_regclass(%s)::oid", (quoted,)).fetchone()
+    grant = f"GRANT SELECT ON {quoted} TO {sql.Identifier(user).as_string(connection)}"
     if not rows:
-        raise SchemaError(f"table {database.table!r} does not exist (database.table)")
+        if oid is not None:
+            raise SchemaError(f"table {database.table!r} exists, but the database user {user!r} may not read it: {grant}")
+        raise SchemaError(f"table {database.table!r} does not exist (database.table" + (
+            "" if schema else "; a table in another schema than the search path's is named schema.table") + ")")
     present = dict(rows)
     wanted = {f"database.{key}": getattr(database, key) for key in _COLUMN_TYPES}
     missing = [f"{key}={column!r}" for key, column in wanted.items() if column not in present]
     if missing:
+        hidden = {name for (name,) in connection.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped", (oid,))}
+        if all(column in hidden for column in wanted.values()):
+            raise SchemaError(f"table {database.table!r}: the database user {user!r} may not read "
+                              f"{', '.join(missing)}: {grant}")
         raise SchemaError(f"table {database.table!r} has no column {', '.join(missing)}")
     for key, (types, need) in _COLUMN_TYPES.items():
         column = getattr(database, key)
@@ -116,8 +130,8 @@ def id_index_problem(connection: psycopg.Connection, database: DatabaseSettings)
     row = connection.execute(
         "SELECT t.relkind, EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
         "  AND a.attnum = i.indkey[0] WHERE i.indrelid = t.oid AND a.attname = %s AND i.indpred IS NULL) "
-        "FROM pg_class t WHERE t.relname = %s AND pg_table_is_visible(t.oid)",
-        (database.id_column, database.table),
+        "FROM pg_class t WHERE t.oid = to_regclass(%s)",
+        (database.id_column, _names(database)["table"].as_string(connection)),
     ).fetchone()
     if row is None or row[0] not in ("r", "p") or row[1]:  # a plain or partitioned table without such an index
         return None
@@ -125,9 +139,16 @@ def id_index_problem(connection: psycopg.Connection, database: DatabaseSettings)
             f"the whole table to find the new rows; add one: CREATE UNIQUE INDEX ON {database.table} ({database.id_column})")
 
 
+def table_parts(table: str) -> tuple[str | None, str]:
+    """(schema, name) of database.table: "crawl.processed_files" names a table outside the search path."""
+    schema, dot, name = table.partition(".")
+    return (schema, name) if dot else (None, table)
+
+
 def _names(database: DatabaseSettings) -> dict[str, sql.Composable]:
+    schema, table = table_parts(database.table)
     return {
-        "table": sql.Identifier(database.table),
+        "table": sql.Identifier(schema, table) if schema else sql.Identifier(table),
         "id": sql.Identifier(database.id_column),
         "content": sql.Identifier(database.content_column),
         "language": sql.Identifier(database.language_column),
