@@ -56,7 +56,9 @@ def open_connection(database: DatabaseSettings) -> Iterator[psycopg.Connection]:
 
 
 def _run(connection: psycopg.Connection, database: DatabaseSettings, query, parameters=None) -> psycopg.Cursor:
-    """Execute, turning a statement timeout into one clear SourceError (other errors pass unchanged)."""
+    """Execute, turning what the database's state causes into one clear SourceError: a statement timeout, a
+    connection lost mid-cycle (a server restart, a failover, an administrator's kill), a privilege revoked.
+    These are outages to retry, not bugs: no traceback is kept. Other errors (our SQL) pass unchanged."""
     try:
         return connection.execute(query, parameters)
     except psycopg.errors.QueryCanceled:
@@ -64,6 +66,10 @@ def _run(connection: psycopg.Connection, database: DatabaseSettings, query, para
             f"a query on {database.table!r} ran past database.statement_timeout_s ({database.statement_timeout_s:.0f} s): "
             "is the table locked by another session, or the server overloaded?"
         ) from None
+    except psycopg.OperationalError as error:
+        raise SourceError(f"the database connection failed during a query: {describe_database_error(error)}") from None
+    except psycopg.errors.InsufficientPrivilege as error:
+        raise SourceError(f"the database refused a query on {database.table!r}: {describe_database_error(error)}") from None
 
 
 def describe_database_error(error: BaseException) -> str:
@@ -92,7 +98,8 @@ def check_table(connection: psycopg.Connection, database: DatabaseSettings) -> N
     """Raise SchemaError naming the missing table, a missing column or a column of a type the queries cannot
     use (each cycle would otherwise fail on an SQL error, a traceback and all)."""
     schema, table = table_parts(database.table)
-    rows = connection.execute(
+    rows = _run(
+        connection, database,
         "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = %s "
         "AND (table_schema = %s::text OR (%s::text IS NULL AND table_schema = ANY(current_schemas(false))))",
         (table, schema, schema),
@@ -100,7 +107,7 @@ def check_table(connection: psycopg.Connection, database: DatabaseSettings) -> N
     # information_schema shows only what this user may read; the catalog tells a missing table or column
     # from one the user was not granted (the fix is then a GRANT, not a setting).
     quoted = _names(database)["table"].as_string(connection)
-    user, oid = connection.execute("SELECT current_user, to_regclass(%s)::oid", (quoted,)).fetchone()
+    user, oid = _run(connection, database, "SELECT current_user, to_regclass(%s)::oid", (quoted,)).fetchone()
     grant = f"GRANT SELECT ON {quoted} TO {sql.Identifier(user).as_string(connection)}"
     if not rows:
         if oid is not None:
@@ -111,7 +118,8 @@ def check_table(connection: psycopg.Connection, database: DatabaseSettings) -> N
     wanted = {f"database.{key}": getattr(database, key) for key in _COLUMN_TYPES}
     missing = [f"{key}={column!r}" for key, column in wanted.items() if column not in present]
     if missing:
-        hidden = {name for (name,) in connection.execute(
+        hidden = {name for (name,) in _run(
+            connection, database,
             "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped", (oid,))}
         if all(column in hidden for column in wanted.values()):
             raise SchemaError(f"table {database.table!r}: the database user {user!r} may not read "
@@ -127,7 +135,8 @@ def check_table(connection: psycopg.Connection, database: DatabaseSettings) -> N
 def id_index_problem(connection: psycopg.Connection, database: DatabaseSettings) -> str | None:
     """Why finding the new rows reads the whole table every cycle, or None: no index (other than a partial
     one, which the fetch cannot use) starts with the id column. A view is not checked: its table's are used."""
-    row = connection.execute(
+    row = _run(
+        connection, database,
         "SELECT t.relkind, EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
         "  AND a.attnum = i.indkey[0] WHERE i.indrelid = t.oid AND a.attname = %s AND i.indpred IS NULL) "
         "FROM pg_class t WHERE t.oid = to_regclass(%s)",
