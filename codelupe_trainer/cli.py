@@ -218,16 +218,16 @@ def _run_once(settings: Settings, arguments) -> int:
 
 
 def command_run(settings: Settings, arguments) -> int:
-    from .service.doctor import fatal_startup_problems, startup_warnings
+    from .service.doctor import startup_problems
     from .service.scheduler import run_daemon
 
-    problems = fatal_startup_problems(settings)
+    problems, warnings = startup_problems(settings)
     if problems:
         # Exit 2 is listed in the unit's RestartPreventExitStatus: systemd does not restart into the same error.
         for problem in problems:
             print(f"codelupe-trainer: cannot start: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    for warning in startup_warnings(settings):
+    for warning in warnings:
         logging.getLogger("codelupe_trainer").warning("%s", warning)
     return run_daemon(settings)
 

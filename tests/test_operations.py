@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from codelupe_trainer.cli import main
+from codelupe_trainer.config import load_settings
 from codelupe_trainer.service.health import start_health_server
 from codelupe_trainer.metrics import prune_wandb_runs
 from codelupe_trainer.training.adapters import prune_adapters
@@ -123,6 +124,10 @@ def test_doctor_passes_on_a_good_setup(crawler_table, make_settings, tmp_path, c
         connection.execute("ALTER TABLE processed_files DROP CONSTRAINT processed_files_pkey")
     assert main(["doctor", "--config", str(tmp_path / "codelupe.toml")]) == 0
     assert "warn index: table 'processed_files' has no index on database.id_column='id'" in capsys.readouterr().out
+    from codelupe_trainer.service.doctor import startup_problems
+
+    problems, warnings = startup_problems(load_settings(tmp_path / "codelupe.toml"))  # what `run` says at start
+    assert problems == [] and len(warnings) == 1 and "CREATE UNIQUE INDEX ON processed_files (id)" in warnings[0]
 
 
 def test_settings_without_a_config_file_say_so(tmp_path, monkeypatch):

@@ -153,16 +153,20 @@ def can_bind(address: str) -> bool:
             return False
 
 
-def fatal_startup_problems(settings: Settings) -> list[str]:
-    """Problems no retry can fix: a missing model directory, a missing table or column.
+def startup_problems(settings: Settings) -> tuple[list[str], list[str]]:
+    """(problems no retry can fix: a missing model directory, a missing table or column; warnings: what works
+    but not as it should, such as a table without an index on its id, said once at start).
 
-    An unreachable database is not among them: the daemon retries it with backoff.
+    An unreachable database is not among the problems: the daemon retries it with backoff.
     """
     problems = (unwritable_paths(settings) + state_problems(settings) + adapter_problems(settings)
                 + model_and_gpu_problems(settings))
+    warnings: list[str] = []
     try:
         with open_connection(settings.database) as connection:
             check_table(connection, settings.database)
+            slow = id_index_problem(connection, settings.database)
+            warnings += [slow] if slow else []
     except SourceError as error:
         if not str(error).startswith("cannot connect"):
             problems.append(str(error))
@@ -173,18 +177,7 @@ def fatal_startup_problems(settings: Settings) -> list[str]:
         # to another machine would time out every cycle.
         if not isinstance(addresses, OSError) and not any(can_bind(address) for address in addresses):
             problems.append(not_this_machine(host, addresses))
-    return problems
-
-
-def startup_warnings(settings: Settings) -> list[str]:
-    """What works but not as it should, said once when the daemon starts: a table without an index on its
-    id (each cycle then reads all of it)."""
-    try:
-        with open_connection(settings.database) as connection:
-            slow = id_index_problem(connection, settings.database)
-    except SourceError:
-        return []  # an outage or a missing table: said elsewhere
-    return [slow] if slow else []
+    return problems, warnings
 
 
 def unwritable_paths(settings: Settings) -> list[str]:
