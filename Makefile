@@ -30,6 +30,7 @@ bench: install
 	$(BIN)/python benchmarks/rank_handoff.py
 	$(BIN)/python benchmarks/replay_draw.py
 	$(BIN)/python benchmarks/idle_cycle.py
+	$(BIN)/python benchmarks/cached_model_load.py
 
 install-service: install
 	bash systemd/install.sh
