@@ -236,6 +236,26 @@ def test_a_cycle_that_raises_cuda_oom_leaves_the_daemon_running(crawler_table, t
             daemon.kill()
 
 
+def test_a_cycle_killed_by_sigkill_is_named_as_the_out_of_memory_killer_would_be(crawler_table, tiny_model, tmp_path):
+    """A cycle process killed by SIGKILL out of nowhere (what the kernel's OOM killer does when a 7B's load
+    outgrows host RAM) is recorded in words that point there, not as "exit code -9"; the daemon lives on."""
+    insert_stdlib_rows(crawler_table, start=0, count=40)
+    config = write_config(tmp_path, tiny_model, "[schedule]\ninterval_minutes = 60\nmin_new_samples = 10\n")
+    daemon = start_daemon(config, environment(crawler_table, CODELUPE_FAULT="load:kill"), tmp_path / "daemon.log")
+    try:
+        state_file = tmp_path / "state.json"
+        wait_for(lambda: load_state(state_file).consecutive_failures >= 1, 180, "the killed cycle", daemon,
+                 tmp_path / "daemon.log")
+        state = load_state(state_file)
+        assert state.last_error.startswith("cycle process was killed by SIGKILL: usually the kernel's out-of-memory "
+                                           "killer (host RAM, not GPU memory; `journalctl -k | grep -i oom` says)")
+        assert state.last_trained_id == 0 and daemon.poll() is None
+        assert stop_daemon(daemon, tmp_path / "daemon.log") == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+
+
 def test_a_live_status_that_cannot_be_written_is_said_once_not_every_second(crawler_table, tiny_model, tmp_path):
     """The daemon writes its live status every second; when it cannot (a full disk, a directory in the way), the
     journal gets one warning, and one line when it works again, not 86,400 warnings a day."""

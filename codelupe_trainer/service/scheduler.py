@@ -21,6 +21,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from ..config import Settings
+from ..errors import StateError
 from ..lock import AlreadyRunning, trainer_lock
 from ..progress import read_cycle_progress, write_live_status
 from ..state import record_failure
@@ -30,6 +31,21 @@ log = logging.getLogger(__name__)
 JOB_ID = "training-cycle"
 CHILD_EXIT_INTERRUPTED = 4
 BACKOFF_BASE_S = 30.0
+
+
+def describe_death(code: int | None) -> str:
+    """A cycle process that ended without reporting, in words: a negative exit code is the signal that
+    killed it, and SIGKILL out of nowhere is almost always the kernel's out-of-memory killer."""
+    if code is None or code >= 0:
+        return f"cycle process died with exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    if -code == signal.SIGKILL:
+        return (f"cycle process was killed by {name}: usually the kernel's out-of-memory killer (host RAM, not "
+                "GPU memory; `journalctl -k | grep -i oom` says); a stall or a stop would have been named")
+    return f"cycle process was killed by {name}"
 
 
 def _child_main(settings: Settings, force: bool, daemon_started: float) -> None:
@@ -120,7 +136,7 @@ class Daemon:
             self._record_failure(self.stall_reason)
         elif code not in (1, 3):
             # Killed by a signal or died without reporting (OOM killer, segfault): record it here.
-            self._record_failure(f"cycle process died with exit code {code}")
+            self._record_failure(describe_death(code))
         delay = backoff_seconds(self.failures_in_a_row, self.interval_s)
         log.warning("cycle failed (exit %s, %d in a row); retrying in %.0f s", code, self.failures_in_a_row, delay)
         self._reschedule(delay)
@@ -132,6 +148,8 @@ class Daemon:
                 record_failure(self.settings.paths.state_file, message, self.started_at)
         except AlreadyRunning:
             log.warning("%s; not recorded in the state (another cycle holds the lock)", message)
+        except StateError as error:  # edited by hand while the daemon ran: the next cycle says so too
+            log.error("%s; not recorded: %s", message, error)
 
     def _run_child(self) -> int | None:
         self.phase = "training"
