@@ -223,6 +223,8 @@ class PathsSettings(Section):
 
 class ServiceSettings(Section):
     metrics_port: int = Field(0, ge=0, le=65535, description="0 keeps the HTTP endpoint off.")
+    metrics_host: str = Field("127.0.0.1", min_length=1, description="The address /health and /metrics listen on: "
+                              "0.0.0.0 (or this host's address) lets a Prometheus server on another machine scrape them.")
     cycle_stall_minutes: float = Field(
         30.0, gt=0, description="A cycle whose progress has not moved for this long is ended and counted as failed.")
     stop_timeout_s: float = Field(

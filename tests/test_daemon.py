@@ -256,6 +256,48 @@ def test_a_cycle_killed_by_sigkill_is_named_as_the_out_of_memory_killer_would_be
             daemon.kill()
 
 
+def test_the_health_endpoint_listens_where_configured_and_a_taken_port_stops_the_start_in_one_line(
+        crawler_table, tiny_model, tmp_path):
+    """`service.metrics_host` is where /health listens (0.0.0.0: a Prometheus server on another machine can
+    scrape it); a port another program holds stops `run` at start with one line and exit 2, never a
+    traceback with the first cycle already running."""
+    import socket
+    import urllib.request
+
+    import psutil
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        config = write_config(tmp_path, tiny_model, f"[schedule]\ninterval_minutes = 60\nmin_new_samples = 1000\n"
+                              f"[service]\nmetrics_port = {taken}\n")
+        refused = subprocess.run(CLI + ["run", "--config", str(config)], env=environment(crawler_table),
+                                 capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert f"cannot start: service.metrics_port: 127.0.0.1:{taken} cannot be served (Address already in use)" \
+        in refused.stderr and "Traceback" not in refused.stderr
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = write_config(tmp_path, tiny_model, f"[schedule]\ninterval_minutes = 60\nmin_new_samples = 1000\n"
+                          f'[service]\nmetrics_port = {port}\nmetrics_host = "0.0.0.0"\n')
+    log = tmp_path / "daemon.log"
+    daemon = start_daemon(config, environment(crawler_table), log)
+    try:
+        wait_for(lambda: "waiting for 1000" in log.read_text(), 60, "the first cycle", daemon, log)
+        listening = {(connection.laddr.ip, connection.laddr.port) for connection in
+                     psutil.Process(daemon.pid).net_connections(kind="tcp") if connection.status == psutil.CONN_LISTEN}
+        assert ("0.0.0.0", port) in listening
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as answer:
+            assert json.loads(answer.read())["status"] == "ok"
+        assert stop_daemon(daemon, log) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+
+
 def test_a_live_status_that_cannot_be_written_is_said_once_not_every_second(crawler_table, tiny_model, tmp_path):
     """The daemon writes its live status every second; when it cannot (a full disk, a directory in the way), the
     journal gets one warning, and one line when it works again, not 86,400 warnings a day."""

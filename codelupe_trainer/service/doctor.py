@@ -144,6 +144,22 @@ def not_this_machine(host: str, addresses: set[str]) -> str:
             "machine; it must name node 0, where the daemon runs")
 
 
+def port_taken(host: str, port: int) -> str | None:
+    """Why the daemon could not listen on host:port (in use, not an address of this machine), or None."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    except OSError as error:
+        return f"{host} does not resolve: {error.strerror or error}"
+    for address in addresses:
+        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server binds it
+            try:
+                probe.bind((address, port))
+            except OSError as error:
+                return error.strerror or str(error)
+    return None
+
+
 def can_bind(address: str) -> bool:
     with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
         try:
@@ -170,6 +186,12 @@ def startup_problems(settings: Settings) -> tuple[list[str], list[str]]:
     except SourceError as error:
         if not str(error).startswith("cannot connect"):
             problems.append(str(error))
+    if settings.service.metrics_port:
+        taken = port_taken(settings.service.metrics_host, settings.service.metrics_port)
+        if taken:
+            problems.append(f"service.metrics_port: {settings.service.metrics_host}:{settings.service.metrics_port} "
+                            f"cannot be served ({taken}): choose a free port (or 0 for no endpoint), or another "
+                            "service.metrics_host")
     if settings.training.num_nodes > 1:
         host, port = split_endpoint(settings.training.rendezvous_endpoint)
         addresses = resolved_addresses(host, port)

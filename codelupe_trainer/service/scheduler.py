@@ -220,13 +220,19 @@ class Daemon:
             self.run_one_cycle, IntervalTrigger(seconds=self.interval_s), id=JOB_ID,
             next_run_time=datetime.now().astimezone(),
         )
-        self.scheduler.start()
         health = None
-        if self.settings.service.metrics_port:
+        if self.settings.service.metrics_port:  # before the first cycle starts: a taken port ends the start cleanly
             from .health import start_health_server
 
-            health = start_health_server(self.settings.service.metrics_port, self.settings.paths.state_file, lambda: self.phase,
-                                         failure_threshold=self.settings.service.alert_after_failures)
+            service = self.settings.service
+            try:
+                health = start_health_server(service.metrics_port, self.settings.paths.state_file, lambda: self.phase,
+                                             host=service.metrics_host, failure_threshold=service.alert_after_failures)
+            except OSError as error:  # taken since the start-up check (cli.command_run)
+                log.error("cannot start: service.metrics_port: %s:%d cannot be served (%s)", service.metrics_host,
+                          service.metrics_port, error.strerror or error)
+                return 2  # a setting to change: the unit (RestartPreventExitStatus=2) does not restart into it
+        self.scheduler.start()
         if notify:
             notify("READY=1")
         log.info("daemon started: a cycle every %.1f min; config: %s", self.settings.schedule.interval_minutes,
