@@ -137,6 +137,12 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
             add_replay(connection, settings, state, dataset, holdout, blockers, tokenizer, format_text)
         holdout.blocks = pack_by_language(holdout.samples, tokenizer, settings.data.max_length, format_text)
         dataset_seconds = time.perf_counter() - phase_started
+        # The journal's line between the count and the first evaluation (on the 7B, a minute of building and
+        # loading that was otherwise silent).
+        log.info("dataset: %d new samples to train in %d blocks (+ %d replayed), %d held out; %d rows read, %d skipped, "
+                 "%d blocked (%.1f s)", dataset.train_samples, len(dataset.train_blocks), dataset.replay_samples,
+                 dataset.eval_samples + holdout.rows_in_fetch, fetched.rows_examined, sum(fetched.skipped.values()),
+                 int(dataset.data_metrics.get("data/blocked_total", 0)), dataset_seconds)
         crash_point("tokenize")
     stop.CURRENT.check("after the dataset build")
     held_out = dataset.eval_samples + holdout.rows_in_fetch
@@ -177,8 +183,11 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
         metrics.log(0, dataset.data_metrics | dataset.dataset_metrics | {"performance/dataset_build_seconds": dataset_seconds}
                     | continuous_metrics(state, run_number))
         write_cycle_progress(settings.paths.state_file, "loading model", run=run_number)
+        log.info("loading %s on %s", settings.model.base_model, device)
+        loading_started = time.perf_counter()
         with download_progress(settings, run_number):
             base, quantization = load_base_model(settings.model, device)
+        log.info("model loaded in %.1f s (quantization: %s)", time.perf_counter() - loading_started, quantization)
         stop.CURRENT.check("after loading the model")
         previous = in_service_adapter(state)
         if state.latest_adapter and previous is None:

@@ -59,6 +59,9 @@ def test_run_once_trains_then_continues_from_the_adapter(crawler_table, tmp_path
     assert state.last_run["steps"] <= 16
     assert state.last_run["eval_loss"] is not None
     assert torch.isfinite(torch.tensor(state.last_run["eval_loss"]))
+    # The journal says what the build made and that the model loads, before the first evaluation.
+    assert f"dataset: {state.total_samples_trained} new samples to train in " in caplog.text
+    assert f"loading {tiny_model} on cpu" in caplog.text and "model loaded in " in caplog.text
     # The rest is trained by the next runs, each row exactly once.
     runs = 1
     while state.last_trained_id < ids[-1] and runs < 10:
