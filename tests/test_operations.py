@@ -378,3 +378,52 @@ def test_a_table_created_again_below_the_watermark_is_said_each_idle_cycle_and_b
     insert_stdlib_rows(crawler_table, 20, 1)  # the next id goes on above the watermark: trainable, nothing to say
     with open_connection(settings.database) as connection:
         assert ids_behind_watermark(connection, settings.database, 500) is None
+
+
+def test_files_a_command_run_as_root_left_behind_are_named_with_the_chown_that_fixes_them(tmp_path):
+    """`sudo codelupe-trainer run-once` leaves root's state, stores and adapters where the service's user must
+    write: each `run`/`run-once` refuses to start with one line naming the owner and the `chown` that fixes
+    it, instead of a cycle failing later on a store it cannot write. Judged as the service's user: a forked
+    process that became `nobody` (as root, which CI is); as another user, a file made read-only."""
+    import tempfile
+
+    from codelupe_trainer.config import Settings
+    from codelupe_trainer.service.doctor import check_state, check_writable, unwritable_paths
+
+    place = Path(tempfile.mkdtemp(prefix="codelupe-owner-", dir="/tmp"))
+    try:
+        state_dir = place / "state"
+        state_dir.mkdir()
+        save_state(TrainerState(last_trained_id=7), state_dir / "state.json")
+        (state_dir / "dedup.sqlite3").write_bytes(b"")
+        settings = Settings(paths={"state_file": state_dir / "state.json", "output_dir": state_dir / "adapters"})
+        as_root = os.geteuid() == 0
+        if as_root:
+            os.chmod(place, 0o755)
+            os.chown(state_dir, 65534, 65534)  # the service's user owns its directory; root's files are inside
+        else:
+            os.chmod(state_dir / "dedup.sqlite3", 0o444)
+        reader, writer = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child reports through the pipe
+            try:
+                if as_root:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                verdict = [check_writable("state_dir", state_dir), check_state(settings), unwritable_paths(settings)]
+                os.write(writer, json.dumps(verdict).encode())
+            finally:
+                os._exit(0)
+        os.close(writer)
+        with os.fdopen(reader) as pipe:
+            (name, ok, detail), state_line, problems = json.loads(pipe.read())
+        os.waitpid(child, 0)
+    finally:
+        shutil.rmtree(place, ignore_errors=True)
+    assert name == "state_dir" and ok is False
+    assert f"{state_dir} holds" in detail and "file(s) this user" in detail and "cannot write, such as " in detail
+    assert problems and problems[0].startswith("paths.state_file: ")
+    if as_root:
+        assert detail.endswith(f", owned by root: left by a command run as root? `sudo chown -R nobody: {state_dir}`")
+        assert state_line[1] is False and state_line[2].endswith(f"owned by root: left by a command run as root? "
+                                                                 f"`sudo chown -R nobody: {state_dir}`")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import pwd
 import socket
 import sys
 from pathlib import Path
@@ -63,7 +64,7 @@ def check_state(settings: Settings) -> tuple[str, bool, str]:
     except StateError as error:
         return ("state", False, str(error))
     except OSError as error:
-        return ("state", False, f"{path} cannot be read: {error.strerror or error}")
+        return ("state", False, f"{path} cannot be read: {error.strerror or error}" + ownership_hint(path, path.parent))
     if not path.exists():
         return ("state", True, f"{path} does not exist yet: the first run starts at the table's first row")
     return ("state", True, f"{path}: {state.total_training_runs} runs, rows up to id {state.last_trained_id} consumed")
@@ -266,6 +267,36 @@ def gpu_problems_here() -> list[str]:
     return [detail for name, ok, detail in cuda_checks(None) if not ok and name in ("gpu", "bf16", "4-bit")]
 
 
+def foreign_entries(directory: Path) -> list[Path]:
+    """What the daemon rewrites or prunes there (the state, the stores, the adapters, the model cache) but
+    this user cannot write: what a `run-once` run as root leaves behind for the service's user."""
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError:
+        return []
+    return [entry for entry in entries if not os.access(entry, os.W_OK, follow_symlinks=False)
+            and not entry.is_symlink()]
+
+
+def ownership_hint(path: Path, directory: Path) -> str:
+    """", owned by root: left by a command run as root? `sudo chown -R ...`" where another user owns `path`."""
+    try:
+        owner = path.lstat().st_uid
+    except OSError:
+        return ""
+    if owner == os.geteuid():
+        return ""
+    return (f", owned by {user_name(owner)}: left by a command run as {user_name(owner)}? "
+            f"`sudo chown -R {user_name(os.geteuid())}: {directory}`")
+
+
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 def check_writable(name: str, directory: Path) -> tuple[str, bool, str]:
     """Whether the daemon could write there, judged without creating anything (doctor may run as root)."""
     existing = directory
@@ -274,7 +305,12 @@ def check_writable(name: str, directory: Path) -> tuple[str, bool, str]:
     if not existing.is_dir():
         return (name, False, f"{directory} cannot be created: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        return (name, False, f"{existing} is not writable by this user ({os.getuid()})")
+        return (name, False, f"{existing} is not writable by this user ({user_name(os.geteuid())})"
+                             + ownership_hint(existing, existing))
+    foreign = foreign_entries(directory) if existing == directory else []
+    if foreign:
+        return (name, False, f"{directory} holds {len(foreign)} file(s) this user ({user_name(os.geteuid())}) cannot "
+                             f"write, such as {foreign[0].name}" + ownership_hint(foreign[0], directory))
     free_gb = os.statvfs(existing).f_bavail * os.statvfs(existing).f_frsize / 1e9
     if existing != directory:
         return (name, True, f"{directory} does not exist yet; it will be created in {existing} ({free_gb:.1f} GB free)")
