@@ -274,8 +274,11 @@ def foreign_entries(directory: Path) -> list[Path]:
         entries = sorted(directory.iterdir())
     except OSError:
         return []
-    return [entry for entry in entries if not os.access(entry, os.W_OK, follow_symlinks=False)
-            and not entry.is_symlink()]
+    # Not judged: a mount point's lost+found, and hidden entries other than our staging folders (a home
+    # directory's .cache when the state lives in one).
+    return [entry for entry in entries if entry.name != "lost+found"
+            and (not entry.name.startswith(".") or entry.name.startswith(".staging-"))
+            and not entry.is_symlink() and not os.access(entry, os.W_OK, follow_symlinks=False)]
 
 
 def ownership_hint(path: Path, directory: Path) -> str:
