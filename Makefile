@@ -31,6 +31,7 @@ bench: install
 	$(BIN)/python benchmarks/replay_draw.py
 	$(BIN)/python benchmarks/idle_cycle.py
 	$(BIN)/python benchmarks/cached_model_load.py
+	$(BIN)/python benchmarks/code_stats.py
 
 install-service: install
 	bash systemd/install.sh
