@@ -12,7 +12,7 @@ HASH_COMMENTS = {"python", "shell", "bash", "ruby", "perl", "r", "yaml", "toml",
 DASH_COMMENTS = {"sql", "lua", "haskell"}
 BRANCHES = re.compile(r"\b(?:if|elif|else if|for|foreach|while|case|catch|except|when|match)\b|&&|\|\|")
 # Indentation is `[ \t]*`, never `\s*`: after a line start `\s*` also runs over the newlines that follow, so each of
-# a file's blank lines scanned all the others (2.5 s for one 8,000-character file of blank lines). The
+# a file's blank lines scanned all the others (2 s and more for one 8,000-character file of blank lines). The
 # parameter list of a C-like function is bounded for the same reason (benchmarks/code_stats.py).
 FUNCTIONS = {
     "python": re.compile(r"^[ \t]*(?:async\s+)?def\s", re.MULTILINE),
