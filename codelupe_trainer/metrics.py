@@ -39,12 +39,15 @@ class WandbOptions:
     finish_timeout_s: float
 
 
-def effective_wandb_mode(requested: str, enabled: bool) -> str:
-    """`online` with no API key degrades to `offline` (upload later with `wandb sync`), with one warning."""
+def effective_wandb_mode(requested: str, enabled: bool, warn: bool = True) -> str:
+    """`online` with no API key degrades to `offline` (upload later with `wandb sync`), with one warning
+    (`warn` False: the caller says it its own way, as `doctor`'s wandb line does)."""
     if not enabled or requested == "disabled":
         return "disabled"
     if requested == "online" and not _have_wandb_credentials():
-        log.warning("W&B mode is online but no API key is configured: logging offline instead (upload later with `wandb sync`)")
+        if warn:
+            log.warning("W&B mode is online but no API key is configured: logging offline instead (upload later "
+                        "with `wandb sync`)")
         return "offline"
     return requested
 

@@ -92,7 +92,7 @@ def test_retention_keeps_latest_and_the_state_adapter(tmp_path):
     assert sorted(path.name for path in runs.iterdir()) == ["offline-run-3-c"]
 
 
-def test_doctor_names_each_problem(tmp_path, monkeypatch, capsys):
+def test_doctor_names_each_problem(tmp_path, monkeypatch, capsys, caplog):
     monkeypatch.setenv("CODELUPE_DATABASE__URL", "postgresql://u:NotShown1@127.0.0.1:1/none?connect_timeout=1")
     monkeypatch.setenv("CODELUPE_MODEL__BASE_MODEL", str(tmp_path / "no-such-model"))
     monkeypatch.setenv("CODELUPE_PATHS__STATE_FILE", str(tmp_path / "state.json"))
@@ -105,6 +105,7 @@ def test_doctor_names_each_problem(tmp_path, monkeypatch, capsys):
     assert "ok   output_dir" in output and "does not exist yet" in output
     assert not (tmp_path / "adapters").exists()  # doctor creates nothing
     assert "wandb: mode offline (no API key" in output
+    assert "W&B mode is online but no API key" not in caplog.text, "said once, on its own line, not also as a log warning"
     assert "NotShown1" not in output
 
 

@@ -46,7 +46,7 @@ def run_checks(settings: Settings) -> list[tuple[str, bool | None, str]]:
     results.append(check_adapter(settings))
     results.append(check_writable("output_dir", settings.paths.output_dir))
     results.append(check_writable("state_dir", settings.paths.state_file.parent))
-    mode = effective_wandb_mode(settings.wandb.mode, settings.wandb.enabled)
+    mode = effective_wandb_mode(settings.wandb.mode, settings.wandb.enabled, warn=False)  # its own line says it
     results.append(("wandb", True, f"mode {mode}" + (" (no API key: falls back to offline)" if mode != settings.wandb.mode and mode == "offline" else "")))
     if settings.training.num_nodes > 1:
         results.append(check_rendezvous(settings.training.rendezvous_endpoint, settings.training.num_nodes))
