@@ -293,6 +293,7 @@ def test_the_health_endpoint_listens_where_configured_and_a_taken_port_stops_the
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as answer:
             assert json.loads(answer.read())["status"] == "ok"
         assert stop_daemon(daemon, log) == 0
+        assert log.read_text().rstrip().endswith("daemon stopped"), "the journal's last word says the stop ended"
     finally:
         if daemon.poll() is None:
             daemon.kill()

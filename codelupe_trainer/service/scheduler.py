@@ -256,6 +256,7 @@ class Daemon:
         if health is not None:
             health.shutdown()
         self._publish_live_status(phase="stopped", next_run=None)
+        log.info("daemon stopped")  # the journal's last word: a stop that ended, not one that hangs
         return 0
 
     def notice_a_changed_config(self) -> None:
