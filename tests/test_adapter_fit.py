@@ -161,6 +161,50 @@ def test_a_changed_lora_setting_stops_run_once_doctor_rollback_and_a_cycle_in_on
     assert not (changed.paths.state_file.parent / "last-failure.txt").exists()  # an expected failure: no traceback
 
 
+@pytest.mark.parametrize("damage", ["weights deleted", "weights torn", "config deleted"])
+def test_an_incomplete_adapter_in_service_is_named_instead_of_failing_every_cycle_on_a_hub_error(
+        crawler_table, tiny_model, tmp_path, make_settings, damage):
+    """A file of the adapter in service deleted by hand or torn by a disk error: peft failed on it with
+    "Repo id must be in the form 'repo_name'" at every cycle, a traceback kept each time, while `doctor` said
+    ok. Now `run-once` refuses in one line naming the file and the way out (roll back), `doctor` fails its
+    adapter line, a cycle fails before loading anything with nothing advanced, and `rollback` will not put
+    such an adapter back."""
+    from codelupe_trainer.cycle import run_cycle
+    from codelupe_trainer.errors import TrainingError
+    from codelupe_trainer.service.lineage import RollbackError, rollback
+    from codelupe_trainer.state import TrainerState, load_state, save_state
+
+    insert_stdlib_rows(crawler_table, start=0, count=30)
+    settings = make_settings(crawler_table)
+    adapter = save_lora(tiny_model, settings.paths.output_dir, settings.model)
+    save_state(TrainerState(last_trained_id=5, latest_adapter=str(adapter), adapter_in_use=1, total_training_runs=1,
+                            lineage=[{"run": 1, "adapter": str(adapter), "promoted": True}]), settings.paths.state_file)
+    weights, config_file = adapter / "adapter_model.safetensors", adapter / "adapter_config.json"
+    if damage == "weights deleted":
+        weights.unlink()
+    elif damage == "weights torn":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        config_file.unlink()
+    missing = config_file.name if damage == "config deleted" else weights.name
+    expected = f"the adapter in service ({adapter}) is incomplete: its {missing} is missing or unreadable"
+    config = str(tmp_path / "codelupe.toml")
+
+    completed = run_cli(["run-once", "--force", "--config", config], crawler_table, tmp_path)
+    lines = completed.stderr.strip().splitlines()
+    assert completed.returncode == 2 and len(lines) == 1 and expected in lines[0], completed.stderr
+    assert "codelupe-trainer rollback N" in lines[0]
+    doctor = run_cli(["doctor", "--config", config], crawler_table, tmp_path)
+    assert f"FAIL adapter: {expected}" in doctor.stdout, doctor.stdout
+    with pytest.raises(TrainingError, match="is incomplete: its "):
+        run_cycle(settings, force=True)
+    state = load_state(settings.paths.state_file)
+    assert state.last_trained_id == 5 and state.total_training_runs == 1 and state.consecutive_failures == 1
+    assert not (settings.paths.state_file.parent / "last-failure.txt").exists()  # an expected failure: no traceback
+    with pytest.raises(RollbackError):
+        rollback(settings, 1)
+
+
 def test_a_mixture_of_experts_adapter_fits_its_own_model():
     """Qwen3-Coder-30B-A3B's shape: the experts' MLP projections are moe_intermediate_size wide, not
     intermediate_size; an adapter on them fits its model, and the dense 7B's does not."""

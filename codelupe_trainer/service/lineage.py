@@ -18,7 +18,7 @@ from ..config import Settings
 from ..hooks import run_on_promote
 from ..lock import trainer_lock
 from ..state import TrainerState, load_state, save_state
-from ..training.adapter_fit import adapter_misfit
+from ..training.adapter_fit import adapter_incomplete, adapter_misfit
 from ..training.adapters import ADAPTER_WEIGHTS, point_latest
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,9 @@ def rollback(settings: Settings, run_number: int) -> Path:
         if not (adapter / ADAPTER_WEIGHTS).exists():
             raise RollbackError(f"the adapter of run {run_number} is no longer on disk ({adapter}); "
                                 "paths.keep_adapters decides how many are kept")
+        broken = adapter_incomplete(adapter)
+        if broken:
+            raise RollbackError(f"the adapter of run {run_number} is incomplete ({adapter}: {broken})")
         misfit = adapter_misfit(adapter, settings.model)
         if misfit:
             raise RollbackError(f"the adapter of run {run_number} was trained with other model settings ({misfit}): "

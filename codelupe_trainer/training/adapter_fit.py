@@ -126,8 +126,26 @@ def adapter_misfit(adapter_dir: Path, model: ModelSettings) -> str | None:
     return "; ".join(changed) or None
 
 
+def adapter_incomplete(adapter_dir: Path) -> str | None:
+    """What of a saved adapter is missing or unreadable (a file deleted by hand, a disk error), or None. peft
+    would fail on it with an error about hub repository ids, at every cycle."""
+    if read_adapter_config(adapter_dir) is None:
+        return f"its {ADAPTER_CONFIG} is missing or unreadable"
+    shapes = lora_shapes(adapter_dir)
+    if shapes is None:
+        return f"its {ADAPTER_WEIGHTS} is missing or unreadable"
+    if not shapes:
+        return f"its {ADAPTER_WEIGHTS} holds no LoRA matrix"
+    return None
+
+
 def in_service_misfit(adapter_dir: Path, model: ModelSettings) -> str | None:
     """The one line a cycle, `run` and `doctor` give when the next run cannot continue the adapter in service."""
+    broken = adapter_incomplete(adapter_dir)
+    if broken:
+        return (f"the adapter in service ({adapter_dir}) is incomplete: {broken}, and each run continues from it. Put "
+                "an earlier one back (`codelupe-trainer adapters` lists them, `codelupe-trainer rollback N`), or start "
+                "a new adapter: paths.output_dir and paths.state_file in a new directory (every row trains again)")
     misfit = adapter_misfit(adapter_dir, model)
     if misfit is None:
         return None
