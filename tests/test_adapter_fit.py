@@ -161,6 +161,7 @@ def test_a_changed_lora_setting_stops_run_once_doctor_rollback_and_a_cycle_in_on
     assert not (changed.paths.state_file.parent / "last-failure.txt").exists()  # an expected failure: no traceback
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["weights deleted", "weights torn", "config deleted"])
 def test_an_incomplete_adapter_in_service_is_named_instead_of_failing_every_cycle_on_a_hub_error(
         crawler_table, tiny_model, tmp_path, make_settings, damage):
