@@ -28,7 +28,7 @@ from .data.packing import one_sample_per_block
 from .data.records import FetchResult
 from .data.source import (SourceError, check_table, count_new_samples, fetch_new_samples, ids_behind_watermark,
                           open_connection)
-from .errors import StateError, TrainingError, TrainingInterrupted
+from .errors import StateError, StoreError, TrainingError, TrainingInterrupted
 from .failures import save_traceback
 from .faults import crash_point
 from .hooks import run_on_promote
@@ -67,7 +67,7 @@ def run_cycle(settings: Settings, force: bool = False, process_started: float | 
         except StateError:
             raise  # one line; no failure can be recorded in a state that cannot be read
         except Exception as error:
-            if not isinstance(error, (TrainingError, SourceError)):  # a bug or a library's surprise: keep the trace
+            if not isinstance(error, (TrainingError, SourceError, StoreError)):  # a bug, a library's surprise: keep the trace
                 save_traceback(settings, error)
             smaller = (memory_record(settings, error.next_micro_batch) if isinstance(error, OutOfMemoryOnRanks)
                        else None)

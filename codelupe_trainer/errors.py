@@ -18,3 +18,8 @@ class TrainingInterrupted(BaseException):
 class StateError(Exception):
     """The state file exists but cannot be used (not JSON, a field of the wrong type: a hand edit gone wrong).
     Nothing can run or be recorded until it is fixed: it holds the watermark and the adapter in service."""
+
+
+class StoreError(Exception):
+    """The duplicate store beside the state (`dedup.sqlite3`) cannot be used: not SQLite, or damaged. Its
+    hashes, near-duplicate keys and holdout ids cannot be guessed again, so nothing runs until it is fixed."""

@@ -429,3 +429,35 @@ def test_files_a_command_run_as_root_left_behind_are_named_with_the_chown_that_f
         assert detail.endswith(f", owned by root: left by a command run as root? `sudo chown -R nobody: {state_dir}`")
         assert state_line[1] is False and state_line[2].endswith(f"owned by root: left by a command run as root? "
                                                                  f"`sudo chown -R nobody: {state_dir}`")
+
+
+@pytest.mark.slow
+def test_a_damaged_duplicate_store_stops_the_start_in_one_line_and_a_lost_one_is_warned_about(
+        crawler_table, make_settings, tmp_path, capsys):
+    """`dedup.sqlite3` overwritten (a disk error, a restore gone wrong): every cycle failed on "file is not a
+    database" with a traceback kept, and doctor said nothing. Now run/run-once refuse in one line naming the
+    file and what it holds, doctor fails its store line, a cycle fails as an expected failure; a store
+    deleted after runs is a doctor warning (the holdout would be chosen again)."""
+    from conftest import insert_stdlib_rows
+
+    from codelupe_trainer.cycle import run_cycle
+    from codelupe_trainer.errors import StoreError
+
+    insert_stdlib_rows(crawler_table, 0, 20)
+    settings = make_settings(crawler_table)
+    config = str(tmp_path / "codelupe.toml")
+    save_state(TrainerState(last_trained_id=5, total_training_runs=2), settings.paths.state_file)
+    store = tmp_path / "dedup.sqlite3"
+    assert main(["doctor", "--config", config]) == 0
+    assert f"warn store: {store} is gone after 2 runs" in capsys.readouterr().out
+    store.write_bytes(b"not a database, a restore gone wrong " * 100)
+    said = f"the duplicate store {store} cannot be used (file is not a database)"
+    for command, prefix in ((["run-once", "--force"], "cannot run: "), (["run"], "cannot start: ")):
+        assert main([*command, "--config", config]) == 2
+        assert f"codelupe-trainer: {prefix}{said}" in capsys.readouterr().err
+    assert main(["doctor", "--config", config]) == 1
+    assert f"FAIL store: {said}" in capsys.readouterr().out
+    with pytest.raises(StoreError, match="Restore it from a backup, or move it aside"):
+        run_cycle(settings, force=True)
+    assert not (tmp_path / "last-failure.txt").exists(), "an expected failure: no traceback kept"
+    assert store.read_bytes().startswith(b"not a database"), "left as it was for the user to restore"

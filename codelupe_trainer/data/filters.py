@@ -12,10 +12,12 @@ import hashlib
 import re
 import sqlite3
 from collections.abc import Callable
+from contextlib import closing
 from functools import lru_cache
 from pathlib import Path
 
 from ..config import DataSettings
+from ..errors import StoreError
 from ..faults import crash_point
 from .neardup import NearDuplicateIndex
 from .patternset import PatternSet
@@ -190,6 +192,25 @@ def content_hash(text: str) -> bytes:
     return hashlib.blake2b(normalized.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
+def store_problem(path: Path) -> str | None:
+    """Why the store cannot be used (not an SQLite file, a damaged page), or None; None too where there is
+    none yet. Read-only: `doctor` and the start-up checks change nothing."""
+    if not path.exists():
+        return None
+    try:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as connection:
+            verdict = connection.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as error:
+        return describe_store_problem(path, str(error))
+    return None if verdict == "ok" else describe_store_problem(path, verdict)
+
+
+def describe_store_problem(path: Path, why: str) -> str:
+    return (f"the duplicate store {path} cannot be used ({why}): it holds the hashes of the code trained, the "
+            "near-duplicate index and the holdout's ids. Restore it from a backup, or move it aside (the holdout is "
+            "then chosen again, and copies of code trained before can be trained again)")
+
+
 class DuplicateStore:
     """Hashes of everything trained before, in an SQLite file beside the state (transactional: a crash or a
     full disk mid-write rolls back to the last commit, never a torn record; looked up on disk, so memory does
@@ -209,11 +230,14 @@ class DuplicateStore:
         self.near: NearDuplicateIndex | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._connection = sqlite3.connect(path, isolation_level=None)
-            # A rollback journal, not WAL: no shared-memory file beside it, and nothing is written between commits.
-            self._connection.execute("PRAGMA journal_mode=DELETE")
-            self._connection.execute("PRAGMA synchronous=FULL")
-            self._connection.execute("CREATE TABLE IF NOT EXISTS trained_hashes (digest BLOB PRIMARY KEY) WITHOUT ROWID")
+            try:
+                self._connection = sqlite3.connect(path, isolation_level=None)
+                # A rollback journal, not WAL: no shared-memory file beside it, nothing written between commits.
+                self._connection.execute("PRAGMA journal_mode=DELETE")
+                self._connection.execute("PRAGMA synchronous=FULL")
+                self._connection.execute("CREATE TABLE IF NOT EXISTS trained_hashes (digest BLOB PRIMARY KEY) WITHOUT ROWID")
+            except sqlite3.DatabaseError as error:  # not an SQLite file: one line, not a traceback per cycle
+                raise StoreError(describe_store_problem(path, str(error))) from None
             self._import_legacy(path.with_name(LEGACY_HASH_FILE))
         if near_threshold is not None:
             self.near = NearDuplicateIndex(self._connection, near_threshold)

@@ -12,17 +12,24 @@ import sqlite3
 import time
 from pathlib import Path
 
+from ..errors import StoreError
+
 
 
 class HoldoutStore:
     def __init__(self, path: Path):
+        from .filters import describe_store_problem
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._connection = sqlite3.connect(path, isolation_level=None, timeout=30)
-        self._connection.execute("PRAGMA journal_mode=DELETE")
-        self._connection.execute("PRAGMA synchronous=FULL")
-        self._connection.execute(
-            "CREATE TABLE IF NOT EXISTS holdout (id INTEGER PRIMARY KEY, language TEXT NOT NULL, "
-            "added_by_run INTEGER NOT NULL, added_at REAL NOT NULL)")
+        try:
+            self._connection = sqlite3.connect(path, isolation_level=None, timeout=30)
+            self._connection.execute("PRAGMA journal_mode=DELETE")
+            self._connection.execute("PRAGMA synchronous=FULL")
+            self._connection.execute(
+                "CREATE TABLE IF NOT EXISTS holdout (id INTEGER PRIMARY KEY, language TEXT NOT NULL, "
+                "added_by_run INTEGER NOT NULL, added_at REAL NOT NULL)")
+        except sqlite3.DatabaseError as error:  # not an SQLite file: one line, not a traceback per cycle
+            raise StoreError(describe_store_problem(path, str(error))) from None
 
     def ids(self) -> list[int]:
         return [row[0] for row in self._connection.execute("SELECT id FROM holdout ORDER BY id")]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..config import Settings
+from ..data.filters import DEDUP_STORE_FILE, store_problem
 from ..data.source import SourceError, check_table, id_index_problem, ids_behind_watermark, open_connection
 from ..metrics import effective_wandb_mode, nvidia_gpu_names
 from ..errors import StateError
@@ -43,6 +44,7 @@ def run_checks(settings: Settings) -> list[tuple[str, bool | None, str]]:
         results.append(("database", False, str(error)))
     results.append(check_model_path(settings.model.base_model))
     results.append(check_state(settings))
+    results.append(check_store(settings))
     results.append(check_adapter(settings))
     results.append(check_writable("output_dir", settings.paths.output_dir))
     results.append(check_writable("state_dir", settings.paths.state_file.parent))
@@ -70,10 +72,28 @@ def check_state(settings: Settings) -> tuple[str, bool, str]:
     return ("state", True, f"{path}: {state.total_training_runs} runs, rows up to id {state.last_trained_id} consumed")
 
 
+def check_store(settings: Settings) -> tuple[str, bool | None, str]:
+    """Whether the duplicate store beside the state can be used; a warning where it is gone after runs."""
+    path = settings.paths.state_file.parent / DEDUP_STORE_FILE
+    problem = store_problem(path)
+    if problem:
+        return ("store", False, problem)
+    if not path.exists():
+        try:
+            runs = load_state(settings.paths.state_file).total_training_runs
+        except (OSError, StateError):
+            runs = 0  # the state line says why
+        if runs:
+            return ("store", None, f"{path} is gone after {runs} runs: the next run chooses the holdout again, and "
+                                   "copies of code trained before can be trained again; restore it if it was moved")
+        return ("store", True, f"{path} does not exist yet: the first run creates it")
+    return ("store", True, f"{path} can be read")
+
+
 def state_problems(settings: Settings) -> list[str]:
-    """An unusable state file: `run` and `run-once` refuse to start on it (every cycle would fail on it)."""
-    _, ok, detail = check_state(settings)
-    return [] if ok else [detail]
+    """An unusable state file or duplicate store: `run` and `run-once` refuse to start on them (every cycle
+    would fail on them)."""
+    return [detail for _, ok, detail in (check_state(settings), check_store(settings)) if ok is False]
 
 
 def check_adapter(settings: Settings) -> tuple[str, bool, str]:
