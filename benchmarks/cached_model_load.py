@@ -30,35 +30,41 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-LOAD = """
+# The hub's stand-in, at the top of a child process's script (before huggingface_hub is imported): it answers
+# every request with $HUB_STATUS and keeps the request lines in `asked`; the child's HF_ENDPOINT points at it
+# and its HF_HUB_CACHE at $STAND_IN_CACHE. tests/test_first_hour.py uses it too.
+HUB_STAND_IN = """
 import json, os, socket, sys, threading
 
-status = sys.argv[2]
 server = socket.socket()
 server.bind(("127.0.0.1", 0))
 server.listen(64)
 asked = []
+answer = f"HTTP/1.1 {os.environ['HUB_STATUS']} Stand-in\\r\\nContent-Length: 0\\r\\nConnection: close\\r\\n\\r\\n".encode()
 
 
 def serve():
     while True:
         connection, _ = server.accept()
         asked.append(connection.recv(4096).split(b"\\r\\n")[0].decode())
-        connection.sendall(f"HTTP/1.1 {status} Hub Down\\r\\nContent-Length: 0\\r\\nConnection: close\\r\\n\\r\\n".encode())
+        connection.sendall(answer)
         connection.close()
 
 
 threading.Thread(target=serve, daemon=True).start()
-os.environ.update(HF_HUB_CACHE=sys.argv[1], HF_ENDPOINT=f"http://127.0.0.1:{server.getsockname()[1]}",
+os.environ.update(HF_HUB_CACHE=os.environ["STAND_IN_CACHE"], HF_ENDPOINT=f"http://127.0.0.1:{server.getsockname()[1]}",
                   HF_HUB_DISABLE_TELEMETRY="1")
 os.environ.pop("HF_HUB_OFFLINE", None)
+"""
+
+LOAD = HUB_STAND_IN + """
 import time
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from codelupe_trainer.training.model import from_cache_first
 
 name = "codelupe-bench/tiny-qwen2"
 started = time.perf_counter()
-if sys.argv[3] == "transformers":
+if sys.argv[1] == "transformers":
     AutoTokenizer.from_pretrained(name)
     AutoModelForCausalLM.from_pretrained(name)
 else:
@@ -69,23 +75,27 @@ print(json.dumps({"seconds": seconds, "asked": [line for line in asked if "tiny-
 """
 
 
-def fake_cache(directory: Path) -> Path:
-    """A hub cache holding the tiny model as a download of `codelupe-bench/tiny-qwen2` leaves it."""
-    from codelupe_trainer.demo.demo import standard_library_files
-    from codelupe_trainer.demo.tinymodel import build_tiny_model
-
-    model = directory / "model"
-    build_tiny_model(model, [path.read_text(encoding="utf-8", errors="replace") for path in standard_library_files(100)])
+def cache_as_downloaded(model: Path, hub: Path, repository: str) -> Path:
+    """Lay `model`'s files out in the hub cache `hub` as a download of `repository` leaves them (a snapshot
+    named by its commit, refs/main pointing at it); returns the snapshot folder."""
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repository = directory / "hub" / "models--codelupe-bench--tiny-qwen2"
-    snapshot = repository / "snapshots" / commit
+    folder = hub / f"models--{repository.replace('/', '--')}"
+    snapshot = folder / "snapshots" / commit
     snapshot.mkdir(parents=True)
     for path in model.iterdir():
         if path.is_file():
             shutil.copy(path, snapshot / path.name)
-    (repository / "refs").mkdir()
-    (repository / "refs" / "main").write_text(commit)
-    return directory / "hub"
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def tiny_model(directory: Path) -> Path:
+    from codelupe_trainer.demo.demo import standard_library_files
+    from codelupe_trainer.demo.tinymodel import build_tiny_model
+
+    corpus = [path.read_text(encoding="utf-8", errors="replace") for path in standard_library_files(100)]
+    return build_tiny_model(directory / "model", corpus)
 
 
 def main() -> None:
@@ -95,12 +105,14 @@ def main() -> None:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "CODELUPE_"))}
     env["PYTHONPATH"] = str(REPO)
     with tempfile.TemporaryDirectory(prefix="codelupe-bench-") as scratch:
-        cache = fake_cache(Path(scratch))
+        hub = Path(scratch) / "hub"
+        cache_as_downloaded(tiny_model(Path(scratch)), hub, "codelupe-bench/tiny-qwen2")
+        env.update(HUB_STATUS=arguments.status, STAND_IN_CACHE=str(hub))
         results = {}
         for way in ("transformers", "from_cache_first"):
             wall = time.perf_counter()
-            done = subprocess.run([sys.executable, "-c", LOAD, str(cache), arguments.status, way], env=env,
-                                  capture_output=True, text=True, timeout=1800)
+            done = subprocess.run([sys.executable, "-c", LOAD, way], env=env, capture_output=True, text=True,
+                                  timeout=1800)
             if done.returncode != 0:
                 raise SystemExit(f"{way}: the load failed:\n{done.stderr[-2000:]}")
             results[way] = json.loads(done.stdout.strip().splitlines()[-1]) | {"process": time.perf_counter() - wall}

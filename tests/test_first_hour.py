@@ -270,27 +270,7 @@ def test_a_model_download_is_progress_while_bytes_arrive_and_a_stall_once_they_s
 
 
 CACHED_MODEL_LOAD = """
-import json, os, socket, sys, threading
 from pathlib import Path
-
-# A hub that counts what it is asked and has nothing (404: no retries, so the test stays quick).
-server = socket.socket()
-server.bind(("127.0.0.1", 0))
-server.listen(64)
-asked = []
-
-
-def serve():
-    while True:
-        connection, _ = server.accept()
-        asked.append(connection.recv(4096).split(b"\\r\\n")[0].decode())
-        connection.sendall(b"HTTP/1.1 404 Not Found\\r\\nContent-Length: 0\\r\\nConnection: close\\r\\n\\r\\n")
-        connection.close()
-
-
-threading.Thread(target=serve, daemon=True).start()
-os.environ.update(HF_HUB_CACHE=sys.argv[1], HF_ENDPOINT=f"http://127.0.0.1:{server.getsockname()[1]}")
-os.environ.pop("HF_HUB_OFFLINE", None)
 from codelupe_trainer.config import ModelSettings
 from codelupe_trainer.training.model import load_base_model, load_tokenizer
 
@@ -299,7 +279,7 @@ tokenizer = load_tokenizer(settings.base_model)
 model, _ = load_base_model(settings, "cpu")
 report = {"cached": {"asked": list(asked), "vocab": len(tokenizer), "layers": model.config.num_hidden_layers}}
 asked.clear()
-(Path(sys.argv[2]) / "model.safetensors").unlink()  # an interrupted download: the weights are not there yet
+(Path(sys.argv[1]) / "model.safetensors").unlink()  # an interrupted download: the weights are not there yet
 try:
     load_base_model(settings, "cpu")
     report["incomplete"] = {"asked": list(asked), "error": None}
@@ -311,23 +291,20 @@ print(json.dumps(report))
 
 def test_a_cached_hub_model_loads_without_asking_the_hub_and_an_incomplete_one_asks_for_the_rest(tmp_path, tiny_model):
     """A model in the local Hugging Face cache is loaded from it alone: no request to the hub, so a hub outage
-    costs nothing (left to transformers, 56 requests and 190 s of retries against a hub answering 500) and a
-    revision pushed to the hub never replaces the base under the adapter in service. A model whose download
-    was interrupted still asks the hub for what is missing."""
-    import shutil
+    costs nothing (left to transformers, 56 requests and minutes of retries against a hub answering 5xx:
+    benchmarks/cached_model_load.py) and a revision pushed to the hub never replaces the base under the
+    adapter in service. A model whose download was interrupted still asks the hub for what is missing."""
+    import importlib.util
 
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repository = tmp_path / "hub" / "models--codelupe-test--tiny-qwen2"
-    snapshot = repository / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for path in Path(tiny_model).iterdir():
-        if path.is_file():
-            shutil.copy(path, snapshot / path.name)
-    (repository / "refs").mkdir()
-    (repository / "refs" / "main").write_text(commit)
+    spec = importlib.util.spec_from_file_location("cached_model_load", REPO / "benchmarks" / "cached_model_load.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    snapshot = bench.cache_as_downloaded(Path(tiny_model), tmp_path / "hub", "codelupe-test/tiny-qwen2")
+    # The stand-in answers 404 (the hub has nothing): no retries, so the test stays quick.
     env = {key: value for key, value in os.environ.items() if not key.startswith(("CODELUPE_", "HF_"))}
-    done = subprocess.run([sys.executable, "-c", CACHED_MODEL_LOAD, str(tmp_path / "hub"), str(snapshot)],
-                          env=env | {"PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    env |= {"PYTHONPATH": str(REPO), "HUB_STATUS": "404", "STAND_IN_CACHE": str(tmp_path / "hub")}
+    done = subprocess.run([sys.executable, "-c", bench.HUB_STAND_IN + CACHED_MODEL_LOAD, str(snapshot)], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     # About the model: nothing (huggingface_hub's own once-a-day registry fetch is not about it).
