@@ -6,16 +6,18 @@ at any moment leaves either the old or the new version, never a torn one.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 import time
-import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from .data.records import FetchResult
 from .errors import StateError
@@ -81,33 +83,27 @@ def load_state(path: Path) -> TrainerState:
         raise StateError(state_problem(path, f"it holds a JSON {type(raw).__name__}, not an object"))
     if isinstance(raw.get("pending_gaps"), dict):  # the format before ranges: {"id": first seen}
         raw["pending_gaps"] = [[int(gap), int(gap), seen] for gap, seen in raw["pending_gaps"].items()]
-    fields = typing.get_type_hints(TrainerState)
-    values = {key: value for key, value in raw.items() if key in fields}
-    for key, value in values.items():
-        wrong = _wrong_type(value, fields[key])
-        if wrong:
-            raise StateError(state_problem(path, f"{key} is {json.dumps(value)[:40]}, not {wrong}"))
+    values = {key: value for key, value in raw.items() if key in TrainerState.__dataclass_fields__}
+    try:
+        _state_file_schema().model_validate(values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise StateError(state_problem(path, f"{where} is {json.dumps(first['input'])[:40]}: "
+                                             f"{first['msg'][0].lower()}{first['msg'][1:]}")) from None
     return TrainerState(**values)
+
+
+@functools.cache
+def _state_file_schema() -> type[BaseModel]:
+    """TrainerState's fields as a strict pydantic model: no "1200" for a number, no true for a count."""
+    return create_model("StateFile", __config__=ConfigDict(strict=True),
+                        **{name: (hint, None) for name, hint in typing.get_type_hints(TrainerState).items()})
 
 
 def state_problem(path: Path, what: str) -> str:
     return (f"the state file {path} cannot be used: {what}. It holds the watermark and the adapter in service: "
             "fix it by hand, or restore it from a backup (moving it aside trains every row again)")
-
-
-def _wrong_type(value: Any, hint: Any) -> str | None:
-    """What `value` should have been, where it is not of the field's type; None where it is."""
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    for kind in allowed:
-        origin = typing.get_origin(kind) or kind
-        if (value is None and kind is type(None)) or (origin is float and isinstance(value, (int, float))
-                                                      and not isinstance(value, bool)):
-            return None
-        if origin is not float and origin is not type(None) and isinstance(value, origin) and not (
-                origin is int and isinstance(value, bool)):
-            return None
-    names = {int: "a whole number", float: "a number", str: "a string", list: "a list", dict: "an object"}
-    return " or ".join(names.get(typing.get_origin(kind) or kind, "null") for kind in allowed)
 
 
 def in_service_adapter(state: TrainerState) -> Path | None:

@@ -312,7 +312,7 @@ def test_on_promote_is_killed_whole_at_its_timeout_and_a_process_it_leaves_behin
 @pytest.mark.slow
 @pytest.mark.parametrize("text, says", [
     ('{"last_trained_id": 1200,\n', "it is not JSON (Expecting property name"),
-    ('{"last_trained_id": "1200", "total_training_runs": 3}\n', 'last_trained_id is "1200", not a whole number'),
+    ('{"last_trained_id": "1200", "total_training_runs": 3}\n', 'last_trained_id is "1200": input should be a valid integer'),
     ('[{"last_trained_id": 1200}]\n', "it holds a JSON list, not an object"),
 ])
 def test_a_state_file_broken_by_hand_stops_every_command_in_one_line_and_is_never_overwritten(

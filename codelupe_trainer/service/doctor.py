@@ -72,10 +72,11 @@ def check_state(settings: Settings) -> tuple[str, bool, str]:
     return ("state", True, f"{path}: {state.total_training_runs} runs, rows up to id {state.last_trained_id} consumed")
 
 
-def check_store(settings: Settings) -> tuple[str, bool | None, str]:
-    """Whether the duplicate store beside the state can be used; a warning where it is gone after runs."""
+def check_store(settings: Settings, every_page: bool = True) -> tuple[str, bool | None, str]:
+    """Whether the duplicate store beside the state can be used; a warning where it is gone after runs.
+    `every_page` False: the start-up's quick look (the file is SQLite), not `doctor`'s full read."""
     path = settings.paths.state_file.parent / DEDUP_STORE_FILE
-    problem = store_problem(path)
+    problem = store_problem(path, every_page)
     if problem:
         return ("store", False, problem)
     if not path.exists():
@@ -93,7 +94,8 @@ def check_store(settings: Settings) -> tuple[str, bool | None, str]:
 def state_problems(settings: Settings) -> list[str]:
     """An unusable state file or duplicate store: `run` and `run-once` refuse to start on them (every cycle
     would fail on them)."""
-    return [detail for _, ok, detail in (check_state(settings), check_store(settings)) if ok is False]
+    return [detail for _, ok, detail in (check_state(settings), check_store(settings, every_page=False))
+            if ok is False]
 
 
 def check_adapter(settings: Settings) -> tuple[str, bool, str]:
@@ -167,27 +169,25 @@ def not_this_machine(host: str, addresses: set[str]) -> str:
 
 def port_taken(host: str, port: int) -> str | None:
     """Why the daemon could not listen on host:port (in use, not an address of this machine), or None."""
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
-    except OSError as error:
-        return f"{host} does not resolve: {error.strerror or error}"
-    for address in addresses:
-        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server binds it
-            try:
-                probe.bind((address, port))
-            except OSError as error:
-                return error.strerror or str(error)
+    addresses = resolved_addresses(host, port)
+    if isinstance(addresses, OSError):
+        return f"{host} does not resolve: {addresses.strerror or addresses}"
+    return next((why for address in sorted(addresses) if (why := bind_error(address, port))), None)
+
+
+def bind_error(address: str, port: int = 0) -> str | None:
+    """Why this machine cannot listen on address:port (not one of its addresses, the port in use), or None."""
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server binds it
+        try:
+            probe.bind((address, port))
+        except OSError as error:
+            return error.strerror or str(error)
     return None
 
 
 def can_bind(address: str) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
-        try:
-            probe.bind((address, 0))
-            return True
-        except OSError:
-            return False
+    return bind_error(address) is None
 
 
 def startup_problems(settings: Settings) -> tuple[list[str], list[str]]:

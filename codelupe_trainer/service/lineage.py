@@ -19,7 +19,7 @@ from ..hooks import run_on_promote
 from ..lock import trainer_lock
 from ..state import TrainerState, load_state, save_state
 from ..training.adapter_fit import adapter_incomplete, adapter_misfit
-from ..training.adapters import ADAPTER_WEIGHTS, point_latest
+from ..training.adapters import point_latest
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def rollback(settings: Settings, run_number: int) -> Path:
             raise RollbackError(f"run {run_number} was rejected by the promotion gate ({entry.get('reason')}); "
                                 "only a promoted adapter can be put back in use")
         adapter = Path(entry["adapter"])
-        if not (adapter / ADAPTER_WEIGHTS).exists():
+        if not adapter.exists():
             raise RollbackError(f"the adapter of run {run_number} is no longer on disk ({adapter}); "
                                 "paths.keep_adapters decides how many are kept")
         broken = adapter_incomplete(adapter)

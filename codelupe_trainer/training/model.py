@@ -28,8 +28,8 @@ def from_cache_first(load, name: str, cache_only: dict[str, Any] | None = None, 
     there, and from the hub only for what is missing (a first or interrupted download).
 
     Left to itself, transformers asks the hub about every file of a cached model on each load (56 requests for
-    a small one), so a hub outage answering 5xx costs each cycle minutes of retries (190 s measured on a tiny
-    model), and a new revision pushed to the hub would be downloaded and trained on behind the adapter in
+    a small one), so a hub outage answering 5xx costs each cycle minutes of retries (184 s for a tiny model:
+    benchmarks/cached_model_load.py), and a new revision pushed to the hub would be downloaded and trained on behind the adapter in
     service. From the cache the base stays the revision on disk until someone downloads another.
     `cache_only`: more arguments for the cache-only attempt."""
     if not is_local_model(name):
