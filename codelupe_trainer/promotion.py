@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 
 from .config import PromotionSettings
+from .data.languages import language_keys
 
 LanguageLosses = dict[str, tuple[float, int]]  # language -> (mean token loss, tokens)
 # language -> [best loss of an adapter in service, holdout fingerprint, the run that reached it (0: the base)]
@@ -110,7 +111,8 @@ def _decision(promoted: bool, reason: str, in_use: LanguageLosses | None, candid
 
 def holdout_metrics(decision: Decision, anchors: Anchors) -> dict[str, float]:
     """The holdout/* keys: the candidate's losses, the adapter in use's as `*_in_use`, the anchors as `best_*`."""
-    metrics: dict[str, float] = {f"holdout/best_{language}": entry[0] for language, entry in anchors.items()}
+    key = language_keys([*anchors, *decision.candidate_languages, *decision.in_use_languages])
+    metrics: dict[str, float] = {f"holdout/best_{key[language]}": entry[0] for language, entry in anchors.items()}
     for suffix, loss, languages in (("", decision.candidate_loss, decision.candidate_languages),
                                     ("_in_use", decision.in_use_loss, decision.in_use_languages)):
         if loss is None:
@@ -118,5 +120,5 @@ def holdout_metrics(decision: Decision, anchors: Anchors) -> dict[str, float]:
         metrics[f"holdout/loss{suffix}"] = loss
         metrics[f"holdout/perplexity{suffix}"] = math.exp(min(loss, 50.0))
         for language, language_loss in languages.items():
-            metrics[f"holdout/loss{suffix}_{language}"] = language_loss
+            metrics[f"holdout/loss{suffix}_{key[language]}"] = language_loss
     return metrics

@@ -12,6 +12,7 @@ import stat
 import math
 import os
 import random
+import re
 import sqlite3
 import subprocess
 import sys
@@ -26,7 +27,8 @@ from codelupe_trainer.config import PromotionSettings
 from codelupe_trainer.cycle import run_cycle
 from codelupe_trainer.data.filters import content_hash
 from codelupe_trainer.demo.demo import insert_rows
-from codelupe_trainer.promotion import comparable_anchors, decide_promotion, overall_loss, update_anchors
+from codelupe_trainer.promotion import (comparable_anchors, decide_promotion, holdout_metrics, overall_loss,
+                                       update_anchors)
 from codelupe_trainer.state import load_state
 
 # ------------------------------------------------------------------ the decision, table-style
@@ -95,6 +97,27 @@ def test_an_anchor_is_kept_as_the_best_in_service_and_restarts_when_its_holdout_
 
 def test_overall_loss_is_token_weighted():
     assert overall_loss({"python": (1.0, 300), "c": (3.0, 100)}) == pytest.approx(1.5)
+
+
+def test_holdout_keys_of_languages_like_c_plus_plus_are_wandb_names_and_never_collide():
+    # Crawlers say `C++`, `C#`, `Jupyter Notebook`: W&B can sort and filter only on letters, digits and
+    # underscores, and c, c++ and c# must stay three series.
+    languages = {"c": (3.0, 100), "c++": (2.0, 100), "c#": (1.5, 100), "jupyter notebook": (1.2, 10),
+                 "objective-c": (1.1, 10), "objective c": (1.05, 10)}
+    in_use = {language: (loss + 0.5, tokens) for language, (loss, tokens) in languages.items()}
+    decision = decide_promotion(PromotionSettings(mode="always"), in_use, languages)
+    anchors = {language: (loss, "holdout-1") for language, (loss, _) in languages.items()}
+    metrics = holdout_metrics(decision, anchors)
+    assert metrics["holdout/loss_c"] == 3.0 and metrics["holdout/loss_cpp"] == 2.0 and metrics["holdout/loss_csharp"] == 1.5
+    assert metrics["holdout/loss_in_use_cpp"] == 2.5 and metrics["holdout/best_jupyter_notebook"] == 1.2
+    # Two labels that would share a key each get their own, and no value is lost.
+    objective = sorted(key for key in metrics if key.startswith("holdout/loss_objective_c"))
+    assert len(objective) == 2 and sorted(metrics[key] for key in objective) == [1.05, 1.1]
+    per_language = 3 * len(languages)  # candidate, in use, anchor
+    assert len(metrics) == per_language + 4  # plus the overall loss and perplexity, each for both
+    for key in metrics:
+        section, name = key.split("/")
+        assert re.fullmatch(r"[_a-zA-Z][_a-zA-Z0-9]*", name), key
 
 
 # ------------------------------------------------------------------ the gate on real runs

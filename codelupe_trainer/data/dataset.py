@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import TrainingError
 from .codestats import CodeTotals, measure_code
+from .languages import language_keys
 from .packing import Block, Packer, TokenizedSample
 from .records import Blocker, FetchResult, Sample
 
@@ -341,16 +342,17 @@ def summarize_data(
         "data/avg_code_length": chars_sum / passed if passed else 0.0,
         "data/pass_rate": 100.0 * passed / examined if examined else 0.0,
     }
+    key = language_keys(set(languages) | {language for _, language in blocked_by_language})
     for language, count in sorted(languages.items()):
-        metrics[f"data/language_{language}"] = count
-        metrics[f"data/language_{language}_percent"] = 100.0 * count / passed
+        metrics[f"data/language_{key[language]}"] = count
+        metrics[f"data/language_{key[language]}_percent"] = 100.0 * count / passed
     blocked_per_language: Counter = Counter()
     for (name, language), count in sorted(blocked_by_language.items()):
-        metrics[f"data/blocked_{name}_{language}"] = count
+        metrics[f"data/blocked_{name}_{key[language]}"] = count
         blocked_per_language[language] += count
     for language in sorted(set(languages) | set(blocked_per_language)):
         reached = languages.get(language, 0) + blocked_per_language[language]
-        metrics[f"data/language_{language}_pass_rate"] = 100.0 * languages.get(language, 0) / reached
+        metrics[f"data/language_{key[language]}_pass_rate"] = 100.0 * languages.get(language, 0) / reached
     for name in BLOCK_FILTERS:
         metrics[f"data/blocked_{name}"] = blocked.get(name, 0)
     metrics["data/blocked_total"] = sum(blocked.values())

@@ -17,6 +17,7 @@ import psycopg
 from psycopg import sql
 
 from ..config import DataSettings, DatabaseSettings
+from .languages import LANGUAGE_SQL, normal_language
 from .records import FetchResult, Sample
 
 # Gap ranges recorded per fetch; far more than in-flight transactions can make (deletions make the rest).
@@ -165,17 +166,6 @@ def _names(database: DatabaseSettings) -> dict[str, sql.Composable]:
     }
 
 
-# A row's language as the trainer knows it: lower case, without the whitespace around it ("Python\n" is
-# python). The same in SQL (the language filter, the holdout's strata) and in Python (each sample), so a
-# crawler's stray newline never makes a language of its own. (\x0b: PostgreSQL's E'' has no \v.)
-LANGUAGE_SPACE = " \t\n\r\f\v"
-_LANGUAGE_SQL = "lower(btrim({language}, E' \\t\\n\\r\\f\\x0b'))"
-
-
-def normal_language(language: object) -> str:
-    return str(language).strip(LANGUAGE_SPACE).lower()
-
-
 def _skip_reason_sql(data: DataSettings) -> tuple[sql.Composable, dict]:
     """A CASE expression giving NULL for an eligible row and the skip reason otherwise."""
     conditions = [
@@ -189,7 +179,7 @@ def _skip_reason_sql(data: DataSettings) -> tuple[sql.Composable, dict]:
         ("too_long", "char_length({content}) > %(max_chars)s"),
     ]
     if data.languages:
-        conditions.append(("language", f"NOT ({_LANGUAGE_SQL} = ANY(%(languages)s))"))
+        conditions.append(("language", f"NOT ({LANGUAGE_SQL} = ANY(%(languages)s))"))
     branches = " ".join(f"WHEN {condition} THEN '{reason}'" for reason, condition in conditions)
     parameters = {
         "min_quality": data.min_quality,
@@ -335,7 +325,7 @@ def select_holdout(
     reason, parameters = _skip_reason_sql(data)
     query = sql.SQL(
         "WITH window_rows AS ("
-        f"  SELECT {{id}} AS id, {_LANGUAGE_SQL} AS language FROM {{table}}"
+        f"  SELECT {{id}} AS id, {LANGUAGE_SQL} AS language FROM {{table}}"
         "  WHERE {id} > %(after_id)s AND ({reason}) IS NULL ORDER BY {id} LIMIT %(window)s"
         "), ranked AS ("
         "  SELECT id, language, row_number() OVER (PARTITION BY language ORDER BY md5(id::text)) AS rank,"
