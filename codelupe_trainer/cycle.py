@@ -26,8 +26,8 @@ from .continual import Holdout, add_replay, holdout_fingerprints, load_holdout, 
 from .data.neardup import signed_ahead
 from .data.packing import one_sample_per_block
 from .data.records import FetchResult
-from .data.source import (SourceError, check_table, count_new_samples, fetch_new_samples, ids_behind_watermark,
-                          open_connection)
+from .data.source import (SourceError, check_table, count_new_samples, fetch_new_samples, first_watermark,
+                          ids_behind_watermark, open_connection)
 from .errors import StateError, StoreError, TrainingError, TrainingInterrupted
 from .failures import save_traceback
 from .faults import crash_point
@@ -82,6 +82,8 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
     gaps = state.gap_ranges()
     with open_connection(settings.database) as connection:
         check_table(connection, settings.database)
+        if state.total_training_runs == 0 and state.last_trained_id == 0:  # never advanced: from the first row
+            state.last_trained_id = first_watermark(connection, settings.database)
         available = count_new_samples(connection, settings.database, settings.data, state.last_trained_id, gaps,
                                       up_to=settings.schedule.min_new_samples)
         if available == 0 or (available < settings.schedule.min_new_samples and not force):

@@ -143,6 +143,28 @@ def test_run_once_waits_for_enough_rows(crawler_table, make_settings, tmp_path, 
     assert run_cycle(settings).message.endswith("waiting for 1000")
 
 
+def test_rows_with_id_zero_or_below_are_read_not_taken_as_trained(crawler_table, make_settings):
+    # A table filled from a DataFrame numbers its rows from 0; a hand-made one may start anywhere. The first
+    # cycle starts below the smallest id, so every row is read once; the next starts from the watermark.
+    from codelupe_trainer.cycle import run_cycle
+
+    insert_stdlib_rows(crawler_table, start=0, count=14)
+    with psycopg.connect(crawler_table, autocommit=True) as connection:
+        connection.execute("UPDATE processed_files SET id = -id - 1000")
+        connection.execute("UPDATE processed_files SET id = -id - 1003")  # 1..14 -> -2..11
+        [lowest, rows] = connection.execute("SELECT min(id), count(*) FROM processed_files").fetchone()
+    assert lowest == -2 and rows == 14
+    settings = make_settings(crawler_table)
+    assert run_cycle(settings, force=True).status == "trained"
+    state = load_state(settings.paths.state_file)
+    assert state.last_run["rows_examined"] == 14
+    assert state.lineage[-1]["first_id"] == -2 and state.last_trained_id == 11
+    insert_stdlib_rows(crawler_table, start=14, count=12)  # the sequence goes on at 15
+    assert run_cycle(settings, force=True).status == "trained"
+    state = load_state(settings.paths.state_file)
+    assert state.last_run["rows_examined"] == 12 and state.lineage[-1]["first_id"] == 12
+
+
 def test_missing_table_is_one_clear_error(db_url, make_settings, tmp_path, caplog):
     make_settings(db_url)
     assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 2

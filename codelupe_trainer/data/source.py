@@ -219,6 +219,15 @@ def count_new_samples(
     return _run(connection, database, query, parameters).fetchone()[0]
 
 
+def first_watermark(connection: psycopg.Connection, database: DatabaseSettings) -> int:
+    """Where a state that has never advanced starts: below the table's smallest id. Sequences start at 1, so
+    for most tables this is the state's 0; a table filled by hand or from a DataFrame (ids from 0), or one
+    with negative ids, would otherwise have its first rows taken as trained without ever being read."""
+    names = _names(database)
+    lowest = _run(connection, database, sql.SQL("SELECT min({id}) FROM {table}").format(**names)).fetchone()[0]
+    return 0 if lowest is None or lowest > 0 else lowest - 1
+
+
 def ids_behind_watermark(connection: psycopg.Connection, database: DatabaseSettings, watermark: int) -> str | None:
     """Why no row can ever be new again, or None: every id in the table is at or below the watermark. Rows
     deleted after training leave the next ids above it (sequences never go back); a table dropped and created
