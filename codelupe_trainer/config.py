@@ -334,7 +334,8 @@ def read_toml(config_path: Path) -> dict[str, Any]:
     """The file's TOML, or one line saying why it cannot be read."""
     source = "CODELUPE_CONFIG" if os.environ.get("CODELUPE_CONFIG") == str(config_path) else "config file"
     try:
-        return tomllib.loads(config_path.read_text(encoding="utf-8"))
+        # utf-8-sig: a byte-order mark (Notepad writes one) is not part of the TOML.
+        return tomllib.loads(config_path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"{source} {config_path} does not exist") from None
     except IsADirectoryError:

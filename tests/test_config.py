@@ -203,6 +203,15 @@ def test_an_unreadable_config_file_is_one_line_and_exit_2(tmp_path, capsys, make
     assert expected in error and str(path) in error and "\n" not in error and "Traceback" not in error
 
 
+def test_a_config_saved_by_a_windows_editor_reads_as_written(tmp_path):
+    # Notepad and some editors start a UTF-8 file with a byte-order mark and end lines with CRLF; tomllib
+    # calls the mark "Invalid statement (at line 1, column 1)", on a line that looks right.
+    path = tmp_path / "codelupe.toml"
+    path.write_bytes("\ufeff[data]\r\nmin_quality = 55\r\nlanguages = [\"python\"]\r\n".encode())
+    settings = load_settings(path)
+    assert settings.data.min_quality == 55 and settings.data.languages == ["python"]
+
+
 def test_a_missing_config_named_by_codelupe_config_is_an_error_not_the_defaults(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CODELUPE_CONFIG", str(tmp_path / "codelupe.tmol"))
     assert main(["status"]) == 2
