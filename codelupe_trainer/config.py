@@ -6,9 +6,11 @@ Secrets (the database URL's password, WANDB_API_KEY) are never part of any rende
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -366,12 +368,13 @@ def load_settings(path: str | Path | None = None) -> Settings:
     try:
         settings = Settings(**toml_values)
     except ValidationError as error:
-        raise ConfigError(describe_validation_error(error, config_path)) from None
+        raise ConfigError(describe_validation_error(error, config_path, os.environ)) from None
     except SettingsError as error:
         # pydantic-settings could not parse an environment value (lists and tables are JSON there).
         section = str(error).split('"')[1] if '"' in str(error) else "?"
-        raise ConfigError(f"environment variable CODELUPE_{section.upper()}__*: a value does not parse; "
-                          f"lists are JSON there, e.g. CODELUPE_DATA__LANGUAGES='[\"python\"]'") from None
+        names = ", ".join(unparsable_variables(section, os.environ)) or f"CODELUPE_{section.upper()}__*"
+        raise ConfigError(f"environment variable {names}: not JSON, and this setting is a list: write it as JSON, "
+                          f"e.g. CODELUPE_DATA__LANGUAGES='[\"python\", \"go\"]'") from None
     if os.environ.get("WANDB_LOG_MODEL", "").strip().lower() not in ("", "false", "0", "none"):
         raise ConfigError(
             "WANDB_LOG_MODEL is set: codelupe-trainer sends metrics only and never uploads model files; unset it"
@@ -412,11 +415,31 @@ def check_environment(environment: dict[str, str] | os._Environ) -> None:
             raise ConfigError(f"environment variable {name}: unknown key {section}.{key}")
 
 
-def describe_validation_error(error: ValidationError, config_path: Path) -> str:
-    """One line per problem: 'section.key: message', without echoing a secret's value."""
+def unparsable_variables(section: str, environment: dict[str, str] | os._Environ) -> list[str]:
+    """The section's variables for list settings whose values are not JSON (what pydantic-settings stumbled on)."""
+    fields = Settings.model_fields[section].annotation.model_fields if section in Settings.model_fields else {}
+    names = []
+    for key, field in fields.items():
+        name = f"CODELUPE_{section.upper()}__{key.upper()}"
+        value = next((value for variable, value in environment.items() if variable.upper() == name), None)
+        if value is None or typing.get_origin(field.annotation) not in (list, tuple, dict):
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            names.append(name)
+    return names
+
+
+def describe_validation_error(error: ValidationError, config_path: Path,
+                              environment: dict[str, str] | os._Environ | None = None) -> str:
+    """One line per problem: 'section.key: message', without echoing a secret's value, naming where the
+    value came from: the environment variable that set it (it overrides the file), else the file."""
+    variables = {name.upper(): name for name in (environment or {}) if name.upper().startswith("CODELUPE_")}
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
+        variable = variables.get("CODELUPE_" + "__".join(str(part) for part in item["loc"][:2]).upper())
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key"
@@ -424,8 +447,9 @@ def describe_validation_error(error: ValidationError, config_path: Path) -> str:
         last = str(item["loc"][-1]) if item["loc"] else ""
         if item["type"] != "extra_forbidden" and last not in SECRET_FIELD_NAMES and "input" in item:
             shown_input = f" (got {item['input']!r})"
-        lines.append(f"{key}: {message}{shown_input}")
-    return f"{config_path}: " + "; ".join(lines)
+        lines.append(f"environment variable {variable} ({key}): {message}{shown_input}" if variable
+                     else f"{config_path}: {key}: {message}{shown_input}")
+    return "; ".join(lines)
 
 
 # libpq's key=value form: `password=secret` or `password = 'it''s \\ quoted'` anywhere in the string.

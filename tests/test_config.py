@@ -174,11 +174,21 @@ def test_a_misspelt_environment_variable_is_refused_by_name(monkeypatch, capsys,
     assert variable in capsys.readouterr().err
 
 
-def test_an_unparsable_environment_value_names_the_variable(monkeypatch):
-    monkeypatch.setenv("CODELUPE_DATA__LANGUAGES", "python")
-    with pytest.raises(ConfigError, match=r"CODELUPE_DATA__\*.*JSON") as raised:
+@pytest.mark.parametrize(("variable", "value", "expected"), [
+    ("CODELUPE_DATA__LANGUAGES", "python", "environment variable CODELUPE_DATA__LANGUAGES: not JSON"),
+    ("CODELUPE_PROMOTION__ON_PROMOTE", "/usr/local/bin/reload", "environment variable CODELUPE_PROMOTION__ON_PROMOTE: not JSON"),
+    # A bad value from the environment is the variable's, not the file's: the file may say something else.
+    ("CODELUPE_SCHEDULE__INTERVAL_MINUTES", "5m", "environment variable CODELUPE_SCHEDULE__INTERVAL_MINUTES (schedule.interval_minutes): "),
+    ("CODELUPE_DATA__MIN_QUALITY", "170", "environment variable CODELUPE_DATA__MIN_QUALITY (data.min_quality): "),
+])
+def test_an_unparsable_environment_value_names_the_variable(monkeypatch, variable, value, expected):
+    monkeypatch.setenv("CODELUPE_DATA__MAX_CHARS", "9000")  # a good neighbour, never blamed
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as raised:
         load_settings(CONFIG_DIR / "codelupe.toml")
-    assert "\n" not in str(raised.value)
+    message = str(raised.value)
+    assert message.startswith(expected) and "\n" not in message
+    assert "codelupe.toml" not in message and "MAX_CHARS" not in message
 
 
 def test_show_config_redacts_every_secret(tmp_path, monkeypatch, capsys):
