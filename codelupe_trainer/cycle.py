@@ -46,6 +46,7 @@ from .training.adapter_fit import in_service_misfit
 from .training.adapters import prune_adapters, save_adapter
 from .training.backoff import BackoffOutcome, OutOfMemoryOnRanks, sized, train_with_oom_backoff
 from .training.distributed import RankGroup, RankSpec, read_adapter_files
+from .training.disk import describe_disk_full, is_disk_full, space_problem
 from .training.model_files import check_model_path, watching_download
 
 # The training stack (torch, transformers, peft, bitsandbytes: ~10 s and ~0.5 GB to import) is imported only
@@ -67,14 +68,25 @@ def run_cycle(settings: Settings, force: bool = False, process_started: float | 
         except StateError:
             raise  # one line; no failure can be recorded in a state that cannot be read
         except Exception as error:
+            if is_disk_full(error):  # the disk, not a bug: one line that says where, and no traceback to write
+                raise _failed(settings, TrainingError(describe_disk_full(settings)), started) from error
             if not isinstance(error, (TrainingError, SourceError, StoreError)):  # a bug, a library's surprise: keep the trace
                 save_traceback(settings, error)
-            smaller = (memory_record(settings, error.next_micro_batch) if isinstance(error, OutOfMemoryOnRanks)
-                       else None)
-            failed = record_failure(settings.paths.state_file, f"{type(error).__name__}: {error}", started, smaller)
-            if failed.consecutive_failures == settings.service.alert_after_failures:
-                alert_stuck(settings, failed)
-            raise
+            raise _failed(settings, error, started)
+
+
+def _failed(settings: Settings, error: Exception, started: float) -> Exception:
+    """Record the failure in the state (and alert when it makes the daemon stuck); the error to raise. A state
+    that cannot be written (the disk is full) is said, and the cycle's own error still names the cause."""
+    smaller = memory_record(settings, error.next_micro_batch) if isinstance(error, OutOfMemoryOnRanks) else None
+    try:
+        failed = record_failure(settings.paths.state_file, f"{type(error).__name__}: {error}", started, smaller)
+    except OSError as problem:
+        log.error("could not record this failure in %s: %s", settings.paths.state_file, problem)
+        return error
+    if failed.consecutive_failures == settings.service.alert_after_failures:
+        alert_stuck(settings, failed)
+    return error
 
 
 def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool], process_started: float) -> CycleOutcome:
@@ -98,6 +110,9 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
         _, model_found, model_problem = check_model_path(settings.model.base_model)
         if not model_found:
             raise TrainingError(model_problem)
+        no_room = space_problem(settings)
+        if no_room:  # before hours of training that could not be saved
+            raise TrainingError(f"{no_room}; nothing was trained")
         previous = in_service_adapter(state)
         misfit = in_service_misfit(previous, settings.model) if previous is not None else None
         if misfit:  # before the model loads: peft would keep the adapter's own settings without a word
@@ -313,6 +328,7 @@ def _publish(settings: Settings, state: TrainerState, model, run_number: int, pr
     parent = state.adapter_in_use if previous is not None else None
     card = adapter_card(settings, run_number, summary | {"continued_from_run": f"run {parent}" if parent else None},
                         state.last_trained_id + 1, fetched.last_examined_id, metrics.run_id)
+    crash_point("publish")
     adapter_path = save_adapter(model, settings.paths.output_dir, run_number, promote=decision.promoted, card=card)
     summary["adapter"] = str(adapter_path)
     crash_point("save")

@@ -1,10 +1,12 @@
 """Fault injection for the crash tests: `CODELUPE_FAULT=<phase>:<action>` acts when the process reaches that phase.
 
-Actions: kill (SIGKILL), pause (wait, interruptibly, for a test's signal), hang (ignore SIGTERM and never
-return, like a CUDA hang), oom (raise a CUDA out-of-memory error), error (raise a plain error).
+Actions: kill (SIGKILL), pause (wait, interruptibly, for a test's signal), wait=<file> (go on once the file
+exists), hang (ignore SIGTERM and never return, like a CUDA hang), oom (raise a CUDA out-of-memory error),
+error (raise a plain error).
 Phases: fetch (first row read), tokenize (dataset built), load (model load begins), train (first optimizer
-step), eval (first evaluation batch), save (adapter published, state not yet written), state (new state file
-written, not yet renamed into place), dedup (the duplicate store's transaction written, not yet committed).
+step), eval (first evaluation batch), publish (trained and evaluated, nothing written yet), save (adapter
+published, state not yet written), state (new state file written, not yet renamed into place), dedup (the
+duplicate store's transaction written, not yet committed).
 `oom-above:<rows>` and `diverge` are faults of their own (below). Unset in production, where each call is one
 dictionary lookup.
 """
@@ -60,6 +62,15 @@ def crash_point(phase: str) -> None:
         print(f"codelupe-fault: paused at {phase}", file=sys.stderr, flush=True)
         while True:
             time.sleep(0.1)
+    if action.startswith("wait="):  # wait here until the named file exists: a test changes the world meanwhile
+        import sys
+        import time
+        from pathlib import Path
+
+        print(f"codelupe-fault: waiting at {phase}", file=sys.stderr, flush=True)
+        while not Path(action.removeprefix("wait=")).exists():
+            time.sleep(0.05)
+        return
     if action == "hang":  # a cycle stuck where no signal handler runs (a CUDA hang, a dead socket)
         import sys
         import time

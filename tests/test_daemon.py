@@ -182,6 +182,84 @@ def test_a_full_disk_while_saving_fails_cleanly(crawler_table, tiny_model, tmp_p
     assert sorted(path.name for path in (tmp_path / "adapters").iterdir()) == ["latest", "run-000001"]
 
 
+# A real full disk for one test: a tmpfs mounted in a mount namespace of its own (root, as in CI, or an
+# unprivileged user namespace), so nothing outside the script sees it and it vanishes with the script.
+FULL_DISK_SCRIPT = r"""
+set -u
+mount -t tmpfs -o size=100m tmpfs "$DISK" || exit 97
+# 1. Too little room from the start (40 MB free): the cycle fails before it loads the model, and says so.
+dd if=/dev/zero of="$DISK/filler" bs=1M count=60 2>/dev/null
+"$@" run-once > "$OUT/first.log" 2>&1; echo $? > "$OUT/first.rc"
+"$@" doctor > "$OUT/doctor.log" 2>&1
+cp "$DISK/var/state.json" "$OUT/first-state.json"
+rm "$DISK/filler"
+# 2. Room at the start; the disk fills up while the finished run waits to be written.
+CODELUPE_FAULT="publish:wait=$OUT/resume" "$@" run-once > "$OUT/second.log" 2>&1 &
+pid=$!
+while ! grep -q "waiting at publish" "$OUT/second.log"; do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+dd if=/dev/zero of="$DISK/filler" bs=1M count=200 2>/dev/null
+touch "$OUT/resume"
+wait $pid; echo $? > "$OUT/second.rc"
+cp -r "$DISK/var" "$OUT/second-var"
+rm "$DISK/filler"
+# 3. Room again: the same rows train, once.
+"$@" run-once > "$OUT/third.log" 2>&1; echo $? > "$OUT/third.rc"
+cp -r "$DISK/var" "$OUT/third-var"
+"""
+
+
+def namespace_prefix() -> list[str]:
+    for prefix in (["unshare", "-m"], ["unshare", "-Urm"]):
+        try:
+            if subprocess.run(prefix + ["sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True).returncode == 0:
+                return prefix
+        except FileNotFoundError:
+            break
+    pytest.skip("no mount namespace here (needs root or unprivileged user namespaces) for a real small disk")
+
+
+def test_a_disk_too_full_for_the_run_fails_before_training_and_one_that_fills_during_it_is_said_as_such(
+        crawler_table, tiny_model, tmp_path):
+    prefix = namespace_prefix()
+    insert_stdlib_rows(crawler_table, start=0, count=40)
+    eligible, top = eligible_count(crawler_table)
+    disk, out = tmp_path / "disk", tmp_path / "out"
+    disk.mkdir(), out.mkdir()
+    config = write_config(tmp_path, tiny_model, f'[paths]\nstate_file = "{disk}/var/state.json"\n'
+                                                 f'output_dir = "{disk}/var/adapters"\n'
+                                                 f'[wandb]\nmode = "offline"\ndir = "{disk}/var"\n')
+    env = environment(crawler_table, DISK=str(disk), OUT=str(out), CODELUPE_CONFIG=str(config))
+    script = subprocess.run(prefix + ["sh", "-c", FULL_DISK_SCRIPT, "full-disk", *CLI],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert script.returncode == 0, script.stdout + script.stderr
+    logs = {name: (out / f"{name}.log").read_text() for name in ("first", "doctor", "second", "third")}
+
+    # 1. Before anything loads: one line naming the directory, its free space and the run's needs; recorded.
+    assert (out / "first.rc").read_text().strip() == "1", logs["first"]
+    assert "not enough disk space under" in logs["first"] and "MB free" in logs["first"]
+    assert "loading" not in logs["first"] and "Traceback" not in logs["first"]
+    first = json.loads((out / "first-state.json").read_text())
+    assert first["consecutive_failures"] == 1 and "not enough disk space" in first["last_error"]
+    assert first["total_training_runs"] == 0
+    assert re.search(r"^FAIL disk: not enough disk space under .*/var/adapters", logs["doctor"], re.MULTILINE), logs["doctor"]
+
+    # 2. Full while writing: said as a full disk (not a library's error with a traceback file), nothing
+    # saved or advanced; the state could not take the failure either, and that is said too.
+    assert (out / "second.rc").read_text().strip() == "1", logs["second"]
+    assert "the disk filled up while this run was writing" in logs["second"], logs["second"]
+    assert "could not record this failure" in logs["second"] and "Traceback" not in logs["second"]
+    assert not (out / "second-var" / "last-failure.txt").exists()
+    second = load_state(out / "second-var" / "state.json")
+    assert (second.total_training_runs, second.last_trained_id, second.latest_adapter) == (0, 0, None)
+    assert not [path for path in (out / "second-var" / "adapters").iterdir() if path.name.startswith("run-")]
+
+    # 3. With room again, every row is consumed once.
+    assert (out / "third.rc").read_text().strip() == "0", logs["third"]
+    third = load_state(out / "third-var" / "state.json")
+    assert third.total_training_runs == 1 and third.consecutive_failures == 0 and third.last_trained_id == top
+    assert third.total_samples_trained + third.total_samples_held_out + third.last_run["holdout_rows"] == eligible
+
+
 @pytest.fixture
 def own_server():
     """A server this test may stop and start (never the shared one)."""

@@ -16,6 +16,7 @@ from ..metrics import effective_wandb_mode, nvidia_gpu_names
 from ..errors import StateError
 from ..state import in_service_adapter, load_state
 from ..training.adapter_fit import in_service_misfit
+from ..training.disk import MB, space_needed, space_problem
 from ..training.gpu_check import cuda_checks, self_check
 from ..training.model_files import check_model_path
 from ..training.rendezvous import split_endpoint
@@ -48,6 +49,7 @@ def run_checks(settings: Settings) -> list[tuple[str, bool | None, str]]:
     results.append(check_adapter(settings))
     results.append(check_writable("output_dir", settings.paths.output_dir))
     results.append(check_writable("state_dir", settings.paths.state_file.parent))
+    results.append(check_disk(settings))
     mode = effective_wandb_mode(settings.wandb.mode, settings.wandb.enabled, warn=False)  # its own line says it
     results.append(("wandb", True, f"mode {mode}" + (" (no API key: falls back to offline)" if mode != settings.wandb.mode and mode == "offline" else "")))
     if settings.training.num_nodes > 1:
@@ -318,6 +320,15 @@ def user_name(uid: int) -> str:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return str(uid)
+
+
+def check_disk(settings: Settings) -> tuple[str, bool, str]:
+    """Room to save a run (a cycle checks the same before it trains)."""
+    problem = space_problem(settings)
+    if problem:
+        return ("disk", False, problem)
+    needed = ", ".join(f"up to {size / MB:,.0f} MB under {directory}" for directory, size in space_needed(settings).items())
+    return ("disk", True, f"room for a run, which writes {needed}")
 
 
 def check_writable(name: str, directory: Path) -> tuple[str, bool, str]:

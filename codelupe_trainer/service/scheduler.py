@@ -148,7 +148,7 @@ class Daemon:
                 record_failure(self.settings.paths.state_file, message, self.started_at)
         except AlreadyRunning:
             log.warning("%s; not recorded in the state (another cycle holds the lock)", message)
-        except StateError as error:  # edited by hand while the daemon ran: the next cycle says so too
+        except (StateError, OSError) as error:  # edited by hand while the daemon ran, or a full disk: the next cycle says so too
             log.error("%s; not recorded: %s", message, error)
 
     def _run_child(self) -> int | None:
