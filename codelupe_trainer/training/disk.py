@@ -77,9 +77,14 @@ def is_disk_full(error: BaseException | None) -> bool:
 
 
 def describe_disk_full(settings: Settings) -> str:
-    places = sorted({settings.paths.output_dir, settings.paths.state_file.parent})
+    places = {settings.paths.output_dir, settings.paths.state_file.parent}
+    if not Path(settings.model.base_model).expanduser().is_dir():  # a hub model: its download may be what filled it
+        from huggingface_hub import constants
+
+        places.add(Path(constants.HF_HUB_CACHE))
+    places = sorted(places)
     free = ", ".join(f"{place} {free_bytes(place) / MB:,.0f} MB free" for place in places)
-    return (f"the disk filled up while this run was writing ({free}): nothing was saved or advanced; free space, "
+    return (f"a disk filled up during this run (free now: {free}): nothing was saved or advanced; free space, "
             "and the next cycle trains these rows")
 
 
