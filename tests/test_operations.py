@@ -182,6 +182,46 @@ def test_the_memory_estimate_covers_the_measured_7b_peak(loss, measured_gb):
         assert parts["total"] <= 28  # the shipped defaults fit a 32 GB card with a margin
 
 
+@pytest.mark.parametrize(("loss", "measured_gb"), [("chunked", 4.83), ("standard", 8.45)])
+def test_the_cpu_memory_estimate_covers_the_measured_cpu_peak(loss, measured_gb):
+    """Peak RSS measured on the 2-core CPU box with benchmarks/train_throughput.py (README): the tiny Qwen2 with
+    the 7B's 152,064-token vocabulary, batch 4 x 1,024, checkpointing. On the CPU everything is fp32."""
+    from codelupe_trainer.training.gpu_check import estimate_memory_gb
+
+    settings = load_settings(REPO / "config" / "codelupe.toml")
+    settings.training.batch_size, settings.data.max_length = 4, 1024
+    tiny_big_vocab = {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4, "vocab_size": 152064,
+                      "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}
+    parts = estimate_memory_gb(tiny_big_vocab, settings, quantized=False, loss=loss, device="cpu")
+    assert measured_gb <= parts["total"] <= measured_gb * 1.15
+    # The 7B on the CPU in fp32 is more than twice what it takes on the GPU in 4-bit.
+    assert estimate_memory_gb(QWEN_7B_CONFIG, settings, quantized=False, loss=loss, device="cpu")["total"] > 40
+
+
+def test_doctor_on_a_machine_without_cuda_says_whether_the_run_fits_its_ram(db_url, make_settings, tmp_path, capsys,
+                                                                            tiny_model):
+    from codelupe_trainer.training.gpu_check import host_memory_gb
+
+    total, _ = host_memory_gb()
+    seven_b = tmp_path / "coder-7b"
+    seven_b.mkdir()
+    (seven_b / "config.json").write_text(json.dumps({"model_type": "qwen2", **QWEN_7B_CONFIG}))
+    make_settings(db_url, model_dir=seven_b)
+    assert main(["doctor", "--config", str(tmp_path / "codelupe.toml")]) == 1
+    output = capsys.readouterr().out
+    [memory] = [line for line in output.splitlines() if line[5:].startswith("memory:")]
+    needed = float(memory.split("needs ~")[1].split(" GB")[0]) if "needs ~" in memory else None
+    if total < 40:  # this box (24 GB): the fp32 7B cannot fit, and doctor fails on it
+        assert memory.startswith("FAIL memory: the run needs ~") and "out-of-memory killer" in memory, memory
+        assert needed > total
+    assert "warn cpu: 7.6 B parameters to train on the CPU" in output
+
+    make_settings(db_url)  # the tiny model: fits, and no word about the CPU
+    main(["doctor", "--config", str(tmp_path / "codelupe.toml")])
+    output = capsys.readouterr().out
+    assert [line for line in output.splitlines() if line.startswith("ok   memory: ~")] and "warn cpu" not in output
+
+
 def test_status_shows_the_persisted_state(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CODELUPE_PATHS__STATE_FILE", str(tmp_path / "state.json"))
     save_state(TrainerState(total_training_runs=4, last_trained_id=77, total_samples_trained=500, uptime_seconds=7200,
