@@ -452,13 +452,14 @@ def describe_validation_error(error: ValidationError, config_path: Path,
     return "; ".join(lines)
 
 
-# libpq's key=value form: `password=secret` or `password = 'it''s \\ quoted'` anywhere in the string.
-_KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|(?:[^\s\\]|\\.)+)", re.IGNORECASE)
+# libpq's key=value form: `password=secret` or `password = 'it''s \\ quoted'` anywhere in the string; and
+# `sslpassword`, the passphrase of the client certificate's key (sslkey), as secret as the password.
+_KEYWORD_PASSWORD = re.compile(r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|(?:[^\s\\]|\\.)+)", re.IGNORECASE)
 # One `key = value` of that form, as libpq reads it: a value is single-quoted, or runs to the next space
 # (a backslash escapes the character after it in both).
 _KEYWORD_PAIR = re.compile(r"\s*\w+\s*=\s*(?:'(?:[^'\\]|\\.)*'|(?!')(?:[^\s\\]|\\.)*)\s*")
-# A URL's query parameter: ?password=secret&...
-_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
+# A URL's query parameter: ?password=secret&... (or ?sslpassword=...)
+_QUERY_PASSWORD = re.compile(r"([?&](?:ssl)?password=)([^&#]*)", re.IGNORECASE)
 
 
 def is_url_dsn(dsn: str) -> bool:

@@ -157,6 +157,23 @@ def test_key_value_dsn_password_stays_out_of_show_config_and_logs(tmp_path, monk
     assert "connecting with" in logged and "hunter22" not in logged
 
 
+@pytest.mark.parametrize("dsn", [
+    "host=127.0.0.1 port=1 user=trainer password=hunter22 sslmode=require sslkey=/etc/key.pem sslpassword=Kp4ss0rd dbname=code",
+    "postgresql://trainer:hunter22@127.0.0.1:1/code?sslmode=require&sslkey=/etc/key.pem&sslpassword=Kp4ss0rd",
+])
+def test_the_client_keys_sslpassword_is_as_secret_as_the_password(dsn, monkeypatch, capsys):
+    # libpq's sslpassword unlocks the client certificate's key: a secret in both forms.
+    monkeypatch.setenv("CODELUPE_DATABASE__URL", dsn)
+    assert main(["show-config", "--config", str(CONFIG_DIR / "codelupe.toml")]) == 0
+    output = capsys.readouterr().out
+    assert "Kp4ss0rd" not in output and "hunter22" not in output and "sslpassword=***" in output
+    assert "sslkey=/etc/key.pem" in output  # a path, not a secret: left readable
+    setup_logging(load_settings(CONFIG_DIR / "codelupe.toml"))
+    logging.getLogger("codelupe_trainer.test").warning("the key's passphrase Kp4ss0rd was refused")
+    logged = capsys.readouterr().err
+    assert "was refused" in logged and "Kp4ss0rd" not in logged
+
+
 @pytest.mark.parametrize(
     ("variable", "expected"),
     [
