@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import psycopg
 import pytest
 from conftest import insert_stdlib_rows, write_config
 
-from codelupe_trainer.demo.demo import create_table
+from codelupe_trainer.demo.demo import create_table, crawler_rows, standard_library_files
 from codelupe_trainer.demo.pgserver import start_throwaway_postgres, wait_for_postgres
 from codelupe_trainer.state import load_state
 
@@ -157,37 +156,16 @@ def test_kill_9_in_any_phase_loses_no_row_and_counts_none_twice(crawler_table, t
     assert Path(final.latest_adapter).resolve() == (tmp_path / "adapters" / "latest").resolve() != in_use
 
 
-def test_a_full_disk_while_saving_fails_cleanly(crawler_table, tiny_model, tmp_path):
-    insert_stdlib_rows(crawler_table, start=0, count=50)
-    config = write_config(tmp_path, tiny_model, "[wandb]\nmode = \"disabled\"\n")
-    env = environment(crawler_table)
-    assert subprocess.run(CLI + ["run-once", "--config", str(config)], env=env, capture_output=True).returncode == 0
-    before = load_state(tmp_path / "state.json")
-    insert_stdlib_rows(crawler_table, start=200, count=40, repo="second")
-
-    def small_disk():
-        # Files may not grow past 16 KB: the adapter (~40 KB) cannot be written, like a full disk.
-        resource.setrlimit(resource.RLIMIT_FSIZE, (16_000, 16_000))
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-
-    failed = subprocess.run(CLI + ["run-once", "--config", str(config)], env=env, capture_output=True, text=True,
-                            preexec_fn=small_disk)
-    assert failed.returncode == 1, failed.stderr
-    assert "File too large" in failed.stderr
-    after = load_state(tmp_path / "state.json")
-    assert (after.last_trained_id, after.total_samples_trained, after.total_training_runs, after.latest_adapter) == \
-        (before.last_trained_id, before.total_samples_trained, before.total_training_runs, before.latest_adapter)
-    assert after.consecutive_failures == 1 and "File too large" in after.last_error
-    assert (tmp_path / "adapters" / "latest").resolve().name == "run-000001"
-    assert sorted(path.name for path in (tmp_path / "adapters").iterdir()) == ["latest", "run-000001"]
-
-
 # A real full disk for one test: a tmpfs mounted in a mount namespace of its own (root, as in CI, or an
 # unprivileged user namespace), so nothing outside the script sees it and it vanishes with the script.
 FULL_DISK_SCRIPT = r"""
 set -u
 mount -t tmpfs -o size=100m tmpfs "$DISK" || exit 97
-# 1. Too little room from the start (40 MB free): the cycle fails before it loads the model, and says so.
+# 0. A first run with room: an adapter in service.
+"$@" run-once > "$OUT/zero.log" 2>&1; echo $? > "$OUT/zero.rc"
+cp -r "$DISK/var" "$OUT/zero-var"
+psql -q "$CODELUPE_DATABASE__URL" -f "$OUT/more-rows.sql"
+# 1. Too little room (40 MB free): the cycle fails before it loads the model, and says so.
 dd if=/dev/zero of="$DISK/filler" bs=1M count=60 2>/dev/null
 "$@" run-once > "$OUT/first.log" 2>&1; echo $? > "$OUT/first.rc"
 "$@" doctor > "$OUT/doctor.log" 2>&1
@@ -202,11 +180,10 @@ touch "$OUT/resume"
 wait $pid; echo $? > "$OUT/second.rc"
 cp -r "$DISK/var" "$OUT/second-var"
 rm "$DISK/filler"
-# 3. Room again: the same rows train, once.
+# 3. Room again: the new rows train, once.
 "$@" run-once > "$OUT/third.log" 2>&1; echo $? > "$OUT/third.rc"
 cp -r "$DISK/var" "$OUT/third-var"
 """
-
 
 def namespace_prefix() -> list[str]:
     for prefix in (["unshare", "-m"], ["unshare", "-Urm"]):
@@ -221,10 +198,16 @@ def namespace_prefix() -> list[str]:
 def test_a_disk_too_full_for_the_run_fails_before_training_and_one_that_fills_during_it_is_said_as_such(
         crawler_table, tiny_model, tmp_path):
     prefix = namespace_prefix()
-    insert_stdlib_rows(crawler_table, start=0, count=40)
-    eligible, top = eligible_count(crawler_table)
+    insert_stdlib_rows(crawler_table, start=0, count=30)
     disk, out = tmp_path / "disk", tmp_path / "out"
     disk.mkdir(), out.mkdir()
+    # The second batch, inserted by the script once the first run is saved.
+    rows = list(crawler_rows(standard_library_files(300)))[200:230]
+    with psycopg.connect(crawler_table) as connection, psycopg.ClientCursor(connection) as cursor:
+        values = [cursor.mogrify("(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", row) for row in rows]
+    (out / "more-rows.sql").write_text(
+        "INSERT INTO processed_files (job_id, file_path, relative_path, content, language, lines, size, hash, "
+        "repo_name, quality_score) VALUES " + ",\n".join(values) + ";\n")
     config = write_config(tmp_path, tiny_model, f'[paths]\nstate_file = "{disk}/var/state.json"\n'
                                                  f'output_dir = "{disk}/var/adapters"\n'
                                                  f'[wandb]\nmode = "offline"\ndir = "{disk}/var"\n')
@@ -232,7 +215,10 @@ def test_a_disk_too_full_for_the_run_fails_before_training_and_one_that_fills_du
     script = subprocess.run(prefix + ["sh", "-c", FULL_DISK_SCRIPT, "full-disk", *CLI],
                             env=env, capture_output=True, text=True, timeout=600)
     assert script.returncode == 0, script.stdout + script.stderr
-    logs = {name: (out / f"{name}.log").read_text() for name in ("first", "doctor", "second", "third")}
+    logs = {name: (out / f"{name}.log").read_text() for name in ("zero", "first", "doctor", "second", "third")}
+    assert (out / "zero.rc").read_text().strip() == "0", logs["zero"]
+    before = load_state(out / "zero-var" / "state.json")
+    assert before.total_training_runs == 1
 
     # 1. Before anything loads: one line naming the directory, its free space and the run's needs; recorded.
     assert (out / "first.rc").read_text().strip() == "1", logs["first"]
@@ -240,24 +226,29 @@ def test_a_disk_too_full_for_the_run_fails_before_training_and_one_that_fills_du
     assert "loading" not in logs["first"] and "Traceback" not in logs["first"]
     first = json.loads((out / "first-state.json").read_text())
     assert first["consecutive_failures"] == 1 and "not enough disk space" in first["last_error"]
-    assert first["total_training_runs"] == 0
+    assert (first["total_training_runs"], first["last_trained_id"]) == (1, before.last_trained_id)
     assert re.search(r"^FAIL disk: not enough disk space under .*/var/adapters", logs["doctor"], re.MULTILINE), logs["doctor"]
 
     # 2. Full while writing: said as a full disk (not a library's error with a traceback file), nothing
-    # saved or advanced; the state could not take the failure either, and that is said too.
+    # saved or advanced, `latest` still the adapter in service; the state could not take the failure
+    # either, and that is said too.
     assert (out / "second.rc").read_text().strip() == "1", logs["second"]
     assert "a disk filled up during this run" in logs["second"], logs["second"]
     assert "could not record this failure" in logs["second"] and "Traceback" not in logs["second"]
     assert not (out / "second-var" / "last-failure.txt").exists()
     second = load_state(out / "second-var" / "state.json")
-    assert (second.total_training_runs, second.last_trained_id, second.latest_adapter) == (0, 0, None)
-    assert not [path for path in (out / "second-var" / "adapters").iterdir() if path.name.startswith("run-")]
+    assert (second.total_training_runs, second.last_trained_id, second.latest_adapter) == \
+        (1, before.last_trained_id, before.latest_adapter)
+    adapters = out / "second-var" / "adapters"
+    assert sorted(path.name for path in adapters.iterdir()) == ["latest", "run-000001"]
+    assert (adapters / "latest").readlink().name == "run-000001"
 
     # 3. With room again, every row is consumed once.
     assert (out / "third.rc").read_text().strip() == "0", logs["third"]
     third = load_state(out / "third-var" / "state.json")
-    assert third.total_training_runs == 1 and third.consecutive_failures == 0 and third.last_trained_id == top
-    assert third.total_samples_trained + third.total_samples_held_out + third.last_run["holdout_rows"] == eligible
+    count, top = eligible_count(crawler_table)
+    assert third.total_training_runs == 2 and third.consecutive_failures == 0 and third.last_trained_id == top
+    assert third.total_samples_trained + third.total_samples_held_out == count
 
 
 @pytest.fixture
