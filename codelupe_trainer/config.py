@@ -116,6 +116,12 @@ class ModelSettings(Section):
         "them apart, else one sample per row in length-grouped batches.",
     )
 
+    # A local directory written as `~/models/coder-7b` is that directory (transformers would take it for a hub id).
+    @field_validator("base_model")
+    @classmethod
+    def _expand_home(cls, name: str) -> str:
+        return os.path.expanduser(name) if name.startswith("~") else name
+
     @property
     def is_local(self) -> bool:
         return is_local_model(self.base_model)
@@ -216,11 +222,23 @@ class WandbSettings(Section):
     finish_timeout_s: float = Field(30.0, gt=0)
     keep_offline_days: float = Field(14.0, gt=0, description="Offline run folders older than this (or synced) are removed.")
 
+    @field_validator("dir")
+    @classmethod
+    def _expand_home(cls, path: Path | None) -> Path | None:  # `~/wandb` is in the home directory
+        return path.expanduser() if path is not None else None
+
 
 class PathsSettings(Section):
     state_file: Path = Path("var/state.json")
     output_dir: Path = Path("var/adapters")
     keep_adapters: int = Field(5, ge=1)
+
+    # `~/codelupe/state.json` means the home directory, as in a shell, not a folder named `~` in the
+    # working directory (the service's is /var/lib/codelupe-trainer).
+    @field_validator("state_file", "output_dir")
+    @classmethod
+    def _expand_home(cls, path: Path) -> Path:
+        return path.expanduser()
 
 
 class ServiceSettings(Section):

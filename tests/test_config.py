@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from urllib.parse import quote
@@ -230,6 +231,23 @@ def test_an_unreadable_config_file_is_one_line_and_exit_2(tmp_path, capsys, make
     assert expected in error and str(path) in error and "\n" not in error and "Traceback" not in error
 
 
+def test_a_path_from_the_home_directory_is_the_home_directory(tmp_path, monkeypatch):
+    # `~` is the home directory in every path setting, as in a shell; not a folder named `~` in the working
+    # directory, and not a hub id for the model.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "codelupe.toml"
+    path.write_text('[paths]\nstate_file = "~/codelupe/state.json"\noutput_dir = "~/codelupe/adapters"\n'
+                    '[wandb]\ndir = "~/wandb-runs"\n[model]\nbase_model = "~/models/coder-7b"\n')
+    settings = load_settings(path)
+    home = tmp_path / "home"
+    assert settings.paths.state_file == home / "codelupe" / "state.json"
+    assert settings.paths.output_dir == home / "codelupe" / "adapters"
+    assert settings.wandb.dir == home / "wandb-runs"
+    assert settings.model.base_model == str(home / "models" / "coder-7b") and settings.model.is_local
+    assert settings.model.public_name == "local:coder-7b"
+
+
 def test_a_config_saved_by_a_windows_editor_reads_as_written(tmp_path):
     # Notepad and some editors start a UTF-8 file with a byte-order mark and end lines with CRLF; tomllib
     # calls the mark "Invalid statement (at line 1, column 1)", on a line that looks right.
@@ -288,4 +306,5 @@ def test_a_local_model_leaves_the_machine_by_its_folder_name_only(base_model, pu
     assert model.public_name == public
     settings = Settings(database={"url": "postgresql://localhost/db"}, model={"base_model": base_model})
     assert run_config(settings)["model"]["base_model"] == public
-    assert settings.model.base_model == base_model  # only what W&B is given changes
+    # Only what W&B is given changes (`~` is expanded for the machine's own use).
+    assert settings.model.base_model == os.path.expanduser(base_model)
