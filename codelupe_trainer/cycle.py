@@ -163,6 +163,10 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
         crash_point("tokenize")
     stop.CURRENT.check("after the dataset build")
     held_out = dataset.eval_samples + holdout.rows_in_fetch
+    if dataset.train_samples and not dataset.train_blocks:
+        # Samples passed every filter and yet gave nothing to train: the rows are not done with.
+        raise TrainingError(f"{dataset.train_samples} samples passed the filters but gave no tokens to train on: "
+                            f"the tokenizer of model.base_model reads them as nothing; nothing was advanced")
     if not dataset.train_blocks:
         # Everything was skipped or blocked: nothing to train, but those rows are done with.
         save_state(advance_state(state, fetched, 0, None, None, process_started, samples_held_out=held_out),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,45 @@ def test_run_once_names_a_missing_table_before_loading_torch(db_url, tiny_model,
                                env=with_fake_torch(tmp_path, db_url, POISONED_TORCH), timeout=120)
     assert completed.returncode == 2, completed.stderr
     assert "table 'processed_files' does not exist" in completed.stderr and "torch was imported" not in completed.stderr
+
+
+@pytest.mark.slow
+def test_a_model_without_its_tokenizer_never_consumes_rows(crawler_table, tiny_model, tmp_path, monkeypatch):
+    # Without tokenizer files transformers builds an empty tokenizer from config.json alone, without a word:
+    # every file of code read as no tokens, "trained" in no step, and the rows counted as consumed.
+    from codelupe_trainer.config import load_settings
+    from codelupe_trainer.cycle import run_cycle
+    from codelupe_trainer.errors import TrainingError
+    from codelupe_trainer.state import load_state
+    from codelupe_trainer.training.model import load_tokenizer
+
+    insert_stdlib_rows(crawler_table, start=0, count=20)
+    bare = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_model, bare)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (bare / name).unlink(missing_ok=True)
+    config = write_config(tmp_path, bare)
+    completed = run_cli(["run-once", "--config", str(config)], crawler_table, tmp_path)
+    assert completed.returncode == 1, completed.stderr
+    assert "has no tokenizer (tokenizer.json, or vocab.json and merges.txt)" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    doctor = run_cli(["doctor", "--config", str(config)], crawler_table, tmp_path)
+    assert doctor.returncode == 1 and "FAIL model: model.base_model" in doctor.stdout
+    # The daemon's cycle (files removed while it runs): a failed cycle, nothing advanced.
+    monkeypatch.setenv("CODELUPE_DATABASE__URL", crawler_table)
+    settings = load_settings(config)
+    with pytest.raises(TrainingError, match="has no tokenizer"):
+        run_cycle(settings)
+    assert load_state(settings.paths.state_file).last_trained_id == 0
+    # A tokenizer file that is there but empty (damaged, or another model's stub) is caught at load.
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.BPE()).save(str(bare / "tokenizer.json"))
+    with pytest.raises(TrainingError, match="is empty"):
+        load_tokenizer(str(bare))
+    with pytest.raises(TrainingError, match="is empty"):
+        run_cycle(settings)
+    assert load_state(settings.paths.state_file).last_trained_id == 0
 
 
 def test_a_cycle_with_too_few_new_rows_ends_without_loading_torch(crawler_table, tiny_model, tmp_path):

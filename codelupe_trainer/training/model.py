@@ -42,9 +42,17 @@ def from_cache_first(load, name: str, cache_only: dict[str, Any] | None = None, 
 
 def load_tokenizer(base_model: str):
     tokenizer = from_cache_first(AutoTokenizer.from_pretrained, base_model)
+    # An empty tokenizer (files damaged or from another model) reads all code as no tokens: nothing would
+    # train, and the rows would still count as consumed.
+    if len(tokenizer) < 256 or not tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]:
+        raise TrainingError(f"the tokenizer of model.base_model {base_model!r} is empty ({len(tokenizer)} tokens): "
+                            "its tokenizer files are damaged or missing; copy them from the model's hub repository")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+TOKENIZER_PROBE = "def main():\n    return 0\n"
 
 
 def quiet_progress_bars_off_a_terminal() -> None:

@@ -45,12 +45,20 @@ def hub_reachable() -> tuple[bool, str]:
     return True, endpoint
 
 
+# A tokenizer's own files, one set of which a model directory needs. Without any, transformers builds an
+# empty tokenizer from config.json alone, without a word, and it reads every file of code as no tokens.
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
+
+
 def check_model_path(base_model: str, probe_hub: bool = True) -> tuple[str, bool, str]:
     path = Path(base_model)
     if is_local_model(base_model):
-        if (path.expanduser() / "config.json").exists():
-            return ("model", True, f"local model at {path}")
-        return ("model", False, f"model.base_model {base_model!r} is not a directory with a config.json")
+        if not (path.expanduser() / "config.json").exists():
+            return ("model", False, f"model.base_model {base_model!r} is not a directory with a config.json")
+        if not any(all((path.expanduser() / name).exists() for name in names) for names in TOKENIZER_FILES):
+            return ("model", False, f"model.base_model {base_model!r} has no tokenizer (tokenizer.json, or vocab.json "
+                                    "and merges.txt): copy the tokenizer files of the model's hub repository into it")
+        return ("model", True, f"local model at {path}")
     cached = cached_hub_model(base_model)
     if cached:
         return ("model", True, f"hub id {base_model!r}, in the local Hugging Face cache ({cached})")
