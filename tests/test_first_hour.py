@@ -118,6 +118,36 @@ def test_a_model_without_its_tokenizer_never_consumes_rows(crawler_table, tiny_m
     assert load_state(settings.paths.state_file).last_trained_id == 0
 
 
+@pytest.mark.slow
+def test_target_modules_that_the_model_lacks_are_named_before_it_loads(crawler_table, tiny_model, tmp_path, monkeypatch):
+    # GPT-2-style names on a Qwen2 model: peft refuses it only after the model has loaded, with an error the
+    # cycle took for a bug (a traceback file, every cycle). Some missing: peft leaves them out without a word.
+    from codelupe_trainer.config import load_settings
+    from codelupe_trainer.cycle import run_cycle
+    from codelupe_trainer.errors import TrainingError
+    from codelupe_trainer.state import load_state
+
+    insert_stdlib_rows(crawler_table, start=0, count=20)
+    config = write_config(tmp_path, tiny_model, '[model]\nbase_model = "%s"\nquantization = "none"\nlora_r = 4\n'
+                                                'target_modules = ["c_attn", "c_proj"]\n' % tiny_model)
+    doctor = run_cli(["doctor", "--config", str(config)], crawler_table, tmp_path)
+    assert doctor.returncode == 1
+    assert ("FAIL target_modules: model.target_modules = ['c_attn', 'c_proj'] names no linear layer of model.base_model"
+            in doctor.stdout and "its layers are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in doctor.stdout)
+    monkeypatch.setenv("CODELUPE_DATABASE__URL", crawler_table)
+    settings = load_settings(config)
+    with pytest.raises(TrainingError, match="names no linear layer"):
+        run_cycle(settings)
+    assert load_state(settings.paths.state_file).last_trained_id == 0
+    assert not (tmp_path / "last-failure.txt").exists()
+
+    config = write_config(tmp_path, tiny_model, '[model]\nbase_model = "%s"\nquantization = "none"\nlora_r = 4\n'
+                                                'target_modules = ["q_proj", "v_proj", "c_fc"]\n' % tiny_model)
+    doctor = run_cli(["doctor", "--config", str(config)], crawler_table, tmp_path)
+    assert "warn target_modules: model.target_modules: c_fc not in model.base_model" in doctor.stdout
+    assert "LoRA goes on the other 2 only" in doctor.stdout
+
+
 def test_a_cycle_with_too_few_new_rows_ends_without_loading_torch(crawler_table, tiny_model, tmp_path):
     """The daemon's usual cycle while rows trickle in: count, say so, end. Loading the training stack for it
     cost ~10 s and ~0.4 GB every interval (benchmarks/idle_cycle.py)."""

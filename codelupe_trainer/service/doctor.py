@@ -18,7 +18,7 @@ from ..state import in_service_adapter, load_state
 from ..training.adapter_fit import in_service_misfit
 from ..training.disk import MB, space_needed, space_problem
 from ..training.gpu_check import cuda_checks, self_check
-from ..training.model_files import check_model_path
+from ..training.model_files import check_model_path, target_modules_check
 from ..training.rendezvous import split_endpoint
 
 
@@ -44,6 +44,9 @@ def run_checks(settings: Settings) -> list[tuple[str, bool | None, str]]:
     except SourceError as error:
         results.append(("database", False, str(error)))
     results.append(check_model_path(settings.model.base_model))
+    targets = target_modules_check(settings.model.base_model, settings.model.target_modules)
+    if targets is not None:
+        results.append(("target_modules", *targets))
     results.append(check_state(settings))
     results.append(check_store(settings))
     results.append(check_adapter(settings))
@@ -247,6 +250,9 @@ def model_and_gpu_problems(settings: Settings) -> list[str]:
     name, ok, detail = check_model_path(settings.model.base_model, probe_hub=False)
     if not ok:
         problems.append(detail)
+    targets = target_modules_check(settings.model.base_model, settings.model.target_modules)
+    if targets is not None and targets[0] is False:
+        problems.append(targets[1])
     return problems + gpu_problems()
 
 

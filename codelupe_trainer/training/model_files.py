@@ -6,6 +6,7 @@ reachable hub that fails in one line within seconds, instead of transformers' mi
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import urllib.error
@@ -70,6 +71,52 @@ def check_model_path(base_model: str, probe_hub: bool = True) -> tuple[str, bool
                                 f"cannot be reached: {detail}; download it on a connected machine or set a local directory")
     return ("model", True, f"hub id {base_model!r}, not in the local cache yet: the first run downloads it "
                            "(~15 GB for a 7B; set HF_TOKEN in secrets.env for a gated model)")
+
+
+def model_folder(base_model: str) -> Path | None:
+    """The folder holding the model's files on this machine: a local directory, or its hub cache snapshot."""
+    local = Path(base_model).expanduser()
+    if is_local_model(base_model):
+        return local if (local / "config.json").exists() else None
+    cached = cached_hub_model(base_model)
+    return Path(cached) if cached else None
+
+
+def linear_module_names(base_model: str) -> set[str] | None:
+    """The names (last part) of the model's linear layers, read from its safetensors headers: what
+    model.target_modules may name. None where the weights are not on this machine (yet) or not safetensors."""
+    folder = model_folder(base_model)
+    files = sorted(folder.glob("*.safetensors")) if folder is not None else []
+    names: set[str] = set()
+    for file in files:
+        try:
+            with open(file, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size))
+        except (OSError, ValueError):
+            return None
+        for key, entry in header.items():
+            if key.endswith(".weight") and isinstance(entry, dict) and len(entry.get("shape", ())) == 2:
+                names.add(key.removesuffix(".weight").rsplit(".", 1)[-1])
+    return names or None
+
+
+def target_modules_check(base_model: str, target_modules: list[str]) -> tuple[bool | None, str] | None:
+    """(False, why) when model.target_modules names none of the model's linear layers (peft refuses the
+    model, every cycle), (None, which) when it names some that the model lacks (peft leaves them out without
+    a word), (True, ...) when all are there; None when the weights cannot be read here."""
+    names = linear_module_names(base_model)
+    if names is None:
+        return None
+    missing = [name for name in target_modules if name not in names]
+    layers = ", ".join(sorted(names - {"lm_head", "embed_tokens"}))
+    if len(missing) == len(target_modules):
+        return (False, f"model.target_modules = {target_modules} names no linear layer of model.base_model "
+                       f"{base_model!r}; its layers are: {layers}")
+    if missing:
+        return (None, f"model.target_modules: {', '.join(missing)} not in model.base_model {base_model!r}: LoRA "
+                      f"goes on the other {len(target_modules) - len(missing)} only (its layers are: {layers})")
+    return (True, f"all {len(target_modules)} in the model")
 
 
 def downloaded_bytes(repo_id: str, cache_dir: str | Path | None = None) -> int:
