@@ -148,6 +148,34 @@ def test_target_modules_that_the_model_lacks_are_named_before_it_loads(crawler_t
     assert "LoRA goes on the other 2 only" in doctor.stdout
 
 
+@pytest.mark.slow
+def test_flash_attention_without_its_package_or_a_gpu_is_one_line_before_the_model_loads(crawler_table, tiny_model,
+                                                                                         tmp_path, monkeypatch):
+    import importlib.util
+
+    from codelupe_trainer.config import ModelSettings, load_settings
+    from codelupe_trainer.cycle import run_cycle
+    from codelupe_trainer.errors import TrainingError
+    from codelupe_trainer.training.model import load_base_model
+
+    # On a machine without CUDA it is refused at the load, whatever is installed.
+    with pytest.raises(TrainingError, match="runs on CUDA only"):
+        load_base_model(ModelSettings(base_model=str(tiny_model), attn_implementation="flash_attention_2"), "cpu")
+    if importlib.util.find_spec("flash_attn") is not None:
+        return  # a GPU box with flash-attn: the package check below has nothing to refuse
+    insert_stdlib_rows(crawler_table, start=0, count=20)
+    config = write_config(tmp_path, tiny_model, '[model]\nbase_model = "%s"\nquantization = "none"\nlora_r = 4\n'
+                                                'attn_implementation = "flash_attention_2"\n' % tiny_model)
+    doctor = run_cli(["doctor", "--config", str(config)], crawler_table, tmp_path)
+    assert doctor.returncode == 1 and "FAIL attention: model.attn_implementation" in doctor.stdout
+    started = run_cli(["run", "--config", str(config)], crawler_table, tmp_path)
+    assert started.returncode == 2 and "needs the flash-attn package" in started.stderr, started.stderr
+    monkeypatch.setenv("CODELUPE_DATABASE__URL", crawler_table)
+    with pytest.raises(TrainingError, match="needs the flash-attn package"):
+        run_cycle(load_settings(config))
+    assert not (tmp_path / "last-failure.txt").exists()
+
+
 def test_a_cycle_with_too_few_new_rows_ends_without_loading_torch(crawler_table, tiny_model, tmp_path):
     """The daemon's usual cycle while rows trickle in: count, say so, end. Loading the training stack for it
     cost ~10 s and ~0.4 GB every interval (benchmarks/idle_cycle.py)."""

@@ -67,6 +67,9 @@ def quiet_progress_bars_off_a_terminal() -> None:
 def load_base_model(model_settings: ModelSettings, device: str, device_index: int = 0):
     """`device_index`: the GPU of this training rank (one process per GPU when training.num_processes > 1)."""
     crash_point("load")
+    if device != "cuda" and model_settings.attn_implementation == "flash_attention_2":
+        raise TrainingError('model.attn_implementation = "flash_attention_2" runs on CUDA only and this machine has '
+                            'no CUDA device: use "sdpa" here')
     quiet_progress_bars_off_a_terminal()
     quantization = model_settings.quantization_on(device)
     compute_dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -119,6 +119,18 @@ def target_modules_check(base_model: str, target_modules: list[str]) -> tuple[bo
     return (True, f"all {len(target_modules)} in the model")
 
 
+def attention_problem(attn_implementation: str) -> str | None:
+    """flash_attention_2 needs the flash-attn package (a CUDA build of it): without it transformers fails the
+    load of every cycle, after the model's weights were read."""
+    import importlib.util
+
+    if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        return ("model.attn_implementation = \"flash_attention_2\" needs the flash-attn package, which is not "
+                "installed: `pip install flash-attn --no-build-isolation` on the GPU box, or use \"sdpa\" (the default; "
+                "packing keeps samples apart with either)")
+    return None
+
+
 def downloaded_bytes(repo_id: str, cache_dir: str | Path | None = None) -> int:
     """Bytes of the model's files in the local hub cache, partial downloads included (both the HTTP and the
     Xet download write into `blobs/<etag>.<id>.incomplete` there)."""
