@@ -149,31 +149,48 @@ def test_target_modules_that_the_model_lacks_are_named_before_it_loads(crawler_t
 
 
 @pytest.mark.slow
-def test_flash_attention_without_its_package_or_a_gpu_is_one_line_before_the_model_loads(crawler_table, tiny_model,
-                                                                                         tmp_path, monkeypatch):
+@pytest.mark.parametrize(("setting", "package", "expected"), [
+    ('[model]\nattn_implementation = "flash_attention_2"', "flash_attn", 'model.attn_implementation = "flash_attention_2" needs the flash-attn package'),
+    ('[training]\nloss = "fused"', "liger_kernel", 'training.loss = "fused" needs Liger-Kernel'),
+])
+def test_a_setting_whose_package_is_missing_is_one_line_before_the_model_loads(crawler_table, tiny_model, tmp_path,
+                                                                               monkeypatch, setting, package, expected):
+    # transformers found out only after reading the weights (and, for the loss, evaluating the holdout), with
+    # an ImportError the cycle took for a bug: a traceback file, every cycle.
     import importlib.util
 
-    from codelupe_trainer.config import ModelSettings, load_settings
+    from codelupe_trainer.config import load_settings
     from codelupe_trainer.cycle import run_cycle
     from codelupe_trainer.errors import TrainingError
-    from codelupe_trainer.training.model import load_base_model
 
-    # On a machine without CUDA it is refused at the load, whatever is installed.
-    with pytest.raises(TrainingError, match="runs on CUDA only"):
-        load_base_model(ModelSettings(base_model=str(tiny_model), attn_implementation="flash_attention_2"), "cpu")
-    if importlib.util.find_spec("flash_attn") is not None:
-        return  # a GPU box with flash-attn: the package check below has nothing to refuse
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here: nothing to refuse")  # the GPU box with the gpu extra
     insert_stdlib_rows(crawler_table, start=0, count=20)
-    config = write_config(tmp_path, tiny_model, '[model]\nbase_model = "%s"\nquantization = "none"\nlora_r = 4\n'
-                                                'attn_implementation = "flash_attention_2"\n' % tiny_model)
+    section, line = setting.split("\n")
+    extra = {"[model]": f'[model]\nbase_model = "{tiny_model}"\nquantization = "none"\nlora_r = 4\n{line}\n',
+             "[training]": f"[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\n{line}\n"}[section]
+    config = write_config(tmp_path, tiny_model, extra)
     doctor = run_cli(["doctor", "--config", str(config)], crawler_table, tmp_path)
-    assert doctor.returncode == 1 and "FAIL attention: model.attn_implementation" in doctor.stdout
+    assert doctor.returncode == 1 and f"FAIL packages: {expected}" in doctor.stdout
     started = run_cli(["run", "--config", str(config)], crawler_table, tmp_path)
-    assert started.returncode == 2 and "needs the flash-attn package" in started.stderr, started.stderr
+    assert started.returncode == 2 and expected in started.stderr, started.stderr
     monkeypatch.setenv("CODELUPE_DATABASE__URL", crawler_table)
-    with pytest.raises(TrainingError, match="needs the flash-attn package"):
+    with pytest.raises(TrainingError, match=expected.split(" needs")[0][:20]):
         run_cycle(load_settings(config))
     assert not (tmp_path / "last-failure.txt").exists()
+
+
+def test_cuda_only_settings_are_refused_on_a_machine_without_cuda(tiny_model):
+    from codelupe_trainer.config import ModelSettings
+    from codelupe_trainer.errors import TrainingError
+    from codelupe_trainer.training.loss import resolve_loss
+    from codelupe_trainer.training.model import load_base_model
+
+    with pytest.raises(TrainingError, match="runs on CUDA only"):
+        load_base_model(ModelSettings(base_model=str(tiny_model), attn_implementation="flash_attention_2"), "cpu")
+    with pytest.raises(TrainingError, match="runs on CUDA only"):
+        resolve_loss("fused", "cpu")
+    assert resolve_loss("auto", "cpu") == "chunked"
 
 
 def test_a_cycle_with_too_few_new_rows_ends_without_loading_torch(crawler_table, tiny_model, tmp_path):

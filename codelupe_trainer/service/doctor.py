@@ -18,7 +18,7 @@ from ..state import in_service_adapter, load_state
 from ..training.adapter_fit import in_service_misfit
 from ..training.disk import MB, space_needed, space_problem
 from ..training.gpu_check import cuda_checks, self_check
-from ..training.model_files import attention_problem, check_model_path, target_modules_check
+from ..training.model_files import check_model_path, package_problems, target_modules_check
 from ..training.rendezvous import split_endpoint
 
 
@@ -47,9 +47,8 @@ def run_checks(settings: Settings) -> list[tuple[str, bool | None, str]]:
     targets = target_modules_check(settings.model.base_model, settings.model.target_modules)
     if targets is not None:
         results.append(("target_modules", *targets))
-    unusable_attention = attention_problem(settings.model.attn_implementation)
-    if unusable_attention:
-        results.append(("attention", False, unusable_attention))
+    for problem in package_problems(settings.model.attn_implementation, settings.training.loss):
+        results.append(("packages", False, problem))
     results.append(check_state(settings))
     results.append(check_store(settings))
     results.append(check_adapter(settings))
@@ -256,9 +255,7 @@ def model_and_gpu_problems(settings: Settings) -> list[str]:
     targets = target_modules_check(settings.model.base_model, settings.model.target_modules)
     if targets is not None and targets[0] is False:
         problems.append(targets[1])
-    unusable_attention = attention_problem(settings.model.attn_implementation)
-    if unusable_attention:
-        problems.append(unusable_attention)
+    problems += package_problems(settings.model.attn_implementation, settings.training.loss)
     return problems + gpu_problems()
 
 

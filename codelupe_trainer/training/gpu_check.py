@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from ..config import Settings
+from ..errors import TrainingError
 from .flops import decoder_matmul_parameters, projection_shapes
 
 GB = 1e9
@@ -133,7 +134,10 @@ def self_check(settings: Settings) -> list[tuple[str, bool, str]]:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     quantized = settings.model.quantization_on(device) != "none"
-    loss = resolve_loss(settings.training.loss, device)
+    try:
+        loss = resolve_loss(settings.training.loss, device)
+    except TrainingError as error:
+        return [("loss", False, str(error))]
     config = model_config(settings.model.base_model)
     results = []
     required = None

@@ -23,12 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import TrainingError
+
 IGNORE_INDEX = -100
 # 2,048 tokens x 152,064 vocabulary x 4 bytes = 1.2 GB of fp32 logits per chunk at most.
 CHUNK_TOKENS = 2048
 
 
 def resolve_loss(setting: str, device: str) -> str:
+    if setting == "fused" and device != "cuda":  # Liger's kernels are Triton on CUDA
+        raise TrainingError('training.loss = "fused" runs on CUDA only and this machine has no CUDA device: use '
+                            '"auto" (chunked here) or "chunked"')
     if setting != "auto":
         return setting
     if device == "cuda" and importlib.util.find_spec("liger_kernel") is not None:

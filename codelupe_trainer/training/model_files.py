@@ -119,16 +119,21 @@ def target_modules_check(base_model: str, target_modules: list[str]) -> tuple[bo
     return (True, f"all {len(target_modules)} in the model")
 
 
-def attention_problem(attn_implementation: str) -> str | None:
-    """flash_attention_2 needs the flash-attn package (a CUDA build of it): without it transformers fails the
-    load of every cycle, after the model's weights were read."""
+def package_problems(attn_implementation: str, loss: str) -> list[str]:
+    """Settings that need a package this machine lacks: transformers would fail every cycle on them after the
+    model's weights were read (a traceback each time). flash_attention_2 needs flash-attn; the fused loss
+    needs Liger-Kernel (both CUDA-only: the load says so on a machine without CUDA)."""
     import importlib.util
 
+    problems = []
     if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        return ("model.attn_implementation = \"flash_attention_2\" needs the flash-attn package, which is not "
-                "installed: `pip install flash-attn --no-build-isolation` on the GPU box, or use \"sdpa\" (the default; "
-                "packing keeps samples apart with either)")
-    return None
+        problems.append("model.attn_implementation = \"flash_attention_2\" needs the flash-attn package, which is not "
+                        "installed: `pip install flash-attn --no-build-isolation` on the GPU box, or use \"sdpa\" (the "
+                        "default; packing keeps samples apart with either)")
+    if loss == "fused" and importlib.util.find_spec("liger_kernel") is None:
+        problems.append("training.loss = \"fused\" needs Liger-Kernel, which is not installed: `pip install \".[gpu]\"` "
+                        "on the GPU box, or use \"auto\" (fused where Liger is installed on CUDA, else chunked)")
+    return problems
 
 
 def downloaded_bytes(repo_id: str, cache_dir: str | Path | None = None) -> int:
