@@ -68,7 +68,7 @@ def test_chunked_loss_without_gradients_matches_too(tiny_model):
 
 
 @pytest.mark.parametrize(("setting", "device", "expected"), [
-    ("auto", "cpu", "chunked"), ("standard", "cuda", "standard"), ("chunked", "cuda", "chunked"), ("fused", "cpu", "fused"),
+    ("auto", "cpu", "chunked"), ("standard", "cuda", "standard"), ("chunked", "cuda", "chunked"), ("fused", "cuda", "fused"),
 ])
 def test_resolve_loss(setting, device, expected):
     assert resolve_loss(setting, device) == expected
