@@ -1,4 +1,6 @@
-"""Where the base model lives (a local directory or a hub id), checked without importing torch.
+"""Where the base model lives (a local directory or a hub id) and what its files and this machine's packages
+allow (a tokenizer, the linear layers LoRA may target, flash-attn and Liger where a setting needs them),
+checked without importing torch.
 
 A hub id that is not in the local Hugging Face cache must be downloaded (~15 GB for the 7B, once); with no
 reachable hub that fails in one line within seconds, instead of transformers' minute of retries.
@@ -92,6 +94,8 @@ def linear_module_names(base_model: str) -> set[str] | None:
         try:
             with open(file, "rb") as handle:
                 size = int.from_bytes(handle.read(8), "little")
+                if size > 100_000_000:  # not a safetensors header: a damaged file
+                    return None
                 header = json.loads(handle.read(size))
         except (OSError, ValueError):
             return None
