@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..config import ModelSettings
 from .adapters import ADAPTER_WEIGHTS
-from .model_files import cached_hub_model
+from .model_files import base_model_config
 
 ADAPTER_CONFIG = "adapter_config.json"
 # peft's key for one LoRA matrix: ...layers.<i>.<module path>.lora_A.weight (or lora_B).
@@ -43,18 +43,6 @@ def changed_lora_settings(saved: dict, model: ModelSettings) -> list[str]:
     if isinstance(modules, list) and set(modules) != set(model.target_modules):
         changed.append(f"model.target_modules = {sorted(model.target_modules)} (the adapter has {sorted(modules)})")
     return changed
-
-
-def base_model_config(base_model: str) -> dict | None:
-    """The base model's config.json where it is on this machine (a local directory or the hub cache)."""
-    local = Path(base_model).expanduser()
-    folder = local if (local / "config.json").exists() else (cached_hub_model(base_model) or None)
-    if folder is None:
-        return None
-    try:
-        return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def lora_shapes(adapter_dir: Path) -> list[tuple[int, str, str, tuple[int, ...]]] | None:

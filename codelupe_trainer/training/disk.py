@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..config import Settings
 from .flops import projection_shapes
-from .gpu_check import model_config
+from .model_files import base_model_config
 
 MB = 1024 * 1024
 # The state, metrics.jsonl, the W&B run folder and the duplicate store grow by far less than this per run
@@ -28,7 +28,7 @@ _FULL_TEXTS = ("no space left on device", "disk quota exceeded", "os error 28", 
 
 def adapter_bytes(settings: Settings) -> int:
     """The saved adapter's size: its LoRA weights in fp32 (0 when the base model's config.json is not here yet)."""
-    config = model_config(settings.model.base_model)
+    config = base_model_config(settings.model.base_model)
     if not config:
         return 0
     shapes = projection_shapes(config)
@@ -39,16 +39,14 @@ def adapter_bytes(settings: Settings) -> int:
 
 def free_bytes(path: Path) -> int:
     """Free space for this user on the file system that holds `path` (or its nearest existing parent)."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    stats = os.statvfs(path)
+    stats = os.statvfs(_existing(path))
     return stats.f_bavail * stats.f_frsize
 
 
 def space_needed(settings: Settings) -> dict[Path, int]:
     """Bytes a run writes, by directory: the adapter under output_dir, the rest beside the state."""
     state_dir = settings.paths.state_file.parent
-    if _device(state_dir) == _device(settings.paths.output_dir):
+    if os.stat(_existing(state_dir)).st_dev == os.stat(_existing(settings.paths.output_dir)).st_dev:
         return {settings.paths.output_dir: adapter_bytes(settings) + MARGIN_BYTES}
     return {settings.paths.output_dir: adapter_bytes(settings) + MARGIN_BYTES // 2, state_dir: MARGIN_BYTES // 2}
 
@@ -88,7 +86,8 @@ def describe_disk_full(settings: Settings) -> str:
             "and the next cycle trains these rows")
 
 
-def _device(path: Path) -> int:
+def _existing(path: Path) -> Path:
+    """The path, or its nearest parent that exists (a directory the first run will create)."""
     while not path.exists() and path != path.parent:
         path = path.parent
-    return os.stat(path).st_dev
+    return path

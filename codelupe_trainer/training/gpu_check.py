@@ -14,33 +14,19 @@ an H100 (benchmarks/train_throughput.py): measured 19.4 GB with the chunked and 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from ..config import Settings
 from ..errors import TrainingError
 from .flops import decoder_matmul_parameters, projection_shapes
+from .model_files import base_model_config
 
 GB = 1e9
 OVERHEAD_GB = 2.5
 CPU_OVERHEAD_GB = 1.0  # the Python process with torch and transformers loaded
 # Parameters above which the CPU is no place to train: a step of the 7B there takes many minutes.
 CPU_PARAMETER_LIMIT = 1e9
-
-
-def model_config(base_model: str) -> dict | None:
-    """config.json of a local model directory, or of a hub model already in the local cache."""
-    path = Path(base_model).expanduser()
-    if (path / "config.json").exists():
-        return json.loads((path / "config.json").read_text())
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(base_model, "config.json")
-    except Exception:
-        return None
-    return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
 
 
 def estimate_memory_gb(config: dict, settings: Settings, quantized: bool, loss: str, device: str = "cuda") -> dict[str, float]:
@@ -138,7 +124,7 @@ def self_check(settings: Settings) -> list[tuple[str, bool, str]]:
         loss = resolve_loss(settings.training.loss, device)
     except TrainingError as error:
         return [("loss", False, str(error))]
-    config = model_config(settings.model.base_model)
+    config = base_model_config(settings.model.base_model)
     results = []
     required = None
     if config is None:

@@ -84,6 +84,17 @@ def model_folder(base_model: str) -> Path | None:
     return Path(cached) if cached else None
 
 
+def base_model_config(base_model: str) -> dict | None:
+    """The base model's config.json where it is on this machine (a local directory or the hub cache)."""
+    folder = model_folder(base_model)
+    if folder is None:
+        return None
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def linear_module_names(base_model: str) -> set[str] | None:
     """The names (last part) of the model's linear layers, read from its safetensors headers: what
     model.target_modules may name. None where the weights are not on this machine (yet) or not safetensors."""
