@@ -47,7 +47,7 @@ from .training.adapters import prune_adapters, save_adapter
 from .training.backoff import BackoffOutcome, OutOfMemoryOnRanks, sized, train_with_oom_backoff
 from .training.distributed import RankGroup, RankSpec, read_adapter_files
 from .training.disk import describe_disk_full, is_disk_full, space_problem
-from .training.model_files import check_model_path, package_problems, target_modules_check, watching_download
+from .training.model_files import model_problems, watching_download
 
 # The training stack (torch, transformers, peft, bitsandbytes: ~10 s and ~0.5 GB to import) is imported only
 # once a cycle has something to train: the daemon's cycles that find too few new rows end in about a second.
@@ -107,15 +107,9 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
                 f"{available} eligible new samples; waiting for {settings.schedule.min_new_samples}",
                 new_samples=available,
             )
-        _, model_found, model_problem = check_model_path(settings.model.base_model)
-        if not model_found:
-            raise TrainingError(model_problem)
-        targets = target_modules_check(settings.model.base_model, settings.model.target_modules)
-        if targets is not None and targets[0] is False:  # peft would refuse the model after it loaded
-            raise TrainingError(targets[1])
-        missing = package_problems(settings.model.attn_implementation, settings.training.loss)
-        if missing:
-            raise TrainingError("; ".join(missing))
+        unusable = model_problems(settings.model, settings.training.loss)
+        if unusable:  # each would fail the cycle after the model loaded, or before
+            raise TrainingError("; ".join(unusable))
         no_room = space_problem(settings)
         if no_room:  # before hours of training that could not be saved
             raise TrainingError(f"{no_room}; nothing was trained")

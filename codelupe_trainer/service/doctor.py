@@ -18,7 +18,7 @@ from ..state import in_service_adapter, load_state
 from ..training.adapter_fit import in_service_misfit
 from ..training.disk import MB, space_needed, space_problem
 from ..training.gpu_check import cuda_checks, self_check
-from ..training.model_files import check_model_path, package_problems, target_modules_check
+from ..training.model_files import check_model_path, model_problems, package_problems, target_modules_check
 from ..training.rendezvous import split_endpoint
 
 
@@ -247,16 +247,8 @@ def adapter_problems(settings: Settings) -> list[str]:
 def model_and_gpu_problems(settings: Settings) -> list[str]:
     """What every training machine needs, node 0 or another (`join` checks these too): the base model where
     the settings say, and a GPU its torch build can use."""
-    problems = []
     # A hub id that is not cached is not fatal here: the network may come back; each cycle says so.
-    name, ok, detail = check_model_path(settings.model.base_model, probe_hub=False)
-    if not ok:
-        problems.append(detail)
-    targets = target_modules_check(settings.model.base_model, settings.model.target_modules)
-    if targets is not None and targets[0] is False:
-        problems.append(targets[1])
-    problems += package_problems(settings.model.attn_implementation, settings.training.loss)
-    return problems + gpu_problems()
+    return model_problems(settings.model, settings.training.loss, probe_hub=False) + gpu_problems()
 
 
 def gpu_problems() -> list[str]:

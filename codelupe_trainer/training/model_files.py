@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..config import is_local_model
+from ..config import ModelSettings, is_local_model
 
 HUB_PROBE_TIMEOUT_S = 5.0
 
@@ -149,6 +149,20 @@ def package_problems(attn_implementation: str, loss: str) -> list[str]:
         problems.append("training.loss = \"fused\" needs Liger-Kernel, which is not installed: `pip install \".[gpu]\"` "
                         "on the GPU box, or use \"auto\" (fused where Liger is installed on CUDA, else chunked)")
     return problems
+
+
+def model_problems(model: ModelSettings, loss: str, probe_hub: bool = True) -> list[str]:
+    """What would fail every cycle once the model had loaded (or before): no model where the setting says,
+    target_modules naming none of its layers, a package a setting needs. The cycle and `run`/`join`'s
+    start-up ask this; `doctor` shows each check as a line of its own."""
+    _, found, detail = check_model_path(model.base_model, probe_hub=probe_hub)
+    if not found:
+        return [detail]
+    problems = []
+    targets = target_modules_check(model.base_model, model.target_modules)
+    if targets is not None and targets[0] is False:
+        problems.append(targets[1])
+    return problems + package_problems(model.attn_implementation, loss)
 
 
 def downloaded_bytes(repo_id: str, cache_dir: str | Path | None = None) -> int:
