@@ -412,3 +412,72 @@ def test_a_table_in_a_schema_is_named_schema_table_and_a_missing_grant_is_named_
         with psycopg.connect(db_url, autocommit=True) as connection:
             connection.execute(f"DROP OWNED BY {role}")
             connection.execute(f"DROP ROLE {role}")
+
+
+def test_a_sql_ascii_database_is_read_as_utf8_and_a_row_that_is_not_is_skipped_and_counted(server_url):
+    """A database created with ENCODING 'SQL_ASCII' (older installations; crawlers that store files' raw bytes)
+    vouches for no encoding, so psycopg hands its text over as bytes. Those bytes are the crawler's UTF-8 text:
+    every read (new rows, the holdout's choice and re-read, replay) gives text and languages as in any other
+    database, and a row whose content is not UTF-8 (a Latin-1 file) is skipped and counted as `not_utf8`
+    instead of failing every cycle at the same row."""
+    from codelupe_trainer.data.source import fetch_samples_by_id, select_holdout
+    from conftest import with_database
+
+    name = f"codelupe_ascii_{os.getpid()}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.execute(f"CREATE DATABASE \"{name}\" ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    url = with_database(server_url, name)
+    unicode_text = GOOD + "# caf\u00e9 \u4e16\u754c \U0001f600\n"
+    rows = [(unicode_text.encode(), b"Python\n"), (GOOD.encode("latin-1") + b"# caf\xe9\n", b"python"),
+            (GOOD.encode(), b"C++")]
+    try:
+        with psycopg.connect(url, autocommit=True) as connection:
+            connection.execute(CREATE_LOOSE)
+            for body, lang in rows:  # the bytes as the crawler stored them, unchecked by the server
+                connection.execute("INSERT INTO snippets (body, lang, score) VALUES (convert_from(%s::bytea, "
+                                   "'SQL_ASCII'), convert_from(%s::bytea, 'SQL_ASCII'), 90)", (body, lang))
+        database = DatabaseSettings(url=url, table="snippets", id_column="sid", content_column="body",
+                                    language_column="lang", quality_column="score")
+        samples, result = fetch_all(database, DataSettings(max_chars=100_000))
+        assert [(sample.id, sample.content, sample.language) for sample in samples] == [
+            (1, unicode_text, "python"), (3, GOOD, "c++")]
+        assert dict(result.skipped) == {"not_utf8": 1} and result.last_examined_id == 3
+        with open_connection(database) as connection:
+            check_table(connection, database)  # the catalog's names come over as bytes too
+            assert id_index_problem(connection, database) is None
+            assert [(sample.id, sample.content) for sample in fetch_samples_by_id(
+                connection, database, DataSettings(max_chars=100_000), [1, 2, 3])] == [(1, unicode_text), (3, GOOD)]
+            # python's two rows give it one holdout row; c++'s one row stays to train.
+            picked = select_holdout(connection, database, DataSettings(max_chars=100_000), after_id=0, window=100,
+                                    known_languages=set(), size=0, min_per_language=1)
+            assert [language for _, language in picked] == ["python"]
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_a_language_column_of_an_enum_type_is_read_like_text(db_url):
+    """A crawler may keep its languages in an enum type. `doctor` and the start-up check accept it (a
+    user-defined type, as citext is), so every query must too: the language filter, the holdout's strata and
+    the eligibility test cast it to text instead of failing each cycle on `function btrim(lang) does not exist`."""
+    from codelupe_trainer.data.source import select_holdout
+
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        connection.execute("CREATE TYPE lang AS ENUM ('Python', 'go', ' ')")
+        connection.execute("CREATE TABLE snippets (sid bigserial PRIMARY KEY, body text, lang lang, score int)")
+        for lang in ["Python", "go", "Python", " ", "go", "Python"]:
+            connection.execute("INSERT INTO snippets (body, lang, score) VALUES (%s, %s, 90)", (GOOD, lang))
+    database = DatabaseSettings(url=db_url, table="snippets", id_column="sid", content_column="body",
+                                language_column="lang", quality_column="score")
+    with open_connection(database) as connection:
+        check_table(connection, database)
+        assert count_new_samples(connection, database, DataSettings(), 0) == 5
+        picked = select_holdout(connection, database, DataSettings(), after_id=0, window=100, known_languages=set(),
+                                size=0, min_per_language=1)
+        assert sorted(language for _, language in picked) == ["go", "python"]
+    samples, result = fetch_all(database, DataSettings())
+    assert [sample.language for sample in samples] == ["python", "go", "python", "go", "python"]
+    assert dict(result.skipped) == {"null_language": 1}
+    samples, result = fetch_all(database, DataSettings(languages=["python"]))
+    assert [sample.id for sample in samples] == [1, 3, 6] and result.skipped["language"] == 2

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import psycopg
 from psycopg import sql
+from psycopg.adapt import Loader
 
 from ..config import DataSettings, DatabaseSettings
 from .languages import LANGUAGE_SQL, normal_language
@@ -50,10 +51,39 @@ def open_connection(database: DatabaseSettings) -> Iterator[psycopg.Connection]:
         )
     except psycopg.Error as error:
         raise SourceError(f"cannot connect to the database: {describe_database_error(error)}") from None
+    if connection.info.encoding == "ascii":
+        _read_text_as_utf8(connection)
     try:
         yield connection
     finally:
         connection.close()
+
+
+class _Utf8Loader(Loader):
+    """Text from a SQL_ASCII database. Such a database vouches for no encoding (it stores the bytes it is
+    given), so psycopg hands its text over as bytes, names and catalog answers included. The bytes are the
+    crawler's UTF-8; one that is not valid is kept as a lone surrogate (Python's surrogateescape) and the row
+    is skipped as `not_utf8` (_classify) instead of failing every cycle on the same row."""
+
+    def load(self, data) -> str:
+        return bytes(data).decode("utf-8", "surrogateescape")
+
+
+def _read_text_as_utf8(connection: psycopg.Connection) -> None:
+    # 0: the types psycopg has no loader of its own for (an enum, citext), which it reads as text too.
+    for text_type in (0, "text", "varchar", "bpchar", "name", '"char"'):
+        connection.adapters.register_loader(text_type, _Utf8Loader)
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text holding bytes that were not UTF-8 (see _Utf8Loader)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _run(connection: psycopg.Connection, database: DatabaseSettings, query, parameters=None) -> psycopg.Cursor:
@@ -160,8 +190,10 @@ def _names(database: DatabaseSettings) -> dict[str, sql.Composable]:
     return {
         "table": sql.Identifier(schema, table) if schema else sql.Identifier(table),
         "id": sql.Identifier(database.id_column),
-        "content": sql.Identifier(database.content_column),
-        "language": sql.Identifier(database.language_column),
+        # As text: check_table admits user-defined types (citext, a crawler's enum of languages), which have
+        # no btrim, no regular-expression match and no char_length of their own.
+        "content": sql.SQL("{}::text").format(sql.Identifier(database.content_column)),
+        "language": sql.SQL("{}::text").format(sql.Identifier(database.language_column)),
         "quality": sql.Identifier(database.quality_column),
     }
 
@@ -309,10 +341,20 @@ def _record_gap(previous_id: int, row_id: int, result: FetchResult) -> None:
 def _classify(row: tuple, result: FetchResult) -> Sample | None:
     row_id, skip_reason, content, language, quality = row
     result.rows_examined += 1
+    if skip_reason is None and not _is_utf8(content):
+        skip_reason = "not_utf8"
     if skip_reason is not None:
         result.skipped[skip_reason] += 1
         return None
-    return Sample(id=row_id, content=content, language=normal_language(language), quality=int(quality))
+    return Sample(id=row_id, content=content, language=_language(language), quality=int(quality))
+
+
+def _language(label: str) -> str:
+    """A label with bytes that were not UTF-8 (a SQL_ASCII database) is still a name: those bytes become
+    U+FFFD, which the state, the logs and W&B can carry."""
+    if not _is_utf8(label):
+        label = label.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return normal_language(label)
 
 
 # ------------------------------------------------------------------ the holdout and replay reads
@@ -346,7 +388,7 @@ def select_holdout(
     ).format(reason=reason.format(**names), **names)
     parameters.update(after_id=after_id, window=window, known=sorted(known_languages), size=size,
                       min_per_language=min_per_language)
-    return [(row[0], row[1]) for row in _run(connection, database, query, parameters).fetchall()]
+    return [(row[0], _language(row[1])) for row in _run(connection, database, query, parameters).fetchall()]
 
 
 def fetch_samples_by_id(connection: psycopg.Connection, database: DatabaseSettings, data: DataSettings,
