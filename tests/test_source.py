@@ -481,3 +481,32 @@ def test_a_language_column_of_an_enum_type_is_read_like_text(db_url):
     assert dict(result.skipped) == {"null_language": 1}
     samples, result = fetch_all(database, DataSettings(languages=["python"]))
     assert [sample.id for sample in samples] == [1, 3, 6] and result.skipped["language"] == 2
+
+
+def test_a_table_or_column_named_in_other_capitals_or_outside_the_search_path_is_pointed_at(db_url):
+    """PostgreSQL folds an unquoted `CREATE TABLE ProcessedFiles (Content text ...)` to lower case, and psql
+    finds `SELECT Content FROM ProcessedFiles` all the same; a setting names the table and columns exactly.
+    The one-line error names what is there instead of leaving the user to wonder why an existing table
+    'does not exist'."""
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        connection.execute("CREATE TABLE ProcessedFiles (id bigserial PRIMARY KEY, Content text, language text, "
+                           "quality_score int)")
+        connection.execute("CREATE SCHEMA crawl")
+        connection.execute("CREATE TABLE crawl.snippets (id bigserial PRIMARY KEY, content text, language text, "
+                           "quality_score int)")
+    cases = [
+        ({"table": "ProcessedFiles"}, "table 'ProcessedFiles' does not exist, but 'processedfiles' does"),
+        ({"table": "snippets"}, "table 'snippets' does not exist, but 'crawl.snippets' does"),
+        ({"table": "crawl.Snippets"}, "table 'crawl.Snippets' does not exist, but 'crawl.snippets' does"),
+        ({"table": "processedfiles", "content_column": "Content"},
+         "has no column database.content_column='Content' (there is 'content': column names are matched exactly)"),
+        ({"table": "nothing_like_it"}, "table 'nothing_like_it' does not exist (database.table; a table in another"),
+    ]
+    for update, expected in cases:
+        database = DatabaseSettings(url=db_url, **update)
+        with open_connection(database) as connection, pytest.raises(SchemaError) as raised:
+            check_table(connection, database)
+        assert expected in str(raised.value), (update, str(raised.value))
+    database = DatabaseSettings(url=db_url, table="processedfiles")
+    with open_connection(database) as connection:
+        check_table(connection, database)  # named exactly, it is fine

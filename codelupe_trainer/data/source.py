@@ -143,11 +143,17 @@ def check_table(connection: psycopg.Connection, database: DatabaseSettings) -> N
     if not rows:
         if oid is not None:
             raise SchemaError(f"table {database.table!r} exists, but the database user {user!r} may not read it: {grant}")
+        similar = _similar_tables(connection, database, table)
+        if similar:
+            raise SchemaError(f"table {database.table!r} does not exist, but {' and '.join(map(repr, similar))} does "
+                              f"(database.table names a table exactly, capitals included; a table in another schema than the "
+                              f"search path's is named schema.table)")
         raise SchemaError(f"table {database.table!r} does not exist (database.table" + (
             "" if schema else "; a table in another schema than the search path's is named schema.table") + ")")
     present = dict(rows)
     wanted = {f"database.{key}": getattr(database, key) for key in _COLUMN_TYPES}
-    missing = [f"{key}={column!r}" for key, column in wanted.items() if column not in present]
+    missing = [f"{key}={column!r}" + _same_but_for_case(column, present) for key, column in wanted.items()
+               if column not in present]
     if missing:
         hidden = {name for (name,) in _run(
             connection, database,
@@ -161,6 +167,23 @@ def check_table(connection: psycopg.Connection, database: DatabaseSettings) -> N
         if present[column] not in types:
             raise SchemaError(f"table {database.table!r}: database.{key}={column!r} is {present[column]}; it must be "
                               f"{need}")
+
+
+def _similar_tables(connection: psycopg.Connection, database: DatabaseSettings, table: str) -> list[str]:
+    """The tables this user can see whose name differs from `table` only in case, or that are in another
+    schema: PostgreSQL folds an unquoted `CREATE TABLE ProcessedFiles` to processedfiles, and psql's
+    `SELECT * FROM ProcessedFiles` still finds it, while a setting names the table exactly."""
+    rows = _run(connection, database,
+                "SELECT table_schema, table_name FROM information_schema.tables WHERE lower(table_name) = lower(%s) "
+                "AND table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2 LIMIT 3", (table,)).fetchall()
+    visible = {schema for (schema,) in _run(connection, database, "SELECT unnest(current_schemas(false))").fetchall()}
+    return [name if schema in visible else f"{schema}.{name}" for schema, name in rows]
+
+
+def _same_but_for_case(column: str, present: dict) -> str:
+    """' (there is content)' when the table has the column in other capitals (see _similar_tables)."""
+    matches = [name for name in present if name.lower() == column.lower()]
+    return f" (there is {matches[0]!r}: column names are matched exactly)" if matches else ""
 
 
 def id_index_problem(connection: psycopg.Connection, database: DatabaseSettings) -> str | None:
