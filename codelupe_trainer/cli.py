@@ -168,9 +168,13 @@ def _run_once(settings: Settings, arguments) -> int:
     from .data.source import SchemaError, SourceError, check_table, open_connection
     from .errors import StateError
     from .service.doctor import adapter_problems, state_problems, unwritable_paths
+    from .training.model_files import model_problems
 
     log = logging.getLogger("codelupe_trainer")
-    problems = unwritable_paths(settings) + state_problems(settings) + adapter_problems(settings)
+    # As `run` checks at start: settings to fix (exit 2), not a failed cycle to record and retry. A hub id not
+    # in the cache is not one of them: the cycle downloads it.
+    problems = (unwritable_paths(settings) + state_problems(settings) + adapter_problems(settings)
+                + model_problems(settings.model, settings.training.loss, probe_hub=False))
     if problems:
         for problem in problems:
             print(f"codelupe-trainer: cannot run: {problem}", file=sys.stderr)
