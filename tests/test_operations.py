@@ -501,3 +501,21 @@ def test_a_damaged_duplicate_store_stops_the_start_in_one_line_and_a_lost_one_is
         run_cycle(settings, force=True)
     assert not (tmp_path / "last-failure.txt").exists(), "an expected failure: no traceback kept"
     assert store.read_bytes().startswith(b"not a database"), "left as it was for the user to restore"
+
+
+def test_status_without_a_state_file_says_so_instead_of_showing_zeros(tmp_path, monkeypatch, capsys):
+    """`status` run without the service's --config reads another (missing) state file: zero runs there must
+    not read as a lost state, so it says the file is not there and which configuration it looked with."""
+    monkeypatch.setenv("CODELUPE_PATHS__STATE_FILE", str(tmp_path / "state.json"))
+    assert main(["status", "--config", str(REPO / "config" / "codelupe.toml")]) == 0
+    text = capsys.readouterr().out
+    assert ("not there yet: nothing was trained with this configuration "
+            f"({REPO / 'config' / 'codelupe.toml'})") in text
+    assert main(["status", "--config", str(REPO / "config" / "codelupe.toml"), "--json"]) == 0
+    view = json.loads(capsys.readouterr().out)
+    assert view["state_exists"] is False and view["first_started_at"] is None and view["total_training_runs"] == 0
+    save_state(TrainerState(total_training_runs=1), tmp_path / "state.json")
+    assert main(["status", "--config", str(REPO / "config" / "codelupe.toml"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["state_exists"] is True
+    assert main(["status", "--config", str(REPO / "config" / "codelupe.toml")]) == 0
+    assert "not there yet" not in capsys.readouterr().out

@@ -235,7 +235,7 @@ class Daemon:
         self.scheduler.start()
         if notify:
             notify("READY=1")
-        log.info("daemon started: a cycle every %.1f min; config: %s", self.settings.schedule.interval_minutes,
+        log.info("daemon started: a cycle every %g min; config: %s", self.settings.schedule.interval_minutes,
                  self.settings.config_source())
         while not self.stopping.wait(1.0):
             if notify:

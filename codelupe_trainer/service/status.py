@@ -12,13 +12,18 @@ from ..state import load_state
 
 def print_status(settings: Settings, as_json: bool) -> int:
     state = load_state(settings.paths.state_file)
+    # A state file that is not there reads as a fresh state (zero runs): said as such, since a `status` run
+    # without the service's --config looks at another file, and zeros would read as a lost state.
+    exists = settings.paths.state_file.exists()
     view = {
         "state_file": str(settings.paths.state_file),
+        "state_exists": exists,
+        "config": settings.config_source(),
         "total_training_runs": state.total_training_runs,
         "last_trained_id": state.last_trained_id,
         "total_samples_trained": state.total_samples_trained,
         "uptime_hours": round(state.uptime_hours, 3),
-        "first_started_at": state.first_started_at,
+        "first_started_at": state.first_started_at if exists else None,
         "consecutive_failures": state.consecutive_failures,
         "stuck": state.consecutive_failures >= settings.service.alert_after_failures,
         "total_failures": state.total_failures,
@@ -37,6 +42,8 @@ def print_status(settings: Settings, as_json: bool) -> int:
         print(json.dumps(view, indent=2))
         return 0
     print(f"state file:            {view['state_file']}")
+    if not exists:
+        print(f"                       not there yet: nothing was trained with this configuration ({view['config']})")
     print(f"training runs:         {state.total_training_runs}")
     print(f"last trained id:       {state.last_trained_id}")
     print(f"samples trained:       {state.total_samples_trained}")
