@@ -519,3 +519,25 @@ def test_status_without_a_state_file_says_so_instead_of_showing_zeros(tmp_path, 
     assert json.loads(capsys.readouterr().out)["state_exists"] is True
     assert main(["status", "--config", str(REPO / "config" / "codelupe.toml")]) == 0
     assert "not there yet" not in capsys.readouterr().out
+
+
+def test_a_wandb_dir_that_cannot_be_written_is_warned_about_by_doctor_and_at_start(crawler_table, make_settings,
+                                                                                    tmp_path, capsys):
+    """W&B never fails a run, so an unwritable `wandb.dir` (a path through a file, a folder root left behind)
+    showed only as one warning per cycle while no run reached W&B; `doctor` said `ok wandb`. Now `doctor`
+    warns (it still passes: training works) and `run` says it once at start."""
+    from codelupe_trainer.service.doctor import startup_problems
+
+    (tmp_path / "a-file").write_text("")
+    settings = make_settings(crawler_table, f'[wandb]\nmode = "offline"\ndir = "{tmp_path / "a-file" / "wandb"}"\n')
+    assert main(["doctor", "--config", str(tmp_path / "codelupe.toml")]) == 0
+    output = capsys.readouterr().out
+    assert (f"warn wandb: mode offline, but wandb.dir: {tmp_path / 'a-file' / 'wandb'} cannot be created: "
+            f"{tmp_path / 'a-file'} is not a directory: W&B cannot start") in output, output
+    problems, warnings = startup_problems(settings)
+    assert problems == [] and any(warning.startswith("wandb: mode offline, but wandb.dir:") for warning in warnings)
+
+    settings = make_settings(crawler_table, f'[wandb]\nmode = "offline"\ndir = "{tmp_path / "w"}"\n')
+    assert main(["doctor", "--config", str(tmp_path / "codelupe.toml")]) == 0
+    assert "ok   wandb: mode offline\n" in capsys.readouterr().out
+    assert not any(warning.startswith("wandb") for warning in startup_problems(settings)[1])

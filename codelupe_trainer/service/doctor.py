@@ -9,7 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
-from ..config import Settings
+from ..config import Settings, wandb_directory
 from ..data.filters import DEDUP_STORE_FILE, store_problem
 from ..data.source import SourceError, check_table, id_index_problem, ids_behind_watermark, open_connection
 from ..metrics import effective_wandb_mode, nvidia_gpu_names
@@ -55,8 +55,7 @@ def run_checks(settings: Settings) -> list[tuple[str, bool | None, str]]:
     results.append(check_writable("output_dir", settings.paths.output_dir))
     results.append(check_writable("state_dir", settings.paths.state_file.parent))
     results.append(check_disk(settings))
-    mode = effective_wandb_mode(settings.wandb.mode, settings.wandb.enabled, warn=False)  # its own line says it
-    results.append(("wandb", True, f"mode {mode}" + (" (no API key: falls back to offline)" if mode != settings.wandb.mode and mode == "offline" else "")))
+    results.append(check_wandb(settings))
     if settings.training.num_nodes > 1:
         results.append(check_rendezvous(settings.training.rendezvous_endpoint, settings.training.num_nodes))
     results.append(check_torch())
@@ -227,6 +226,9 @@ def startup_problems(settings: Settings) -> tuple[list[str], list[str]]:
         # to another machine would time out every cycle.
         if not isinstance(addresses, OSError) and not any(can_bind(address) for address in addresses):
             problems.append(not_this_machine(host, addresses))
+    _, wandb_ok, wandb_detail = check_wandb(settings)
+    if wandb_ok is None:  # said once at start; each cycle's own warning follows in the journal
+        warnings.append(f"wandb: {wandb_detail}")
     return problems, warnings
 
 
@@ -330,6 +332,20 @@ def check_disk(settings: Settings) -> tuple[str, bool, str]:
         return ("disk", False, problem)
     needed = ", ".join(f"up to {size / MB:,.0f} MB under {directory}" for directory, size in space_needed(settings).items())
     return ("disk", True, f"room for a run, which writes {needed}")
+
+
+def check_wandb(settings: Settings) -> tuple[str, bool | None, str]:
+    """The mode W&B will run in, and a warning when it could not start: W&B never fails a run, so an
+    unwritable `wandb.dir` would only show as one warning per cycle while every run's metrics miss W&B."""
+    mode = effective_wandb_mode(settings.wandb.mode, settings.wandb.enabled, warn=False)  # its own line says it
+    detail = f"mode {mode}" + (" (no API key: falls back to offline)" if mode != settings.wandb.mode and mode == "offline" else "")
+    if mode == "disabled":
+        return ("wandb", True, detail)
+    _, writable, why = check_writable("wandb", wandb_directory(settings))
+    if not writable:
+        return ("wandb", None, f"{detail}, but wandb.dir: {why}: W&B cannot start, so each run's metrics go to "
+                               "metrics.jsonl only")
+    return ("wandb", True, detail)
 
 
 def check_writable(name: str, directory: Path) -> tuple[str, bool, str]:
