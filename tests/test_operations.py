@@ -254,14 +254,15 @@ def test_daemon_refuses_to_start_when_the_rendezvous_names_another_machine(crawl
                       "an address of this machine; it must name node 0, where the daemon runs"]
 
 
-def test_run_once_names_a_missing_model_path(crawler_table, make_settings, tmp_path, monkeypatch, caplog):
+def test_run_once_names_a_missing_model_path(crawler_table, make_settings, tmp_path, monkeypatch, capsys):
     from conftest import insert_stdlib_rows
 
     insert_stdlib_rows(crawler_table, start=0, count=20)
     settings = make_settings(crawler_table)
     monkeypatch.setenv("CODELUPE_MODEL__BASE_MODEL", str(tmp_path / "gone"))
-    assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 1
-    assert f"model.base_model '{tmp_path / 'gone'}' is not a directory with a config.json" in caplog.text
+    assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 2  # a setting to fix, as `run` says
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and f"model.base_model '{tmp_path / 'gone'}' is not a directory with a config.json" in errors[0]
     from codelupe_trainer.state import load_state
 
     assert load_state(settings.paths.state_file).last_trained_id == 0

@@ -169,7 +169,7 @@ def test_the_daemon_records_a_failure_only_under_the_trainer_lock(tmp_path, monk
 
 
 def test_an_unexpected_failure_is_one_line_with_its_traceback_kept_beside_the_state(
-        crawler_table, make_settings, tmp_path, monkeypatch, caplog, capsys):
+        crawler_table, make_settings, tiny_model, tmp_path, monkeypatch, caplog, capsys):
     """A bug (here an injected RuntimeError mid-training) stays one ERROR line in the log, and that line says
     where its traceback is; an expected failure, whose message says what to change, writes none."""
     from conftest import TEST_PASSWORD
@@ -190,14 +190,20 @@ def test_an_unexpected_failure_is_one_line_with_its_traceback_kept_beside_the_st
     assert TEST_PASSWORD in settings.database.url.get_secret_value() and TEST_PASSWORD not in text
     assert load_state(settings.paths.state_file).last_error == "InjectedFault: injected fault at train"
 
-    # Expected: a TrainingError names the setting to change; nothing new is written, the line has no pointer.
+    # Expected: a TrainingError names what to change; nothing new is written, the line has no pointer. (A
+    # tokenizer file that is there but empty: found only when the cycle loads it.)
+    from tokenizers import Tokenizer, models
+
     saved.unlink()
     monkeypatch.delenv("CODELUPE_FAULT")
-    monkeypatch.setenv("CODELUPE_MODEL__BASE_MODEL", str(tmp_path / "no-such-model"))
+    damaged = tmp_path / "damaged-model"
+    shutil.copytree(tiny_model, damaged)
+    Tokenizer(models.BPE()).save(str(damaged / "tokenizer.json"))
+    monkeypatch.setenv("CODELUPE_MODEL__BASE_MODEL", str(damaged))
     caplog.clear()
     assert main(["run-once", "--config", config, "--force"]) == 1
     errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "no-such-model" in errors[0] and "traceback" not in errors[0]
+    assert len(errors) == 1 and "is empty" in errors[0] and "traceback" not in errors[0], errors
     assert not saved.exists()
 
 
