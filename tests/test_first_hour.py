@@ -71,6 +71,75 @@ def test_doctor_says_whether_a_hub_model_is_cached(crawler_table, tiny_model, tm
     assert "FAIL model: model.base_model 'Qwen/Not-Downloaded' is not in the local Hugging Face cache" in missing.stdout
 
 
+class FakeHub:
+    """A local stand-in for huggingface.co answering as it does: `acme/coder` serves its config.json, a gated
+    repository refuses without an accepted licence, anything else is `RepoNotFound` (what the hub says for a
+    typo and, without a token, for a private repository)."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def answer(self):
+                if self.path.startswith("/acme/coder/resolve/main/config.json"):
+                    status, headers = 200, {"ETag": '"c0ffee"', "X-Repo-Commit": "0" * 40}
+                elif self.path.startswith("/acme/gated/"):
+                    status, headers = 401, {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access restricted"}
+                else:
+                    status, headers = 401, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}
+                body = b"{}"
+                self.send_response(status)
+                for name, value in {**headers, "Content-Length": str(len(body))}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(body)
+
+            do_GET = do_HEAD = answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_a_hub_id_the_hub_does_not_serve_is_named_by_doctor_and_the_cycle_in_one_line(crawler_table, tiny_model,
+                                                                                    tmp_path):
+    """A typo in model.base_model (or a private model without a token): transformers found out only once the
+    cycle began loading, with a multi-line OSError the cycle took for a bug (a traceback file each cycle), and
+    `doctor` said the first run would download it. Now `doctor` FAILs naming it, and the cycle fails in one
+    line before anything loads; nothing is consumed."""
+    hub = FakeHub()
+    try:
+        insert_stdlib_rows(crawler_table, start=0, count=20)
+        expected = {
+            "acme/codr": "model.base_model 'acme/codr' is not a model on the Hugging Face hub, or is a private one",
+            "acme/gated": "model.base_model 'acme/gated' is a gated model on the Hugging Face hub: accept its terms",
+        }
+        for model, message in expected.items():
+            config = write_config(tmp_path, tiny_model, f'[model]\nbase_model = "{model}"\n')
+            doctor = run_cli(["doctor", "--config", str(config)], crawler_table, tmp_path, HF_ENDPOINT=hub.url)
+            assert doctor.returncode == 1 and f"FAIL model: {message}" in doctor.stdout, doctor.stdout
+        once = run_cli(["run-once", "--config", str(config)], crawler_table, tmp_path, HF_ENDPOINT=hub.url)
+        errors = [line for line in once.stderr.splitlines() if " ERROR " in line]
+        assert once.returncode == 1 and len(errors) == 1 and message in errors[0], once.stderr
+        assert "traceback in" not in errors[0] and not (tmp_path / "last-failure.txt").exists()
+        assert "HTTP Request" not in once.stderr  # huggingface_hub's client logs each request at INFO
+        assert json.loads((tmp_path / "state.json").read_text())["last_trained_id"] == 0
+
+        config = write_config(tmp_path, tiny_model, '[model]\nbase_model = "acme/coder"\n')
+        doctor = run_cli(["doctor", "--config", str(config)], crawler_table, tmp_path, HF_ENDPOINT=hub.url)
+        assert "ok   model: hub id 'acme/coder', not in the local cache yet: the first run downloads it" in doctor.stdout
+    finally:
+        hub.close()
+
+
 def test_run_once_names_a_missing_table_before_loading_torch(db_url, tiny_model, tmp_path):
     config = write_config(tmp_path, tiny_model)
     completed = subprocess.run(CLI + ["run-once", "--config", str(config)], capture_output=True, text=True,

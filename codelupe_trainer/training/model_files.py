@@ -48,6 +48,28 @@ def hub_reachable() -> tuple[bool, str]:
     return True, endpoint
 
 
+def hub_model_problem(repo_id: str) -> str | None:
+    """Why the hub will not give us model.base_model (a typo, a private model without a token, a gated one
+    whose licence was not accepted), or None: it will, or the hub cannot tell now (an outage is retried).
+    transformers says a typo only after the cycle began loading, as a multi-line OSError a cycle took for a bug."""
+    from huggingface_hub import file_exists
+    from huggingface_hub.errors import GatedRepoError, HFValidationError
+
+    try:
+        if file_exists(repo_id, "config.json"):
+            return None
+    except GatedRepoError:
+        return (f"model.base_model {repo_id!r} is a gated model on the Hugging Face hub: accept its terms on its page "
+                "with your account and set HF_TOKEN (in secrets.env) to a token of that account")
+    except HFValidationError:
+        return (f"model.base_model {repo_id!r} is neither a local directory nor a hub id (owner/name): point it at "
+                "the model's directory or write its hub id")
+    except Exception:  # the hub erred or timed out: not the setting's fault; the cycle's download retries it
+        return None
+    return (f"model.base_model {repo_id!r} is not a model on the Hugging Face hub, or is a private one this machine "
+            "has no token for (HF_TOKEN in secrets.env): check its spelling on huggingface.co")
+
+
 # A tokenizer's own files, one set of which a model directory needs. Without any, transformers builds an
 # empty tokenizer from config.json alone, without a word, and it reads every file of code as no tokens.
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
@@ -71,6 +93,9 @@ def check_model_path(base_model: str, probe_hub: bool = True) -> tuple[str, bool
     if not reachable:
         return ("model", False, f"model.base_model {base_model!r} is not in the local Hugging Face cache and the hub "
                                 f"cannot be reached: {detail}; download it on a connected machine or set a local directory")
+    unknown = hub_model_problem(base_model)
+    if unknown:
+        return ("model", False, unknown)
     return ("model", True, f"hub id {base_model!r}, not in the local cache yet: the first run downloads it "
                            "(~15 GB for a 7B; set HF_TOKEN in secrets.env for a gated model)")
 
