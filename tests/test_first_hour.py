@@ -74,7 +74,7 @@ def test_doctor_says_whether_a_hub_model_is_cached(crawler_table, tiny_model, tm
 class FakeHub:
     """A local stand-in for huggingface.co answering as it does: `acme/coder` serves its config.json, a gated
     repository refuses without an accepted licence, anything else is `RepoNotFound` (what the hub says for a
-    typo and, without a token, for a private repository)."""
+    typo and, without a token, for a private repository); a token other than `hf_good` is refused outright."""
 
     def __init__(self):
         import http.server
@@ -82,7 +82,9 @@ class FakeHub:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def answer(self):
-                if self.path.startswith("/acme/coder/resolve/main/config.json"):
+                if self.headers.get("Authorization", "Bearer hf_good") != "Bearer hf_good":
+                    status, headers = 401, {"X-Error-Message": "Invalid credentials in Authorization header"}
+                elif self.path.startswith("/acme/coder/resolve/main/config.json"):
                     status, headers = 200, {"ETag": '"c0ffee"', "X-Repo-Commit": "0" * 40}
                 elif self.path.startswith("/acme/gated/"):
                     status, headers = 401, {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access restricted"}
@@ -136,6 +138,11 @@ def test_a_hub_id_the_hub_does_not_serve_is_named_by_doctor_and_the_cycle_in_one
         config = write_config(tmp_path, tiny_model, '[model]\nbase_model = "acme/coder"\n')
         doctor = run_cli(["doctor", "--config", str(config)], crawler_table, tmp_path, HF_ENDPOINT=hub.url)
         assert "ok   model: hub id 'acme/coder', not in the local cache yet: the first run downloads it" in doctor.stdout
+        # A token the hub does not know: it refuses even a public model, so the download would fail each cycle.
+        doctor = run_cli(["doctor", "--config", str(config)], crawler_table, tmp_path, HF_ENDPOINT=hub.url,
+                         HF_TOKEN="hf_revoked")
+        assert "FAIL model: the Hugging Face hub refused HF_TOKEN (invalid credentials)" in doctor.stdout, doctor.stdout
+        assert "hf_revoked" not in doctor.stdout + doctor.stderr
     finally:
         hub.close()
 

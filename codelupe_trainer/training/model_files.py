@@ -53,18 +53,23 @@ def hub_model_problem(repo_id: str) -> str | None:
     whose licence was not accepted), or None: it will, or the hub cannot tell now (an outage is retried).
     transformers says a typo only after the cycle began loading, as a multi-line OSError a cycle took for a bug."""
     from huggingface_hub import file_exists
-    from huggingface_hub.errors import GatedRepoError, HFValidationError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError
 
     try:
         if file_exists(repo_id, "config.json"):
             return None
-    except GatedRepoError:
+    except GatedRepoError:  # before HfHubHTTPError, of which it is one
         return (f"model.base_model {repo_id!r} is a gated model on the Hugging Face hub: accept its terms on its page "
                 "with your account and set HF_TOKEN (in secrets.env) to a token of that account")
     except HFValidationError:
         return (f"model.base_model {repo_id!r} is neither a local directory nor a hub id (owner/name): point it at "
                 "the model's directory or write its hub id")
-    except Exception:  # the hub erred or timed out: not the setting's fault; the cycle's download retries it
+    except HfHubHTTPError as error:
+        if getattr(getattr(error, "response", None), "status_code", None) == 401:  # what the hub answers a token it does not know
+            return ("the Hugging Face hub refused HF_TOKEN (invalid credentials): set it in secrets.env to a valid "
+                    f"token, or remove it for a public model such as {repo_id!r}")
+        return None  # the hub erred: not the setting's fault; the cycle's download retries it
+    except Exception:  # unreachable or timed out: the same
         return None
     return (f"model.base_model {repo_id!r} is not a model on the Hugging Face hub, or is a private one this machine "
             "has no token for (HF_TOKEN in secrets.env): check its spelling on huggingface.co")
