@@ -94,6 +94,21 @@ class DataSettings(Section):
         0.7, gt=0.0, lt=1.0, description="Jaccard similarity at which a sample counts as a near-duplicate "
         "(BigCode's value for The Stack).")
 
+    @field_validator("malicious_patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        # Each is matched as one alternative, (?:pattern), beside the defaults: a pattern that does not compile
+        # would fail every cycle in the filters, and one that unbalances the group would change the others.
+        for pattern in patterns:
+            try:
+                re.compile(f"(?:{pattern})", re.IGNORECASE)
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"{pattern!r} is not a regular expression Python's re can use ({error})") from None
+            if pattern == "" or re.fullmatch(f"(?:{pattern})", ""):
+                raise ValueError(f"{pattern!r} matches empty text, so it would block every sample")
+        return patterns
+
 
 def is_local_model(base_model: str) -> bool:
     """A local directory rather than a hub id (which has no leading ./ ~ and names no existing path)."""

@@ -47,6 +47,11 @@ def test_production_config_matches_the_5090_plan():
         ("[databse]\nurl = \"x\"\n", "unknown section [databse]"),
         ("[wandb]\nmode = \"sometimes\"\n", "wandb.mode: Input should be 'online', 'offline' or 'disabled'"),
         ("[data\n", "not valid TOML"),
+        # Each extra pattern is one alternative beside the shipped ones: it must compile alone and as a group.
+        ('[data]\nmalicious_patterns = ["(unclosed"]\n', "data.malicious_patterns: Value error, '(unclosed' is not a "
+         "regular expression Python's re can use (missing ), unterminated subpattern"),
+        ('[data]\nmalicious_patterns = ["a)|(b"]\n', "data.malicious_patterns: Value error, 'a)|(b' is not a regular"),
+        ('[data]\nmalicious_patterns = ["x", "(?:evil)?"]\n', "'(?:evil)?' matches empty text, so it would block"),
         # A stop lets the hand-off finish, so it must fit in the daemon's wait for a stopping cycle.
         ('[promotion]\non_promote = ["/usr/local/bin/reload"]\non_promote_timeout_s = 300\n',
          "promotion.on_promote_timeout_s (300) must be below service.stop_timeout_s (120)"),
