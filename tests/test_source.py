@@ -510,3 +510,25 @@ def test_a_table_or_column_named_in_other_capitals_or_outside_the_search_path_is
     database = DatabaseSettings(url=db_url, table="processedfiles")
     with open_connection(database) as connection:
         check_table(connection, database)  # named exactly, it is fine
+
+
+def test_an_id_column_that_is_not_unique_fails_the_fetch_instead_of_passing_rows_over(db_url):
+    """database.id_column pointed at a column rows share (a crawler's job_id): keyset pages continue after
+    the last id read, so the rest of a group cut by a page's end would be passed over for good. The fetch
+    stops with one line naming the setting before anything is consumed."""
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        connection.execute("CREATE TABLE jobs (job_id int, body text, lang text, score int)")
+        for job in [1, 2, 2, 2, 3]:
+            connection.execute("INSERT INTO jobs VALUES (%s, %s, 'python', 90)", (job, GOOD))
+    database = DatabaseSettings(url=db_url, table="jobs", id_column="job_id", content_column="body",
+                                language_column="lang", quality_column="score", page_size=2)
+    # A group cut by a page's end, one inside a page, one where the run's sample limit stops.
+    for page_size, limit in [(2, None), (100, None), (100, 2)]:
+        with pytest.raises(SchemaError, match=r"database.id_column='job_id' holds 2 in more than one row; the "
+                                              r"watermark needs an id unique to each row \(the primary key\)"):
+            fetch_all(database.model_copy(update={"page_size": page_size}), DataSettings(), limit=limit)
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        connection.execute("DELETE FROM jobs WHERE job_id = 2")
+        connection.execute("INSERT INTO jobs VALUES (2, %s, 'python', 90)", (GOOD,))
+    samples, result = fetch_all(database, DataSettings())
+    assert [sample.id for sample in samples] == [1, 2, 3] and result.last_examined_id == 3

@@ -337,23 +337,42 @@ def fetch_new_samples(
     page_query = select + sql.SQL("WHERE {id} > %(after_id)s ORDER BY {id} LIMIT %(page_size)s").format(**names)
     last_id = after_id
     while remaining > 0:
-        rows = _run(
-            connection, database, page_query,
-            {**parameters, "after_id": last_id, "page_size": min(database.page_size, max(remaining, 1) * 2)},
-        ).fetchall()
+        size = min(database.page_size, max(remaining, 1) * 2)
+        rows = _run(connection, database, page_query, {**parameters, "after_id": last_id, "page_size": size}).fetchall()
         if not rows:
             return
-        for row in rows:
+        for index, row in enumerate(rows):
             row_id = row[0]
+            if row_id == last_id:
+                raise _shared_id(database, row_id)
             _record_gap(last_id, row_id, result)
             last_id = row_id
             sample = _classify(row, result)
             result.last_examined_id = row_id
+            remaining -= sample is not None
+            # The stream continues after the last id it read (`id > last`): rows sharing that id past the end
+            # of a full page, or past the row the limit stopped at, would be passed over for good.
+            if index + 1 < len(rows):
+                if remaining == 0 and rows[index + 1][0] == row_id:
+                    raise _shared_id(database, row_id)
+            elif len(rows) == size and _id_is_shared(connection, database, row_id):
+                raise _shared_id(database, row_id)
             if sample is not None:
-                remaining -= 1
                 yield sample
                 if remaining == 0:
                     return
+
+
+def _id_is_shared(connection: psycopg.Connection, database: DatabaseSettings, row_id: int) -> bool:
+    names = _names(database)
+    query = sql.SQL("SELECT count(*) > 1 FROM (SELECT 1 FROM {table} WHERE {id} = %(id)s LIMIT 2) AS same").format(**names)
+    return _run(connection, database, query, {"id": row_id}).fetchone()[0]
+
+
+def _shared_id(database: DatabaseSettings, row_id: int) -> SchemaError:
+    return SchemaError(f"table {database.table!r}: database.id_column={database.id_column!r} holds {row_id} in more "
+                       "than one row; the watermark needs an id unique to each row (the primary key); nothing was "
+                       "consumed")
 
 
 def _record_gap(previous_id: int, row_id: int, result: FetchResult) -> None:
