@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import psycopg
 import pytest
@@ -532,3 +533,82 @@ def test_an_id_column_that_is_not_unique_fails_the_fetch_instead_of_passing_rows
         connection.execute("INSERT INTO jobs VALUES (2, %s, 'python', 90)", (GOOD,))
     samples, result = fetch_all(database, DataSettings())
     assert [sample.id for sample in samples] == [1, 2, 3] and result.last_examined_id == 3
+
+
+@pytest.fixture
+def pooled_url(server_url, db_url, tmp_path):
+    """db_url's database through a real PgBouncer in transaction mode, as managed PostgreSQL services and
+    many installations put in front of the server: each transaction may get another server connection, and
+    `server_reset_query_always` resets it in between (so a prepared statement never survives). Skipped where
+    pgbouncer is not installed (.ci/run installs it)."""
+    import shutil
+    import socket
+    from urllib.parse import urlsplit
+
+    binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    if binary is None:
+        pytest.skip("pgbouncer is not installed")
+    server = urlsplit(server_url)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "pgbouncer.ini"
+    config.write_text(
+        "[databases]\n"
+        f"* = host={server.hostname or '127.0.0.1'} port={server.port or 5432} user={server.username or 'postgres'}\n"
+        "[pgbouncer]\n"
+        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = any\npool_mode = transaction\n"
+        "server_reset_query_always = 1\nunix_socket_dir =\n")
+    # PgBouncer refuses to run as root; it reads its config before dropping to nobody.
+    bouncer = subprocess.Popen([binary, str(config)] + (["-u", "nobody"] if os.geteuid() == 0 else []),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"postgresql://{server.username or 'postgres'}@127.0.0.1:{port}/{urlsplit(db_url).path.lstrip('/')}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                psycopg.connect(url, connect_timeout=2).close()
+                break
+            except psycopg.OperationalError:
+                if bouncer.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"pgbouncer did not start: {bouncer.stderr.read() if bouncer.poll() is not None else ''}")
+                time.sleep(0.2)
+        yield url
+    finally:
+        bouncer.terminate()
+        bouncer.wait(10)
+
+
+def test_every_read_works_through_pgbouncer_in_transaction_mode_and_keeps_its_statement_timeout(db_url, pooled_url):
+    """Through PgBouncer the daemon could not even connect (it refuses the `options` startup parameter that set
+    the statement timeout), and past that every query run a sixth time on the connection failed (psycopg
+    prepares it then, and the statement is gone on the next server connection). Now: every read, pages and
+    all, and a locked table still ends at database.statement_timeout_s instead of hanging the cycle."""
+    from codelupe_trainer.data.source import fetch_samples_by_id, select_holdout
+
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        connection.execute(CREATE_LOOSE)
+        for body, lang, score in LOOSE_ROWS * 3:
+            connection.execute("INSERT INTO snippets (body, lang, score) VALUES (%s, %s, %s)",
+                               (body.replace("\u0000", "") if body else body, lang, score))
+    database = DatabaseSettings(url=pooled_url, table="snippets", id_column="sid", content_column="body",
+                                language_column="lang", quality_column="score", page_size=2, statement_timeout_s=2)
+    with open_connection(database) as connection:
+        check_table(connection, database)
+        assert count_new_samples(connection, database, DataSettings(), 0) == 15
+        assert select_holdout(connection, database, DataSettings(), after_id=0, window=100, known_languages=set(),
+                              size=4, min_per_language=2)
+        assert len(fetch_samples_by_id(connection, database, DataSettings(), list(range(1, 40)))) == 15
+    samples, result = fetch_all(database, DataSettings())  # ~20 pages: the page query runs far past five times
+    assert len(samples) == 15 and result.last_examined_id == 3 * len(LOOSE_ROWS)
+
+    locker = psycopg.connect(db_url)
+    locker.execute("LOCK TABLE snippets IN ACCESS EXCLUSIVE MODE")  # held until rollback
+    try:
+        started = time.monotonic()
+        with open_connection(database) as connection, pytest.raises(SourceError, match="ran past database.statement_timeout_s"):
+            count_new_samples(connection, database, DataSettings(), 0)
+        assert time.monotonic() - started < 15
+    finally:
+        locker.rollback()
+        locker.close()

@@ -47,7 +47,11 @@ def open_connection(database: DatabaseSettings) -> Iterator[psycopg.Connection]:
             keepalives_idle=30,
             keepalives_interval=10,
             keepalives_count=3,
-            options=f"-c statement_timeout={int(database.statement_timeout_s * 1000)}",
+            # Through a pooler (PgBouncer in transaction mode) consecutive statements may run on different
+            # server connections, or on one reset in between: a statement psycopg prepared after its fifth run
+            # would then be missing ("prepared statement _pg3_0 does not exist"). A cycle runs a few dozen
+            # queries, so preparing saves nothing worth that.
+            prepare_threshold=None,
         )
     except psycopg.Error as error:
         raise SourceError(f"cannot connect to the database: {describe_database_error(error)}") from None
@@ -91,7 +95,13 @@ def _run(connection: psycopg.Connection, database: DatabaseSettings, query, para
     connection lost mid-cycle (a server restart, a failover, an administrator's kill), a privilege revoked.
     These are outages to retry, not bugs: no traceback is kept. Other errors (our SQL) pass unchanged."""
     try:
-        return connection.execute(query, parameters)
+        # The statement timeout is set for each query's own transaction (SET LOCAL), not for the session: a
+        # pooler refuses the startup parameter that would set it (PgBouncer: "unsupported startup parameter:
+        # options"), and a session setting would not follow the query to another server connection.
+        with connection.transaction():
+            connection.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(
+                sql.Literal(int(database.statement_timeout_s * 1000))))
+            return connection.execute(query, parameters)
     except psycopg.errors.QueryCanceled:
         raise SourceError(
             f"a query on {database.table!r} ran past database.statement_timeout_s ({database.statement_timeout_s:.0f} s): "
