@@ -612,3 +612,28 @@ def test_every_read_works_through_pgbouncer_in_transaction_mode_and_keeps_its_st
     finally:
         locker.rollback()
         locker.close()
+
+
+def test_a_query_the_server_cannot_run_now_is_an_outage_not_a_bug(db_url):
+    """A hot standby cancels a query that conflicts with what it replays (SQLSTATE 40001), a full disk or
+    memory (class 53) stops a query: the server is up, and says why. They fail the cycle as an outage (one
+    line, retried with back-off) and are said as what they are, not as "the database connection failed"; an
+    error in the SQL itself stays a bug. Raised here by the real server, from a view whose rows call a
+    function that fails with that SQLSTATE."""
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        connection.execute(CREATE_LOOSE)
+        connection.execute("INSERT INTO snippets (body, lang, score) VALUES (%s, 'python', 90)", (GOOD,))
+        for name, state in (("conflict", "40001"), ("full", "53100"), ("ours", "42883")):
+            connection.execute(f"CREATE FUNCTION {name}() RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION "
+                               f"'{name} happened' USING ERRCODE = '{state}'; END $$")
+            connection.execute(f"CREATE VIEW snippets_{name} AS SELECT * FROM snippets WHERE {name}()")
+    for name, expected in (("conflict", "hot_standby_feedback"), ("full", "$")):
+        database = DatabaseSettings(url=db_url, table=f"snippets_{name}", id_column="sid", content_column="body",
+                                    language_column="lang", quality_column="score")
+        with pytest.raises(SourceError, match=f"the database could not run a query on 'snippets_{name}': "
+                                              f"{name} happened.*{expected}"):
+            fetch_all(database, DataSettings())
+    database = DatabaseSettings(url=db_url, table="snippets_ours", id_column="sid", content_column="body",
+                                language_column="lang", quality_column="score")
+    with pytest.raises(psycopg.errors.UndefinedFunction):
+        fetch_all(database, DataSettings())

@@ -108,9 +108,21 @@ def _run(connection: psycopg.Connection, database: DatabaseSettings, query, para
             "is the table locked by another session, or the server overloaded?"
         ) from None
     except psycopg.OperationalError as error:
+        if (error.sqlstate or "")[:2] in SERVER_CONDITIONS:
+            raise SourceError(f"the database could not run a query on {database.table!r}: "
+                              f"{describe_database_error(error)}" + (
+                                  " (a read replica cancels a query that conflicts with the changes it replays: raise "
+                                  "its max_standby_streaming_delay or turn on hot_standby_feedback if this keeps happening)"
+                                  if error.sqlstate == "40001" else "")) from None
         raise SourceError(f"the database connection failed during a query: {describe_database_error(error)}") from None
     except psycopg.errors.InsufficientPrivilege as error:
         raise SourceError(f"the database refused a query on {database.table!r}: {describe_database_error(error)}") from None
+
+
+# SQLSTATE classes of a server that is up but cannot run the query now, said as such rather than as a lost
+# connection (both are outages, retried with back-off): transaction rollback (a hot standby's conflict with
+# recovery), insufficient resources (disk full, out of memory), system error (I/O).
+SERVER_CONDITIONS = {"40", "53", "58"}
 
 
 def describe_database_error(error: BaseException) -> str:
