@@ -371,7 +371,8 @@ def fetch_new_samples(
             last_id = row_id
             sample = _classify(row, result)
             result.last_examined_id = row_id
-            remaining -= sample is not None
+            if sample is not None:
+                remaining -= 1
             # The stream continues after the last id it read (`id > last`): rows sharing that id past the end
             # of a full page, or past the row the limit stopped at, would be passed over for good.
             if index + 1 < len(rows):
