@@ -63,31 +63,29 @@ def open_connection(database: DatabaseSettings) -> Iterator[psycopg.Connection]:
         connection.close()
 
 
+class NotUtf8(str):
+    """Text from a SQL_ASCII database whose bytes were not UTF-8, kept as lone surrogates (surrogateescape):
+    _classify skips such content as `not_utf8`. Marked by its type, so no other text is checked again."""
+
+
 class _Utf8Loader(Loader):
     """Text from a SQL_ASCII database. Such a database vouches for no encoding (it stores the bytes it is
     given), so psycopg hands its text over as bytes, names and catalog answers included. The bytes are the
-    crawler's UTF-8; one that is not valid is kept as a lone surrogate (Python's surrogateescape) and the row
-    is skipped as `not_utf8` (_classify) instead of failing every cycle on the same row."""
+    crawler's UTF-8; a value that is not valid becomes NotUtf8 and its row is skipped instead of failing every
+    cycle on the same row."""
 
     def load(self, data) -> str:
-        return bytes(data).decode("utf-8", "surrogateescape")
+        data = bytes(data)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return NotUtf8(data.decode("utf-8", "surrogateescape"))
 
 
 def _read_text_as_utf8(connection: psycopg.Connection) -> None:
     # 0: the types psycopg has no loader of its own for (an enum, citext), which it reads as text too.
     for text_type in (0, "text", "varchar", "bpchar", "name", '"char"'):
         connection.adapters.register_loader(text_type, _Utf8Loader)
-
-
-def _is_utf8(text: str) -> bool:
-    """False for text holding bytes that were not UTF-8 (see _Utf8Loader)."""
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _run(connection: psycopg.Connection, database: DatabaseSettings, query, parameters=None) -> psycopg.Cursor:
@@ -406,7 +404,7 @@ def _record_gap(previous_id: int, row_id: int, result: FetchResult) -> None:
 def _classify(row: tuple, result: FetchResult) -> Sample | None:
     row_id, skip_reason, content, language, quality = row
     result.rows_examined += 1
-    if skip_reason is None and not _is_utf8(content):
+    if skip_reason is None and isinstance(content, NotUtf8):
         skip_reason = "not_utf8"
     if skip_reason is not None:
         result.skipped[skip_reason] += 1
@@ -417,7 +415,7 @@ def _classify(row: tuple, result: FetchResult) -> Sample | None:
 def _language(label: str) -> str:
     """A label with bytes that were not UTF-8 (a SQL_ASCII database) is still a name: those bytes become
     U+FFFD, which the state, the logs and W&B can carry."""
-    if not _is_utf8(label):
+    if isinstance(label, NotUtf8):
         label = label.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return normal_language(label)
 
