@@ -422,6 +422,13 @@ def load_settings(path: str | Path | None = None) -> Settings:
     return settings
 
 
+def changed_settings(before: Settings, after: Settings) -> list[str]:
+    """The 'section.key' names whose values differ: names only, so a changed password can be said safely."""
+    old, new = before.model_dump(), after.model_dump()
+    return [f"{section}.{key}" for section, values in new.items() for key, value in values.items()
+            if old[section].get(key) != value]
+
+
 # Secrets that arrive as environment variables (from secrets.env): masked in every log line and saved
 # traceback, and never handed to the on_promote command. PGPASSWORD is libpq's alternative to a password in
 # database.url.

@@ -55,6 +55,16 @@ def secrets_of(settings: Settings) -> list[str]:
     return found
 
 
+def redact_also(settings: Settings) -> None:
+    """Mask the secrets of settings read again (a reloaded config with a new password) in this process's
+    log lines too; the ones masked before stay masked, for messages about the old connection."""
+    for handler in logging.getLogger().handlers:
+        for found in handler.filters if getattr(handler, "_codelupe", False) else ():
+            if isinstance(found, RedactingFilter):
+                found.secrets += [secret for secret in secrets_of(settings)
+                                  if len(secret) >= 3 and secret not in found.secrets]
+
+
 def setup_logging(settings: Settings | None, verbose: bool = False) -> None:
     # Library deprecation notices are for us, not for the operator reading the journal.
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -11,8 +11,9 @@ from urllib.parse import quote
 import pytest
 
 from codelupe_trainer.cli import main
-from codelupe_trainer.config import ConfigError, Settings, dsn_passwords, load_settings, public_settings, redact_url
-from codelupe_trainer.logs import setup_logging
+from codelupe_trainer.config import (ConfigError, Settings, changed_settings, dsn_passwords, load_settings, public_settings,
+                                     redact_url)
+from codelupe_trainer.logs import redact_also, setup_logging
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
@@ -178,6 +179,26 @@ def test_the_client_keys_sslpassword_is_as_secret_as_the_password(dsn, monkeypat
     logging.getLogger("codelupe_trainer.test").warning("the key's passphrase Kp4ss0rd was refused")
     logged = capsys.readouterr().err
     assert "was refused" in logged and "Kp4ss0rd" not in logged
+
+
+def test_a_reloaded_config_names_what_changed_and_masks_its_new_password_as_well_as_the_old(tmp_path, monkeypatch, capsys):
+    """The daemon's reload (SIGHUP) reads the file again: its log names the changed settings, never their
+    values, and a new database password is masked in its lines from then on, the old one still."""
+    monkeypatch.delenv("CODELUPE_DATABASE__URL", raising=False)
+    config = tmp_path / "codelupe.toml"
+    config.write_text('[database]\nurl = "postgresql://trainer:Old-pass-11@db.internal/code"\n[schedule]\nmin_new_samples = 10\n')
+    before = load_settings(config)
+    setup_logging(before)
+    config.write_text('[database]\nurl = "host=db.internal user=trainer password=New-pass-22 dbname=code"\n'
+                      '[schedule]\nmin_new_samples = 20\n')
+    after = load_settings(config)
+    assert changed_settings(before, after) == ["database.url", "schedule.min_new_samples"]
+    assert changed_settings(after, load_settings(config)) == []
+    redact_also(after)
+    redact_also(after)  # a second reload adds nothing twice
+    logging.getLogger("codelupe_trainer.test").warning("new password New-pass-22, old password Old-pass-11")
+    logged = capsys.readouterr().err
+    assert "new password ***, old password ***" in logged, logged
 
 
 @pytest.mark.parametrize(

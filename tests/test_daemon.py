@@ -395,25 +395,60 @@ def test_a_live_status_that_cannot_be_written_is_said_once_not_every_second(craw
     assert read_json(blocker)["phase"] == "stopped"
 
 
-def test_an_edited_config_is_said_to_need_a_restart_once(crawler_table, tiny_model, tmp_path):
-    """The daemon keeps the settings it started with; an edit to its config file would look applied while it
-    is not. It says so once in the log (however many edits follow) and `status` shows it until a restart."""
+def test_an_edited_config_is_said_once_and_a_reload_applies_it_or_keeps_what_works(crawler_table, tiny_model, tmp_path):
+    """The daemon keeps the settings it has until SIGHUP (`systemctl reload`): an edit is said once in the log
+    (however many follow) and shown by `status`. A reload applies the file from the next cycle (a new interval
+    reschedules at once); a file that does not load, or names a table that is not there, changes nothing and is
+    said in one line; a setting the daemon holds for its life (the endpoint's port) waits for a restart."""
     config = write_config(tmp_path, tiny_model, "[schedule]\ninterval_minutes = 60\nmin_new_samples = 1000\n")
+    original = config.read_text()
     log = tmp_path / "daemon.log"
     env = environment(crawler_table)
     daemon = start_daemon(config, env, log)
+
+    def status() -> str:
+        return subprocess.run(CLI + ["status", "--config", str(config)], env=env, capture_output=True, text=True).stdout
+
     try:
         wait_for(lambda: "waiting for 1000" in log.read_text(), 60, "the first cycle", daemon, log)
-        assert "restart it to apply" not in log.read_text()
+        assert "changed since the daemon read it" not in log.read_text()
         for minimum in (500, 200):  # two edits, one line
-            config.write_text(config.read_text().replace("min_new_samples = 1000", f"min_new_samples = {minimum}")
-                              .replace("min_new_samples = 500", f"min_new_samples = {minimum}"))
+            config.write_text(original.replace("min_new_samples = 1000", f"min_new_samples = {minimum}"))
             time.sleep(2.5)
-        status = subprocess.run(CLI + ["status", "--config", str(config)], env=env, capture_output=True, text=True)
-        assert "its config file changed since it started: restart it to apply the edit" in status.stdout, status.stdout
+        assert log.read_text().count(f"{config} changed since the daemon read it") == 1, log.read_text()
+        assert "`systemctl reload codelupe-trainer` (or kill -HUP its pid) applies the edit" in status()
+
+        config.write_text(original.replace("min_new_samples = 1000", "min_new_samples = 900")
+                          .replace("interval_minutes = 60", "interval_minutes = 0.05")
+                          + "[service]\nmetrics_port = 18231\n")  # never bound: held for a restart
+        daemon.send_signal(signal.SIGHUP)
+        # Applied: the 60-minute wait is rescheduled to 3 s, and that cycle waits for 900 rows, not 1000.
+        wait_for(lambda: "waiting for 900" in log.read_text(), 60, "a cycle with the reloaded settings", daemon, log)
+        text = log.read_text()
+        assert "schedule.interval_minutes, schedule.min_new_samples, service.metrics_port changed" not in text
+        assert "schedule.interval_minutes, schedule.min_new_samples changed; the next cycle uses them" in text, text
+        assert "service.metrics_port changed too, but the daemon holds it until a restart" in text, text
+        shown = status()
+        assert "service.metrics_port changed in its config: applies at a restart" in shown, shown
+        assert "its config file changed since it read it" not in shown, shown
+
+        config.write_text(original.replace("min_new_samples = 1000", "min_new_samples = 0"))  # below its minimum
+        daemon.send_signal(signal.SIGHUP)
+        wait_for(lambda: "config reload failed" in log.read_text(), 30, "the failed reload", daemon, log)
+        config.write_text(original + '[database]\ntable = "processed_filez"\n')  # a typo in the table's name
+        daemon.send_signal(signal.SIGHUP)
+        wait_for(lambda: "config reload refused" in log.read_text(), 60, "the refused reload", daemon, log)
+        waits = log.read_text().count("waiting for 900")
+        wait_for(lambda: log.read_text().count("waiting for 900") > waits, 60, "a cycle after both", daemon, log)
         assert stop_daemon(daemon, log) == 0
     finally:
         if daemon.poll() is None:
             daemon.kill()
     text = log.read_text()
-    assert text.count(f"{config} changed since the daemon started") == 1, text
+    failed = next(line for line in text.splitlines() if "config reload failed" in line)
+    assert "the daemon keeps the settings it has" in failed and "schedule.min_new_samples" in failed, failed
+    refused = next(line for line in text.splitlines() if "config reload refused" in line)
+    assert "processed_filez" in refused, refused
+    assert "waiting for 1000" not in text.split("config reload failed")[1], "a failed reload kept the last good settings"
+    assert "Traceback" not in text, text
+    assert all(LOG_LINE.match(line) for line in text.splitlines() if line.strip()), text

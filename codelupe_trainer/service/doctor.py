@@ -202,8 +202,23 @@ def startup_problems(settings: Settings) -> tuple[list[str], list[str]]:
 
     An unreachable database is not among the problems: the daemon retries it with backoff.
     """
+    problems, warnings = settings_problems(settings)
+    problems += gpu_problems()
+    if settings.service.metrics_port:
+        taken = port_taken(settings.service.metrics_host, settings.service.metrics_port)
+        if taken:
+            problems.append(f"service.metrics_port: {settings.service.metrics_host}:{settings.service.metrics_port} "
+                            f"cannot be served ({taken}): choose a free port (or 0 for no endpoint), or another "
+                            "service.metrics_host")
+    return problems, warnings
+
+
+def settings_problems(settings: Settings) -> tuple[list[str], list[str]]:
+    """What the settings themselves get wrong, checked at start and again when a running daemon reloads its
+    config (which must not swap working settings for ones every cycle would fail on). Not the machine's GPU
+    nor the endpoint's port: neither changes under a running daemon."""
     problems = (unwritable_paths(settings) + state_problems(settings) + adapter_problems(settings)
-                + model_and_gpu_problems(settings))
+                + model_problems(settings.model, settings.training.loss, probe_hub=False))
     warnings: list[str] = []
     try:
         with open_connection(settings.database) as connection:
@@ -213,12 +228,6 @@ def startup_problems(settings: Settings) -> tuple[list[str], list[str]]:
     except SourceError as error:
         if not str(error).startswith("cannot connect"):
             problems.append(str(error))
-    if settings.service.metrics_port:
-        taken = port_taken(settings.service.metrics_host, settings.service.metrics_port)
-        if taken:
-            problems.append(f"service.metrics_port: {settings.service.metrics_host}:{settings.service.metrics_port} "
-                            f"cannot be served ({taken}): choose a free port (or 0 for no endpoint), or another "
-                            "service.metrics_host")
     if settings.training.num_nodes > 1:
         host, port = split_endpoint(settings.training.rendezvous_endpoint)
         addresses = resolved_addresses(host, port)

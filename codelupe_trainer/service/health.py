@@ -68,14 +68,15 @@ def health_document(state_file: Path, daemon_phase: Callable[[], str], failure_t
 
 
 def start_health_server(port: int, state_file: Path, daemon_phase: Callable[[], str], host: str = "127.0.0.1",
-                        failure_threshold: int = 3) -> WSGIServer:
+                        failure_threshold: Callable[[], int] = lambda: 3) -> WSGIServer:
+    """`failure_threshold` is asked on each request: a reloaded config's service.alert_after_failures applies."""
     registry = CollectorRegistry()
     registry.register(StateCollector(state_file))
     metrics_app = make_wsgi_app(registry)
 
     def application(environ, start_response):
         if environ.get("PATH_INFO") == "/health":
-            document = health_document(state_file, daemon_phase, failure_threshold)
+            document = health_document(state_file, daemon_phase, failure_threshold())
             status = "200 OK" if document["status"] == "ok" else "503 Service Unavailable"
             start_response(status, [("Content-Type", "application/json")])
             return [json.dumps(document).encode()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -29,6 +30,8 @@ from ..state import record_failure
 log = logging.getLogger(__name__)
 
 JOB_ID = "training-cycle"
+# Settings the daemon itself holds for its whole life: a reload keeps them as they were and says so.
+RESTART_ONLY = ("paths.state_file", "service.metrics_port", "service.metrics_host")
 CHILD_EXIT_INTERRUPTED = 4
 BACKOFF_BASE_S = 30.0
 
@@ -98,9 +101,11 @@ class Daemon:
         self._progress_seen: tuple[object, float] = (None, time.monotonic())
         self.phase = "idle"
         self.live_status_failing = False
-        # The config file as the daemon read it: an edit is noticed and said (it applies at the next start).
+        # The config file as the daemon read it: an edit is noticed and said until a reload (SIGHUP) applies it.
         self.config_read = file_stamp(settings.config_file)
         self.config_changed = False
+        self.reload_requested = threading.Event()
+        self.needs_restart: list[str] = []  # settings a reload read but keeps as they were (RESTART_ONLY)
         self.started_at = time.time()
         # The back-off counts this daemon's own failed cycles: failures a manual run-once left in the state
         # (a bad config tried by hand) must not make the daemon's first real failure wait minutes.
@@ -216,6 +221,8 @@ class Daemon:
     def serve(self, notify=None) -> int:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        # `systemctl reload` (the unit's ExecReload) and a closed terminal: read the config again, never die.
+        signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
         self.scheduler.add_job(
             self.run_one_cycle, IntervalTrigger(seconds=self.interval_s), id=JOB_ID,
             next_run_time=datetime.now().astimezone(),
@@ -227,7 +234,8 @@ class Daemon:
             service = self.settings.service
             try:
                 health = start_health_server(service.metrics_port, self.settings.paths.state_file, lambda: self.phase,
-                                             host=service.metrics_host, failure_threshold=service.alert_after_failures)
+                                             host=service.metrics_host,
+                                             failure_threshold=lambda: self.settings.service.alert_after_failures)
             except OSError as error:  # taken since the start-up check (cli.command_run)
                 log.error("cannot start: service.metrics_port: %s:%d cannot be served (%s)", service.metrics_host,
                           service.metrics_port, error.strerror or error)
@@ -241,9 +249,13 @@ class Daemon:
             if notify:
                 notify("WATCHDOG=1")
             self.watch_for_a_stalled_cycle()
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload_config()
             self.notice_a_changed_config()
             self._publish_live_status(phase=self.phase, next_run=self.next_run(),
-                                      **({"config_changed": True} if self.config_changed else {}))
+                                      **({"config_changed": True} if self.config_changed else {}),
+                                      **({"needs_restart": self.needs_restart} if self.needs_restart else {}))
         if notify:
             notify("STOPPING=1")
         # shutdown(wait=True) would hold the job-store lock while the cycle's job still needs it; wait ourselves.
@@ -260,15 +272,61 @@ class Daemon:
         return 0
 
     def notice_a_changed_config(self) -> None:
-        """The daemon keeps the settings it started with (its cycles get them from it): an edit to the file
-        would otherwise look applied while it is not. Said once, and shown by `status`, until a restart."""
+        """The daemon keeps the settings it has until told to read the file again (its cycles get them from
+        it): an edit would otherwise look applied while it is not. Said once, and shown by `status`, until a
+        reload or a restart."""
         if self.config_changed or self.settings.config_file is None:
             return
         if file_stamp(self.settings.config_file) != self.config_read:
             self.config_changed = True
-            log.warning("%s changed since the daemon started; it keeps the settings it started with: restart it to "
-                        "apply them (`systemctl restart codelupe-trainer`: a running cycle stops, its rows train "
-                        "next time)", self.settings.config_file)
+            log.warning("%s changed since the daemon read it; it keeps the settings it has until it is reloaded: "
+                        "`systemctl reload codelupe-trainer` (or `kill -HUP %d`) applies them from the next cycle, "
+                        "without stopping a running one", self.settings.config_file, os.getpid())
+
+    def reload_config(self) -> None:
+        """SIGHUP: read the config file again and use it from the next cycle (the running one keeps what it
+        started with). A file that does not load, or settings every cycle would fail on, change nothing: the
+        daemon goes on with the settings it has and says why in one line. The environment (secrets.env) is
+        the process's own and is not read again: changing it needs a restart."""
+        from ..config import ConfigError, changed_settings, load_settings
+        from ..logs import redact_also
+        from .doctor import settings_problems
+
+        path = self.settings.config_file
+        stamp = file_stamp(path)  # before reading: an edit made while it is read is noticed again
+        try:
+            settings = load_settings(path)
+        except ConfigError as error:
+            log.error("config reload failed; the daemon keeps the settings it has: %s", error)
+            return
+        redact_also(settings)  # before anything below can name the new connection
+        held = [name for name in changed_settings(self.settings, settings) if name in RESTART_ONLY]
+        for name in held:
+            section, key = name.split(".")
+            setattr(getattr(settings, section), key, getattr(getattr(self.settings, section), key))
+        problems, warnings = settings_problems(settings)
+        if problems:
+            log.error("config reload refused; the daemon keeps the settings it has: %s", "; ".join(problems))
+            return
+        for warning in warnings:
+            log.warning("%s", warning)
+        changed = changed_settings(self.settings, settings)
+        previous, self.settings = self.settings, settings
+        self.config_read, self.config_changed, self.needs_restart = stamp, False, held
+        if previous.schedule.interval_minutes != settings.schedule.interval_minutes:
+            self.scheduler.reschedule_job(JOB_ID, trigger=IntervalTrigger(seconds=self.interval_s))
+        if previous.schedule.misfire_grace_minutes != settings.schedule.misfire_grace_minutes:
+            self.scheduler.modify_job(JOB_ID, misfire_grace_time=int(settings.schedule.misfire_grace_minutes * 60))
+        running = " (the running cycle keeps the settings it started with)" if not self.cycle_done.is_set() else ""
+        if changed:
+            log.info("config reloaded from %s: %s changed; the next cycle uses them%s, next run %s",
+                     settings.config_source(), ", ".join(changed), running, self.next_run() or "-")
+        else:
+            log.info("config reloaded from %s: no setting changed", settings.config_source())
+        if held:
+            log.warning("%s changed too, but the daemon holds %s until a restart (`systemctl restart "
+                        "codelupe-trainer`): kept as %s", ", ".join(held), *(("it", "it was") if len(held) == 1
+                                                                                else ("them", "they were")))
 
     def _publish_live_status(self, **fields) -> None:
         """A courtesy for `status`, written every second: a full disk must not stop the daemon, nor fill the

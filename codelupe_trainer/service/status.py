@@ -75,7 +75,11 @@ def print_status(settings: Settings, as_json: bool) -> int:
     if live:
         print(f"daemon:                {live.get('phase')} (pid {live.get('pid')}), next run {live.get('next_run') or '-'}")
         if live.get("config_changed"):
-            print("                       its config file changed since it started: restart it to apply the edit")
+            print("                       its config file changed since it read it: `systemctl reload codelupe-trainer` "
+                  "(or kill -HUP its pid) applies the edit")
+        if live.get("needs_restart"):
+            print(f"                       {', '.join(live['needs_restart'])} changed in its config: "
+                  "applies at a restart (`systemctl restart codelupe-trainer`)")
     else:
         print("daemon:                not running")
     if cycle:
