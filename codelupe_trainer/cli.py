@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     except StateError as error:  # a hand edit gone wrong: nothing can run until the file is fixed
         print(f"codelupe-trainer: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except PermissionError as error:  # a person running a command on files that belong to the service's user
+        from .service.doctor import not_permitted
+
+        print(f"codelupe-trainer: {not_permitted(error.filename, arguments.command)}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:  # Ctrl-C in a command without its own stop handling (status, doctor, ...)
         print("codelupe-trainer: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -114,10 +119,6 @@ def command_status(settings: Settings, arguments) -> int:
 
     try:
         return print_status(settings, as_json=arguments.json)
-    except PermissionError:
-        print(f"codelupe-trainer: cannot read {settings.paths.state_file}: permission denied (the state is readable by "
-              "its owner and the `codelupe` group; run as one of them, or with sudo)", file=sys.stderr)
-        return EXIT_USAGE
     except (IsADirectoryError, ValueError) as error:
         print(f"codelupe-trainer: cannot read {settings.paths.state_file}: {type(error).__name__}: "
               f"{str(error).splitlines()[0] if str(error) else ''}", file=sys.stderr)

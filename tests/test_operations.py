@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -420,6 +421,56 @@ def test_a_table_created_again_below_the_watermark_is_said_each_idle_cycle_and_b
     insert_stdlib_rows(crawler_table, 20, 1)  # the next id goes on above the watermark: trainable, nothing to say
     with open_connection(settings.database) as connection:
         assert ids_behind_watermark(connection, settings.database, 500) is None
+
+
+def test_a_person_whose_user_may_not_read_the_services_files_gets_one_line_naming_whose_they_are():
+    """`codelupe-trainer adapters` or `rollback` typed by a person on the box, not as the `codelupe` user the
+    service runs as: the state (0640) and its lock are not theirs. One line, exit 2, naming the file, whose it
+    is and how to run the command as them; never a traceback. As root (CI), a forked process that became
+    `nobody`; as another user, files made unreadable."""
+    import tempfile
+
+    place = Path(tempfile.mkdtemp(prefix="codelupe-person-", dir="/tmp"))
+    try:
+        os.chmod(place, 0o755)
+        state_file = place / "state.json"
+        save_state(TrainerState(last_trained_id=7), state_file)
+        (place / "state.lock").write_text("")
+        config = place / "codelupe.toml"
+        config.write_text(f'[database]\nurl = "postgresql://trainer@127.0.0.1:1/code"\n'
+                          f'[paths]\nstate_file = "{state_file}"\noutput_dir = "{place / "adapters"}"\n')
+        errors = place / "stderr.txt"
+        errors.write_text("")
+        os.chmod(errors, 0o666)
+        as_root = os.geteuid() == 0
+        if not as_root:
+            os.chmod(state_file, 0o000)
+            os.chmod(place / "state.lock", 0o000)
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child reports through its exit code and the file
+            try:
+                if as_root:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                with errors.open("a") as stream:
+                    sys.stderr = stream  # where the commands print (pytest holds the process's own)
+                    codes = [main([*command, "--config", str(config)]) for command in (["status"], ["adapters"],
+                                                                                        ["rollback", "1"])]
+                os._exit(0 if codes == [2, 2, 2] else 10 + sum(codes))
+            except BaseException:
+                os._exit(99)
+        _, status = os.waitpid(child, 0)
+        said = errors.read_text()
+    finally:
+        shutil.rmtree(place, ignore_errors=True)
+    assert os.waitstatus_to_exitcode(status) == 0, said
+    lines = said.strip().splitlines()
+    assert len(lines) == 3 and "Traceback" not in said, said
+    for line, command, path in zip(lines, ("status", "adapters", "rollback"), (state_file, state_file, place / "state.lock")):
+        assert line.startswith(f"codelupe-trainer: {path}: permission denied ("), line
+        assert f"run `codelupe-trainer {command}` " in line, line
+    if as_root:
+        assert f"{state_file}: permission denied (root:root -rw-r-----): run `codelupe-trainer status` with sudo" in lines[0]
 
 
 def test_files_a_command_run_as_root_left_behind_are_named_with_the_chown_that_fixes_them(tmp_path):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
 import pwd
 import socket
+import stat
 import sys
 from pathlib import Path
 
@@ -109,7 +111,8 @@ def check_adapter(settings: Settings) -> tuple[str, bool, str]:
     try:
         state = load_state(settings.paths.state_file)
     except (OSError, StateError) as error:  # the `state` line says what is wrong
-        return ("adapter", True, f"the state cannot be read ({type(error).__name__}), so neither can its adapter")
+        return ("adapter", None, f"not checked: the state cannot be read ({type(error).__name__}; the `state` line "
+                                 "says why), so neither can its adapter")
     adapter = in_service_adapter(state)
     if adapter is None:
         return ("adapter", True, f"{state.latest_adapter} is missing: the next run starts a new LoRA"
@@ -252,7 +255,7 @@ def unwritable_paths(settings: Settings) -> list[str]:
 def adapter_problems(settings: Settings) -> list[str]:
     """Model settings the adapter in service cannot be continued with: every cycle would fail on them."""
     _, fits, detail = check_adapter(settings)
-    return [] if fits else [detail]
+    return [detail] if fits is False else []
 
 
 def model_and_gpu_problems(settings: Settings) -> list[str]:
@@ -325,6 +328,30 @@ def ownership_hint(path: Path, directory: Path) -> str:
         return ""
     return (f", owned by {user_name(owner)}: left by a command run as {user_name(owner)}? "
             f"`sudo chown -R {user_name(os.geteuid())}: {directory}`")
+
+
+def not_permitted(path: str | None, command: str) -> str:
+    """A command run by a user the service's files do not admit (a person on the box, not the `codelupe`
+    user the service runs as), in one line: whose the file is, and how to run the command as them."""
+    if path is None:
+        return f"permission denied: run `codelupe-trainer {command}` as the user the service runs as"
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # a file to be created: the folder that refused it
+    try:
+        status = existing.stat()
+    except OSError:
+        return f"{path}: permission denied"
+    owner, mode = user_name(status.st_uid), stat.filemode(status.st_mode)
+    try:
+        group = grp.getgrgid(status.st_gid).gr_name
+    except KeyError:
+        group = str(status.st_gid)
+    how = "with sudo" if owner == "root" else f"as {owner} (`sudo -u {owner} codelupe-trainer {command} ...`)"
+    if owner != "root" and command in ("status", "adapters", "doctor"):  # reading is enough: the group may
+        how += f" or as a member of group {group}"
+    whose = f"{owner}:{group} {mode}" if str(existing) == str(path) else f"{existing} is {owner}:{group} {mode}"
+    return f"{path}: permission denied ({whose}): run `codelupe-trainer {command}` {how}"
 
 
 def user_name(uid: int) -> str:
