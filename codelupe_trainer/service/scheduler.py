@@ -319,8 +319,9 @@ class Daemon:
             self.scheduler.modify_job(JOB_ID, misfire_grace_time=int(settings.schedule.misfire_grace_minutes * 60))
         running = " (the running cycle keeps the settings it started with)" if not self.cycle_done.is_set() else ""
         if changed:
-            log.info("config reloaded from %s: %s changed; the next cycle uses them%s, next run %s",
-                     settings.config_source(), ", ".join(changed), running, self.next_run() or "-")
+            log.info("config reloaded from %s: %s changed; the next cycle uses %s%s, next run %s",
+                     settings.config_source(), ", ".join(changed), "it" if len(changed) == 1 else "them", running,
+                     self.next_run() or "-")
         else:
             log.info("config reloaded from %s: no setting changed", settings.config_source())
         if held:
