@@ -30,10 +30,11 @@ def trainer_lock(state_file: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise AlreadyRunning(f"another codelupe-trainer cycle is running (lock {path} is held)") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+        try:  # the holder's pid, for a person looking: a courtesy a full disk must not turn into a failure
+            os.ftruncate(handle.fileno(), 0)
+            os.pwrite(handle.fileno(), f"{os.getpid()}\n".encode(), 0)  # unbuffered: nothing left to fail at close
+        except OSError:
+            pass
         yield
     finally:
         handle.close()

@@ -251,6 +251,73 @@ def test_a_disk_too_full_for_the_run_fails_before_training_and_one_that_fills_du
     assert third.total_samples_trained + third.total_samples_held_out == count
 
 
+# The daemon on a disk with no room left at all, in a mount namespace of its own: no cycle can even record
+# its failure. The test outside asks its /health endpoint over the network, which the namespace shares.
+DAEMON_ON_A_FULL_DISK = r"""
+set -u
+mount -t tmpfs -o size=20m tmpfs "$DISK" || exit 97
+mkdir -p "$DISK/var"
+dd if=/dev/zero of="$DISK/filler" bs=1M count=40 2>/dev/null
+"$@" run > "$OUT/daemon.log" 2>&1 &
+pid=$!
+while [ ! -e "$OUT/stop" ]; do kill -0 $pid 2>/dev/null || break; sleep 0.2; done
+kill -TERM $pid; wait $pid; echo $? > "$OUT/daemon.rc"
+"""
+
+
+def test_failures_a_full_disk_keeps_out_of_the_state_still_make_health_say_stuck(crawler_table, tiny_model, tmp_path):
+    """A full disk fails every cycle and also the state's record of it: /health said "ok" with 0 failures
+    through the outage that most needs a person, and no alert could follow. The daemon counts the failures
+    the state did not take: /health turns "stuck" after service.alert_after_failures and says why."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    prefix = namespace_prefix()
+    insert_stdlib_rows(crawler_table, start=0, count=30)
+    disk, out = tmp_path / "disk", tmp_path / "out"
+    disk.mkdir(), out.mkdir()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = write_config(tmp_path, tiny_model, f'[schedule]\ninterval_minutes = 0.05\nmin_new_samples = 10\n'
+                                                f'[paths]\nstate_file = "{disk}/var/state.json"\n'
+                                                f'output_dir = "{disk}/var/adapters"\n'
+                                                f'[wandb]\nmode = "offline"\ndir = "{disk}/var"\n'
+                                                f'[service]\nmetrics_port = {port}\nalert_after_failures = 2\n')
+    env = environment(crawler_table, DISK=str(disk), OUT=str(out), CODELUPE_CONFIG=str(config))
+    script = subprocess.Popen(prefix + ["sh", "-c", DAEMON_ON_A_FULL_DISK, "full-disk", *CLI], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "daemon.log"
+
+    def health() -> dict | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as answer:
+                return json.loads(answer.read())
+        except urllib.error.HTTPError as error:  # 503 once stuck: the document is the body
+            return json.loads(error.read())
+        except OSError:  # not listening yet
+            return None
+
+    try:
+        seen = wait_for(lambda: (lambda document: document if document and document["status"] == "stuck" else None)(
+            health()), 180, "/health to say stuck", script, log)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            metrics = answer.read().decode()
+    finally:
+        (out / "stop").touch()
+        script.wait(timeout=90)
+    text = log.read_text()
+    assert (out / "daemon.rc").read_text().strip() == "0", text
+    assert seen["consecutive_failures"] >= 2 and seen["unrecorded_failures"] >= 2, seen
+    assert "could not be recorded" in seen["last_error"], seen
+    gauge = next(line for line in metrics.splitlines() if line.startswith("codelupe_consecutive_failures "))
+    assert float(gauge.split()[1]) >= 2, gauge
+    assert "could not record this failure" in text, text[-3000:]
+    assert text.count("this failure could not be recorded in") == 1, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+
+
 @pytest.fixture
 def own_server():
     """A server this test may stop and start (never the shared one)."""

@@ -237,6 +237,25 @@ def test_status_shows_the_persisted_state(tmp_path, monkeypatch, capsys):
     assert "last trained id:       77" in text and "cannot connect" in text and "daemon:                not running" in text
 
 
+def test_status_counts_the_failures_the_running_daemon_could_not_record_in_the_state(tmp_path, monkeypatch, capsys):
+    """The state took 1 failure; the daemon (alive: this process stands in for it) counted 2 more it could
+    not write there. `status` says 3 in a row, STUCK at the default threshold of 3, and why the state shows less."""
+    from codelupe_trainer.progress import write_live_status
+
+    state_file = tmp_path / "state.json"
+    monkeypatch.setenv("CODELUPE_PATHS__STATE_FILE", str(state_file))
+    save_state(TrainerState(last_trained_id=77, consecutive_failures=1, total_failures=1, last_error="x"), state_file)
+    write_live_status(state_file, phase="idle", next_run=None, unrecorded_failures=2)
+    assert main(["status", "--config", str(REPO / "config" / "codelupe.toml")]) == 0
+    text = capsys.readouterr().out
+    assert "failures:              3 in a row, 3 in all" in text, text
+    assert "2 of them could not be recorded in the state file" in text, text
+    assert "STUCK:                 3 cycles in a row failed at id 77" in text, text
+    assert main(["status", "--config", str(REPO / "config" / "codelupe.toml"), "--json"]) == 0
+    view = json.loads(capsys.readouterr().out)
+    assert (view["consecutive_failures"], view["unrecorded_failures"], view["stuck"]) == (3, 2, True)
+
+
 def test_daemon_refuses_to_start_on_a_missing_table_or_model(db_url, make_settings, tmp_path, capsys, monkeypatch):
     make_settings(db_url)
     monkeypatch.setenv("CODELUPE_MODEL__BASE_MODEL", str(tmp_path / "missing-model"))

@@ -25,7 +25,7 @@ from ..config import Settings
 from ..errors import StateError
 from ..lock import AlreadyRunning, trainer_lock
 from ..progress import read_cycle_progress, write_live_status
-from ..state import record_failure
+from ..state import load_state, record_failure
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,8 @@ class Daemon:
         # The back-off counts this daemon's own failed cycles: failures a manual run-once left in the state
         # (a bad config tried by hand) must not make the daemon's first real failure wait minutes.
         self.failures_in_a_row = 0
+        # Failed cycles in a row the state file did not take (a full disk): /health and `status` count them.
+        self.unrecorded_failures = 0
         self.context = multiprocessing.get_context("spawn")
         self.scheduler = BackgroundScheduler(job_defaults={
             "max_instances": 1,
@@ -125,6 +127,7 @@ class Daemon:
         if self.stopping.is_set():
             return
         self.cycle_done.clear()
+        recorded_before = self._recorded_failures()
         try:
             code = self._run_child()
         finally:
@@ -133,7 +136,7 @@ class Daemon:
         if self.stopping.is_set() or code == CHILD_EXIT_INTERRUPTED:
             return
         if code == 0:
-            self.failures_in_a_row = 0
+            self.failures_in_a_row = self.unrecorded_failures = 0
             self._reschedule(self.interval_s)
             return
         self.failures_in_a_row += 1
@@ -142,6 +145,8 @@ class Daemon:
         elif code not in (1, 3):
             # Killed by a signal or died without reporting (OOM killer, segfault): record it here.
             self._record_failure(describe_death(code))
+        if code != 3:  # 3: a run-once held the lock; no cycle ran, nothing was to be recorded
+            self._count_if_unrecorded(recorded_before)
         delay = backoff_seconds(self.failures_in_a_row, self.interval_s)
         log.warning("cycle failed (exit %s, %d in a row); retrying in %.0f s", code, self.failures_in_a_row, delay)
         self._reschedule(delay)
@@ -155,6 +160,25 @@ class Daemon:
             log.warning("%s; not recorded in the state (another cycle holds the lock)", message)
         except (StateError, OSError) as error:  # edited by hand while the daemon ran, or a full disk: the next cycle says so too
             log.error("%s; not recorded: %s", message, error)
+
+    def _recorded_failures(self) -> int | None:
+        """The state's failures in a row (None: the state cannot be read; /health says so on its own)."""
+        try:
+            return load_state(self.settings.paths.state_file).consecutive_failures
+        except (StateError, OSError):
+            return None
+
+    def _count_if_unrecorded(self, recorded_before: int | None) -> None:
+        """A failed cycle the state did not count (its write failed: a full disk) would leave /health saying
+        "ok" and the stuck alert silent through every failure that follows; the daemon counts it instead."""
+        recorded_after = self._recorded_failures()
+        if recorded_before is None or recorded_after is None or recorded_after > recorded_before:
+            self.unrecorded_failures = 0
+            return
+        self.unrecorded_failures += 1
+        if self.unrecorded_failures == 1:
+            log.error("this failure could not be recorded in %s (the journal above says why); the daemon counts "
+                      "failures the state cannot take, for /health and `status`", self.settings.paths.state_file)
 
     def _run_child(self) -> int | None:
         self.phase = "training"
@@ -235,7 +259,8 @@ class Daemon:
             try:
                 health = start_health_server(service.metrics_port, self.settings.paths.state_file, lambda: self.phase,
                                              host=service.metrics_host,
-                                             failure_threshold=lambda: self.settings.service.alert_after_failures)
+                                             failure_threshold=lambda: self.settings.service.alert_after_failures,
+                                             unrecorded_failures=lambda: self.unrecorded_failures)
             except OSError as error:  # taken since the start-up check (cli.command_run)
                 log.error("cannot start: service.metrics_port: %s:%d cannot be served (%s)", service.metrics_host,
                           service.metrics_port, error.strerror or error)
@@ -255,7 +280,9 @@ class Daemon:
             self.notice_a_changed_config()
             self._publish_live_status(phase=self.phase, next_run=self.next_run(),
                                       **({"config_changed": True} if self.config_changed else {}),
-                                      **({"needs_restart": self.needs_restart} if self.needs_restart else {}))
+                                      **({"needs_restart": self.needs_restart} if self.needs_restart else {}),
+                                      **({"unrecorded_failures": self.unrecorded_failures}
+                                         if self.unrecorded_failures else {}))
         if notify:
             notify("STOPPING=1")
         # shutdown(wait=True) would hold the job-store lock while the cycle's job still needs it; wait ourselves.

@@ -15,6 +15,10 @@ def print_status(settings: Settings, as_json: bool) -> int:
     # A state file that is not there reads as a fresh state (zero runs): said as such, since a `status` run
     # without the service's --config looks at another file, and zeros would read as a lost state.
     exists = settings.paths.state_file.exists()
+    live = read_live_status(settings.paths.state_file)
+    # Failed cycles the state could not take (a full disk), counted by the running daemon.
+    unrecorded = int((live or {}).get("unrecorded_failures", 0))
+    in_a_row = state.consecutive_failures + unrecorded
     view = {
         "state_file": str(settings.paths.state_file),
         "state_exists": exists,
@@ -24,8 +28,9 @@ def print_status(settings: Settings, as_json: bool) -> int:
         "total_samples_trained": state.total_samples_trained,
         "uptime_hours": round(state.uptime_hours, 3),
         "first_started_at": state.first_started_at if exists else None,
-        "consecutive_failures": state.consecutive_failures,
-        "stuck": state.consecutive_failures >= settings.service.alert_after_failures,
+        "consecutive_failures": in_a_row,
+        "unrecorded_failures": unrecorded,
+        "stuck": in_a_row >= settings.service.alert_after_failures,
         "total_failures": state.total_failures,
         "last_error": state.last_error,
         "last_error_at": state.last_error_at,
@@ -35,7 +40,7 @@ def print_status(settings: Settings, as_json: bool) -> int:
         "holdout_best": {language: {"loss": entry[0], "run": entry[2]} for language, entry in state.holdout_best.items()},
         "last_run": state.last_run,
         "pending_gaps": len(state.pending_gaps),
-        "live": read_live_status(settings.paths.state_file),
+        "live": live,
         "cycle": read_cycle_progress(settings.paths.state_file),
     }
     if as_json:
@@ -57,9 +62,12 @@ def print_status(settings: Settings, as_json: bool) -> int:
         # What promotion.max_drift measures against: run 0 is the base model.
         anchors = ", ".join(f"{language} {entry[0]:.4f} (run {entry[2]})" for language, entry in sorted(state.holdout_best.items()))
         print(f"best holdout loss:     {anchors}")
-    print(f"failures:              {state.consecutive_failures} in a row, {state.total_failures} in all")
-    if state.consecutive_failures >= settings.service.alert_after_failures:
-        print(f"STUCK:                 {state.consecutive_failures} cycles in a row failed at id {state.last_trained_id}; "
+    print(f"failures:              {in_a_row} in a row, {state.total_failures + unrecorded} in all")
+    if unrecorded:
+        print(f"                       {unrecorded} of them could not be recorded in the state file (a full disk?): "
+              "the journal has their errors")
+    if in_a_row >= settings.service.alert_after_failures:
+        print(f"STUCK:                 {in_a_row} cycles in a row failed at id {state.last_trained_id}; "
               "fix the cause shown below, the next cycle retries")
     if state.last_error:
         print(f"last error:            {time.ctime(state.last_error_at or 0)}: {state.last_error}")
