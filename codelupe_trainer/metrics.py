@@ -62,6 +62,19 @@ def _have_wandb_credentials() -> bool:
         return False
 
 
+def import_wandb():
+    """wandb, with its own error reporting off. Left on, the SDK and wandb-core send their exceptions' stack
+    traces and log records naming the machine (its host name, which `host` below keeps out of the run) to the
+    W&B server, and print an ERROR line after each run where that server refuses them: this daemon sends
+    metrics only. Set before the import and before wandb-core starts (it reads the same variable). Silent as
+    the run's settings are, from the start: its login note is a line outside the journal's format."""
+    os.environ["WANDB_ERROR_REPORTING"] = "false"
+    os.environ["WANDB_SILENT"] = "true"
+    import wandb
+
+    return wandb
+
+
 def wandb_settings_kwargs(options: WandbOptions) -> dict[str, Any]:
     """Settings that keep everything but metrics on this machine."""
     return {
@@ -134,8 +147,7 @@ class MetricsRun:
 
     def _start_wandb(self, config: dict[str, Any]) -> None:
         try:
-            import wandb
-
+            wandb = import_wandb()
             self.options.directory.mkdir(parents=True, exist_ok=True)
             self.wandb_run = wandb.init(
                 project=self.options.project,
@@ -368,8 +380,7 @@ def send_alert(options: WandbOptions, jsonl_path: Path, title: str, text: str) -
 
     def deliver() -> None:
         try:
-            import wandb
-
+            wandb = import_wandb()
             options.directory.mkdir(parents=True, exist_ok=True)
             run = wandb.init(project=options.project, entity=options.entity, group=options.group, job_type="alert",
                              name=f"alert-{int(time.time())}", mode=options.mode, dir=str(options.directory),

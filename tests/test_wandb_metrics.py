@@ -371,6 +371,58 @@ def test_unreachable_wandb_server_degrades_to_the_local_file(crawler_table, make
     assert records[0]["wandb_mode"] == "disabled"
 
 
+@pytest.mark.slow
+def test_wandbs_own_error_reporting_never_reaches_the_server(crawler_table, tiny_model, tmp_path):
+    """wandb 0.2x/0.3x reports its own errors and log records (with the machine's host name) to the W&B server
+    through an OpenTelemetry proxy, on by default. Only metrics leave this machine: against a stand-in
+    server that refuses the key, `run-once` asks it to start a run and sends nothing to /sdk/otel/*, and no
+    ERROR from a telemetry exporter follows the run's summary."""
+    import http.server
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from conftest import write_config
+
+    paths: list[str] = []
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def _refuse(self):
+            paths.append(self.path)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.dumps({"errors": [{"message": "user is not logged in"}]}).encode()
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = _refuse
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    insert_stdlib_rows(crawler_table, start=0, count=30)
+    config = write_config(tmp_path, tiny_model, f'[wandb]\nmode = "online"\ndir = "{tmp_path}"\ninit_timeout_s = 20\n')
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("CODELUPE_", "PYTEST", "WANDB_"))}
+    env.update(CODELUPE_DATABASE__URL=crawler_table, WANDB_BASE_URL=f"http://127.0.0.1:{server.server_port}",
+               WANDB_API_KEY="0123456789abcdef0123456789abcdef01234567",
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    try:
+        once = subprocess.run([sys.executable, "-m", "codelupe_trainer.cli", "run-once", "--config", str(config)],
+                              env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.shutdown()
+    assert once.returncode == 0, once.stderr
+    assert "W&B could not start" in once.stderr, once.stderr
+    assert paths, "the stand-in W&B server was never asked: the test would prove nothing"
+    assert not [path for path in paths if path.startswith("/sdk/otel")], paths
+    assert "opentelemetry" not in once.stderr and "Loaded credentials" not in once.stderr, once.stderr
+
+
 def test_finish_returns_when_the_wandb_backend_stalls(tmp_path):
     """A stalled wandb-core: each log call blocks, the bounded queue fills, and finish() must still return
     within its timeout (a blocking put of the stop marker used to wait forever, holding the trainer lock)."""
