@@ -150,6 +150,7 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
             max_eval_samples=settings.data.max_eval_samples,
         )
         dataset.data_metrics["data/holdout_rows"] = holdout.rows_in_fetch
+        dataset.data_metrics["data/waiting_for_score"] = fetched.waiting_for_score
         if dataset.train_blocks:
             add_replay(connection, settings, state, dataset, holdout, blockers, tokenizer, format_text)
         holdout.blocks = pack_by_language(holdout.samples, tokenizer, settings.data.max_length, format_text)
@@ -157,9 +158,11 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
         # The journal's line between the count and the first evaluation (on the 7B, a minute of building and
         # loading that was otherwise silent).
         log.info("dataset: %d new samples to train in %d blocks (+ %d replayed), %d held out; %d rows read, %d skipped, "
-                 "%d blocked (%.1f s)", dataset.train_samples, len(dataset.train_blocks), dataset.replay_samples,
+                 "%d blocked%s (%.1f s)", dataset.train_samples, len(dataset.train_blocks), dataset.replay_samples,
                  dataset.eval_samples + holdout.rows_in_fetch, fetched.rows_examined, sum(fetched.skipped.values()),
-                 int(dataset.data_metrics.get("data/blocked_total", 0)), dataset_seconds)
+                 int(dataset.data_metrics.get("data/blocked_total", 0)),
+                 f", {fetched.waiting_for_score} waiting for a quality score" if fetched.waiting_for_score else "",
+                 dataset_seconds)
         crash_point("tokenize")
     stop.CURRENT.check("after the dataset build")
     held_out = dataset.eval_samples + holdout.rows_in_fetch
@@ -172,7 +175,8 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
         save_state(advance_state(state, fetched, 0, None, None, process_started, samples_held_out=held_out),
                    settings.paths.state_file)
         duplicate_store.commit()
-        return CycleOutcome("filtered_out", f"all {fetched.rows_examined} new rows were skipped, blocked or held out")
+        waiting = f" ({fetched.waiting_for_score} wait for a quality score)" if fetched.waiting_for_score else ""
+        return CycleOutcome("filtered_out", f"all {fetched.rows_examined} new rows were skipped, blocked or held out{waiting}")
     return _train_and_save(settings, state, tokenizer, dataset, fetched, duplicate_store, dataset_seconds, should_stop,
                            process_started, holdout)
 
@@ -309,6 +313,7 @@ def _publish(settings: Settings, state: TrainerState, model, run_number: int, pr
         "eval_samples": dataset.eval_samples,
         "rows_examined": fetched.rows_examined,
         "skipped": dict(fetched.skipped),
+        "waiting_for_score": fetched.waiting_for_score,
         "blocked": {name: dataset.data_metrics[f"data/blocked_{name}"] for name in BLOCK_FILTERS},
         "steps": result.global_step,
         "train_loss": result.train_loss,

@@ -30,7 +30,8 @@ def describe_outcome(outcome: CycleOutcome, settings: Settings) -> str:
         f"(+ {summary['eval_samples']} held out for evaluation) in {summary['steps']} steps, "
         f"{summary['train_seconds']:.1f} s on {summary['device']} (quantization: {summary['quantization']})",
         f"rows read: {summary['rows_examined']}; skipped {counts_in_words(summary['skipped'])}; "
-        f"blocked {counts_in_words(summary['blocked'])}",
+        f"blocked {counts_in_words(summary['blocked'])}"
+        + (f"; {summary['waiting_for_score']} waiting for a quality score" if summary.get("waiting_for_score") else ""),
         f"train loss: {summary['train_loss']:.4f}",
         f"eval loss: before {before:.4f} -> after {after:.4f}" if before is not None and after is not None else "eval loss: no eval split",
         f"adapter: {summary['adapter']}" + (f" (continued from {summary['continued_from']})" if summary["continued_from"] else " (new)"),

@@ -130,6 +130,41 @@ def test_run_once_trains_then_continues_from_the_adapter(crawler_table, tmp_path
     assert TEST_PASSWORD not in (tmp_path / "metrics.jsonl").read_text()
 
 
+def test_rows_a_scorer_has_not_scored_yet_train_once_it_has(crawler_table, make_settings, tmp_path, capsys):
+    """The crawler inserts, a scorer fills quality_score later: a cycle between the two used to skip the
+    unscored rows for good (as low or missing quality) and move the watermark past them. They now wait, are
+    said, and train at the first cycle after their score arrives; every eligible row trains once."""
+    url = crawler_table
+    insert_stdlib_rows(url, start=0, count=60)
+    with psycopg.connect(url, autocommit=True) as connection:
+        scores = dict(connection.execute("SELECT id, quality_score FROM processed_files WHERE id % 2 = 0").fetchall())
+        connection.execute("UPDATE processed_files SET quality_score = NULL WHERE id % 2 = 0")
+        # The unscored rows a score could make eligible; the rest are skipped at once (too long, ...).
+        waiting = [row[0] for row in connection.execute(
+            "SELECT id FROM processed_files WHERE quality_score IS NULL AND char_length(content) BETWEEN 50 AND 8000 "
+            "ORDER BY id")]
+    assert len(scores) == 30 and waiting
+    settings = make_settings(url)
+    config = str(tmp_path / "codelupe.toml")
+
+    assert main(["run-once", "--config", config]) == 0
+    first = load_state(settings.paths.state_file)
+    assert f"{len(waiting)} waiting for a quality score" in capsys.readouterr().out and waiting
+    assert first.last_trained_id == max_id(url)
+    assert [row_id for first_id, last_id in first.gap_ranges() for row_id in range(first_id, last_id + 1)] == waiting
+    scored_first = len(eligible_ids(url))
+    assert first.total_samples_trained + first.total_samples_held_out == scored_first
+
+    with psycopg.connect(url, autocommit=True) as connection:  # the scorer catches up
+        for row_id, score in scores.items():
+            connection.execute("UPDATE processed_files SET quality_score = %s WHERE id = %s", (score, row_id))
+    assert main(["run-once", "--config", config]) == 0
+    second = load_state(settings.paths.state_file)
+    assert second.total_training_runs == 2 and second.gap_ranges() == []
+    assert second.total_samples_trained + second.total_samples_held_out == len(eligible_ids(url)) > scored_first
+    assert second.last_run["waiting_for_score"] == 0
+
+
 def test_run_once_waits_for_enough_rows(crawler_table, make_settings, tmp_path, capsys):
     insert_stdlib_rows(crawler_table, start=0, count=5)
     settings = make_settings(crawler_table, extra="[schedule]\nmin_new_samples = 1000")

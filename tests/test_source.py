@@ -26,7 +26,7 @@ LOOSE_ROWS = [
     (GOOD, "Python", 90),            # passes (language is lower-cased)
     (None, "python", 90),            # null_content
     ("   \n\t  ", "python", 90),     # empty_content
-    (GOOD, "python", None),          # null_quality
+    (GOOD, "python", None),          # not scored yet: waits for its score (a pending gap)
     (GOOD, "python", 250),           # bad_quality
     (GOOD, "python", 10),            # low_quality
     (GOOD, None, 90),                # null_language
@@ -62,9 +62,10 @@ def test_bad_rows_are_skipped_and_counted_by_reason(loose_table):
     assert [sample.id for sample in samples] == [1, 10, 11, 12, 13]
     assert samples[0].language == "python"
     assert dict(result.skipped) == {
-        "null_content": 1, "empty_content": 1, "null_quality": 1, "bad_quality": 1, "low_quality": 1,
+        "null_content": 1, "empty_content": 1, "bad_quality": 1, "low_quality": 1,
         "null_language": 1, "too_short": 1, "too_long": 1,
     }
+    assert (result.waiting_for_score, result.new_gaps) == (1, [(4, 4)])
     assert result.rows_examined == len(LOOSE_ROWS)
     assert result.last_examined_id == len(LOOSE_ROWS)
     with open_connection(loose_table) as connection:
@@ -74,11 +75,42 @@ def test_bad_rows_are_skipped_and_counted_by_reason(loose_table):
 def test_language_filter_and_limit(loose_table):
     samples, passed = fetch_all(loose_table, DataSettings(languages=["go"]))
     assert samples == []
-    # Another language's rows are skipped, counted, and passed over for good (README: data.languages).
-    assert passed.skipped["language"] == 5 and passed.last_examined_id == len(LOOSE_ROWS)
+    # Another language's rows are skipped, counted, and passed over for good (README: data.languages); one
+    # not scored yet too: no score would make it eligible.
+    assert passed.skipped["language"] == 6 and passed.last_examined_id == len(LOOSE_ROWS)
+    assert passed.waiting_for_score == 0 and passed.new_gaps == []
     samples, result = fetch_all(loose_table, DataSettings(), limit=2)
     assert [sample.id for sample in samples] == [1, 10]
     assert result.last_examined_id == 10  # rows past the limit stay for the next run
+
+
+def test_a_row_not_scored_yet_waits_for_its_score_then_trains_or_is_given_up_after_the_commit_lag(loose_table):
+    """A scorer that fills the quality column after the crawler's insert: a row read while its score is
+    NULL is neither trained nor skipped for good. Its id is watched like a late commit's: read again each
+    cycle, taken once scored, and given up only after database.max_commit_lag_minutes."""
+    samples, first = fetch_all(loose_table, DataSettings())
+    assert 4 not in [sample.id for sample in samples] and first.waiting_for_score == 1
+    state = advance_state(TrainerState(), first, len(samples), None, None)
+    assert state.last_trained_id == len(LOOSE_ROWS) and state.gap_ranges() == [(4, 4)]
+
+    samples, again = fetch_all(loose_table, DataSettings(), after_id=state.last_trained_id, gaps=state.gap_ranges())
+    assert samples == [] and again.waiting_for_score == 1 and again.filled_gaps == []
+    state = advance_state(state, again, 0, None, None)
+    assert state.gap_ranges() == [(4, 4)], "still unscored: still watched"
+
+    with psycopg.connect(loose_table.url.get_secret_value(), autocommit=True) as connection:
+        connection.execute("UPDATE snippets SET score = 90 WHERE sid = 4")
+    samples, scored = fetch_all(loose_table, DataSettings(), after_id=state.last_trained_id, gaps=state.gap_ranges())
+    assert [sample.id for sample in samples] == [4] and scored.waiting_for_score == 0
+    assert advance_state(state, scored, 1, None, None).gap_ranges() == []
+
+    # Scored too low, it is skipped like any low-quality row; never scored, it is given up with the lag.
+    with psycopg.connect(loose_table.url.get_secret_value(), autocommit=True) as connection:
+        connection.execute("UPDATE snippets SET score = 5 WHERE sid = 4")
+    samples, low = fetch_all(loose_table, DataSettings(), after_id=state.last_trained_id, gaps=state.gap_ranges())
+    assert samples == [] and low.skipped["low_quality"] == 1 and advance_state(state, low, 0, None, None).gap_ranges() == []
+    later = state.pending_gaps[0][2] + 61 * 60
+    assert expire_gaps(state, max_age_minutes=60, now=later).gap_ranges() == []
 
 
 def test_a_language_with_stray_whitespace_or_capitals_is_one_language_everywhere(db_url):

@@ -30,6 +30,8 @@ class FetchResult:
     # Ids inside pending gap ranges that have now appeared (they were read in this fetch).
     filled_gaps: list[int] = field(default_factory=list)
     rows_examined: int = 0
+    # Rows read without a quality score yet (NULL): kept in the gap ranges, to train once a scorer fills it.
+    waiting_for_score: int = 0
 
     def stop_before(self, sample_id: int) -> None:
         """The sample `sample_id` was read but will not be trained this run: everything from it on is left

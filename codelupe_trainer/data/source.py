@@ -23,6 +23,8 @@ from .records import FetchResult, Sample
 
 # Gap ranges recorded per fetch; far more than in-flight transactions can make (deletions make the rest).
 MAX_NEW_GAP_RANGES = 10_000
+# The skip reason of a row whose quality column is NULL: not scored yet, so it waits (_wait_for_score).
+UNSCORED = "null_quality"
 
 
 class SourceError(Exception):
@@ -246,7 +248,6 @@ def _skip_reason_sql(data: DataSettings) -> tuple[sql.Composable, dict]:
     conditions = [
         ("null_content", "{content} IS NULL"),
         ("empty_content", "{content} !~ '[^[:space:]]'"),
-        ("null_quality", "{quality} IS NULL"),
         ("bad_quality", "{quality} < 0 OR {quality} > 100"),
         ("low_quality", "{quality} < %(min_quality)s"),
         ("null_language", "{language} IS NULL OR {language} !~ '[^[:space:]]'"),
@@ -255,6 +256,8 @@ def _skip_reason_sql(data: DataSettings) -> tuple[sql.Composable, dict]:
     ]
     if data.languages:
         conditions.append(("language", f"NOT ({LANGUAGE_SQL} = ANY(%(languages)s))"))
+    # Last: only a row that no score could make eligible is skipped; the rest wait for their score (UNSCORED).
+    conditions.append((UNSCORED, "{quality} IS NULL"))
     branches = " ".join(f"WHEN {condition} THEN '{reason}'" for reason, condition in conditions)
     parameters = {
         "min_quality": data.min_quality,
@@ -348,6 +351,9 @@ def fetch_new_samples(
             {**parameters, **_gap_parameters(pending_gaps)},
         ).fetchall()
         for row in rows:
+            if row[1] == UNSCORED:
+                result.waiting_for_score += 1  # still not scored: its id stays in its gap range
+                continue
             result.filled_gaps.append(row[0])
             sample = _classify(row, result)
             if sample is not None:
@@ -367,7 +373,7 @@ def fetch_new_samples(
                 raise _shared_id(database, row_id)
             _record_gap(last_id, row_id, result)
             last_id = row_id
-            sample = _classify(row, result)
+            sample = None if row[1] == UNSCORED and _wait_for_score(row_id, result) else _classify(row, result)
             result.last_examined_id = row_id
             if sample is not None:
                 remaining -= 1
@@ -394,6 +400,21 @@ def _shared_id(database: DatabaseSettings, row_id: int) -> SchemaError:
     return SchemaError(f"table {database.table!r}: database.id_column={database.id_column!r} holds {row_id} in more "
                        "than one row; the watermark needs an id unique to each row (the primary key); nothing was "
                        "consumed")
+
+
+def _wait_for_score(row_id: int, result: FetchResult) -> bool:
+    """A row whose quality is NULL has not been scored yet (a scorer that fills the column after the crawler's
+    insert): its id is watched like a late commit's, for database.max_commit_lag_minutes, and it trains once
+    scored. False when no more ranges can be watched: then it is skipped, as before there was a scorer."""
+    if result.new_gaps and result.new_gaps[-1][1] == row_id - 1:
+        result.new_gaps[-1] = (result.new_gaps[-1][0], row_id)
+    elif len(result.new_gaps) < MAX_NEW_GAP_RANGES:
+        result.new_gaps.append((row_id, row_id))
+    else:
+        return False
+    result.rows_examined += 1
+    result.waiting_for_score += 1
+    return True
 
 
 def _record_gap(previous_id: int, row_id: int, result: FetchResult) -> None:
