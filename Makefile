@@ -32,6 +32,7 @@ bench: install
 	$(BIN)/python benchmarks/idle_cycle.py
 	$(BIN)/python benchmarks/cached_model_load.py
 	$(BIN)/python benchmarks/code_stats.py
+	$(BIN)/python benchmarks/pending_gaps.py
 
 install-service: install
 	bash systemd/install.sh

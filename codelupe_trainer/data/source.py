@@ -268,12 +268,17 @@ def _skip_reason_sql(data: DataSettings) -> tuple[sql.Composable, dict]:
     return sql.SQL(f"CASE {branches} END"), parameters
 
 
-def _gap_condition(names: dict) -> sql.Composable:
-    """True for an id inside one of the pending gap ranges (parallel arrays of first and last ids)."""
-    return sql.SQL(
-        "EXISTS (SELECT 1 FROM unnest(%(gap_firsts)s::bigint[], %(gap_lasts)s::bigint[]) AS gap(first_id, last_id) "
-        "WHERE {id} BETWEEN gap.first_id AND gap.last_id)"
-    ).format(**names)
+def _in_gaps(select: sql.Composable, names: dict, condition: sql.Composable = sql.SQL("TRUE")) -> sql.Composable:
+    """`select` (a SELECT ... FROM table, no WHERE) over the rows inside the pending gap ranges, in id order.
+    One index range scan per range (a lateral join), not a test of every row in the table against every
+    range: 10,000 ranges on a 1M-row table took 212 s as `WHERE EXISTS (... unnest ...)`, and the ranges
+    that rows waiting for a score make can number that many."""
+    return (sql.SQL("SELECT found.* FROM unnest(%(gap_firsts)s::bigint[], %(gap_lasts)s::bigint[]) "
+                    "AS codelupe_gap(first_id, last_id) CROSS JOIN LATERAL (")
+            # OFFSET 0 keeps the planner from flattening the join into one scan of the table tested against
+            # every range (what it chose for 1,000 ranges on 1M rows: 46 s).
+            + select + sql.SQL("WHERE {id} BETWEEN codelupe_gap.first_id AND codelupe_gap.last_id AND ({condition}) "
+                               "OFFSET 0) AS found ORDER BY 1").format(condition=condition, **names))
 
 
 def _gap_parameters(pending_gaps: list[tuple[int, int]] | None) -> dict:
@@ -289,10 +294,13 @@ def count_new_samples(
     `up_to`: the cycle only needs to know whether schedule.min_new_samples is reached, not the whole backlog."""
     names = _names(database)
     reason, parameters = _skip_reason_sql(data)
+    eligible = sql.SQL("({reason}) IS NULL").format(reason=reason.format(**names))
+    # The gaps lie below the watermark: the two counts never see the same row.
     query = sql.SQL(
-        "SELECT count(*) FROM (SELECT 1 FROM {table} WHERE ({id} > %(after_id)s OR {gaps}) AND ({reason}) IS NULL "
-        "LIMIT %(up_to)s) AS eligible"
-    ).format(reason=reason.format(**names), gaps=_gap_condition(names), **names)
+        "SELECT least(%(up_to)s, (SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {id} > %(after_id)s "
+        "AND {eligible} LIMIT %(up_to)s) AS past) + (SELECT count(*) FROM ({gaps} LIMIT %(up_to)s) AS gaps))"
+    ).format(eligible=eligible, gaps=_in_gaps(sql.SQL("SELECT {id} FROM {table} ").format(**names), names, eligible),
+             **names)
     parameters.update(after_id=after_id, up_to=up_to, **_gap_parameters(pending_gaps))
     return _run(connection, database, query, parameters).fetchone()[0]
 
@@ -347,7 +355,7 @@ def fetch_new_samples(
     if pending_gaps:
         rows = _run(
             connection, database,
-            select + sql.SQL("WHERE {gaps} ORDER BY {id}").format(gaps=_gap_condition(names), **names),
+            _in_gaps(select, names),
             {**parameters, **_gap_parameters(pending_gaps)},
         ).fetchall()
         for row in rows:
