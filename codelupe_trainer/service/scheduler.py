@@ -276,7 +276,11 @@ class Daemon:
             self.watch_for_a_stalled_cycle()
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
-                self.reload_config()
+                try:
+                    self.reload_config()
+                except Exception as error:  # a reload must never end the daemon: it goes on as it was
+                    log.error("config reload failed; the daemon keeps the settings it has: %s: %s",
+                              type(error).__name__, error)
             self.notice_a_changed_config()
             self._publish_live_status(phase=self.phase, next_run=self.next_run(),
                                       **({"config_changed": True} if self.config_changed else {}),
