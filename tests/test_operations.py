@@ -227,7 +227,8 @@ def test_status_shows_the_persisted_state(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CODELUPE_PATHS__STATE_FILE", str(tmp_path / "state.json"))
     save_state(TrainerState(total_training_runs=4, last_trained_id=77, total_samples_trained=500, uptime_seconds=7200,
                             last_error="cannot connect to the database: refused", last_error_at=1.0,
-                            consecutive_failures=1), tmp_path / "state.json")
+                            consecutive_failures=1, pending_gaps=[[40, 42, time.time() - 600], [50, 50, time.time()]]),
+               tmp_path / "state.json")
     assert main(["status", "--config", str(REPO / "config" / "codelupe.toml"), "--json"]) == 0
     view = json.loads(capsys.readouterr().out)
     assert (view["total_training_runs"], view["last_trained_id"], view["total_samples_trained"], view["uptime_hours"]) == (4, 77, 500, 2.0)
@@ -235,6 +236,8 @@ def test_status_shows_the_persisted_state(tmp_path, monkeypatch, capsys):
     assert main(["status", "--config", str(REPO / "config" / "codelupe.toml")]) == 0
     text = capsys.readouterr().out
     assert "last trained id:       77" in text and "cannot connect" in text and "daemon:                not running" in text
+    # Ids the watermark passed but still waits for (late commits, rows not scored yet), and for how long.
+    assert "4 id(s) below it still watched (not committed or not scored yet), the oldest for 10 min" in text, text
 
 
 def test_status_counts_the_failures_the_running_daemon_could_not_record_in_the_state(tmp_path, monkeypatch, capsys):

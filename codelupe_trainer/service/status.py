@@ -51,6 +51,12 @@ def print_status(settings: Settings, as_json: bool) -> int:
         print(f"                       not there yet: nothing was trained with this configuration ({view['config']})")
     print(f"training runs:         {state.total_training_runs}")
     print(f"last trained id:       {state.last_trained_id}")
+    if state.pending_gaps:  # what the watermark has passed but not given up on
+        ids = sum(int(last) - int(first) + 1 for first, last, _ in state.pending_gaps)
+        oldest_minutes = (time.time() - min(seen for _, _, seen in state.pending_gaps)) / 60
+        print(f"                       {ids:,} id(s) below it still watched (not committed or not scored yet), the "
+              f"oldest for {oldest_minutes:.0f} min; given up after database.max_commit_lag_minutes "
+              f"({settings.database.max_commit_lag_minutes:g})")
     print(f"samples trained:       {state.total_samples_trained}")
     print(f"uptime:                {state.uptime_hours:.2f} h")
     in_use = f" (run {state.adapter_in_use})" if state.adapter_in_use else ""
