@@ -18,7 +18,7 @@ from ..metrics import effective_wandb_mode, nvidia_gpu_names
 from ..errors import StateError
 from ..state import in_service_adapter, load_state
 from ..training.adapter_fit import in_service_misfit
-from ..training.disk import MB, space_needed, space_problem
+from ..training.disk import MB, nearest_existing, space_needed, space_problem
 from ..training.gpu_check import cuda_checks, self_check
 from ..training.model_files import check_model_path, model_problems, package_problems, target_modules_check
 from ..training.rendezvous import split_endpoint
@@ -335,9 +335,7 @@ def not_permitted(path: str | None, command: str) -> str:
     user the service runs as), in one line: whose the file is, and how to run the command as them."""
     if path is None:
         return f"permission denied: run `codelupe-trainer {command}` as the user the service runs as"
-    existing = Path(path)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent  # a file to be created: the folder that refused it
+    existing = nearest_existing(Path(path))  # a file to be created: the folder that refused it
     try:
         status = existing.stat()
     except OSError:
@@ -386,9 +384,7 @@ def check_wandb(settings: Settings) -> tuple[str, bool | None, str]:
 
 def check_writable(name: str, directory: Path) -> tuple[str, bool, str]:
     """Whether the daemon could write there, judged without creating anything (doctor may run as root)."""
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(directory)
     if not existing.is_dir():
         return (name, False, f"{directory} cannot be created: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):

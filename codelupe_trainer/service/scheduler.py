@@ -331,7 +331,9 @@ class Daemon:
             log.error("config reload failed; the daemon keeps the settings it has: %s", error)
             return
         redact_also(settings)  # before anything below can name the new connection
-        held = [name for name in changed_settings(self.settings, settings) if name in RESTART_ONLY]
+        changed = changed_settings(self.settings, settings)
+        held = [name for name in changed if name in RESTART_ONLY]
+        changed = [name for name in changed if name not in RESTART_ONLY]
         for name in held:
             section, key = name.split(".")
             setattr(getattr(settings, section), key, getattr(getattr(self.settings, section), key))
@@ -341,7 +343,6 @@ class Daemon:
             return
         for warning in warnings:
             log.warning("%s", warning)
-        changed = changed_settings(self.settings, settings)
         previous, self.settings = self.settings, settings
         self.config_read, self.config_changed, self.needs_restart = stamp, False, held
         if previous.schedule.interval_minutes != settings.schedule.interval_minutes:

@@ -39,14 +39,14 @@ def adapter_bytes(settings: Settings) -> int:
 
 def free_bytes(path: Path) -> int:
     """Free space for this user on the file system that holds `path` (or its nearest existing parent)."""
-    stats = os.statvfs(_existing(path))
+    stats = os.statvfs(nearest_existing(path))
     return stats.f_bavail * stats.f_frsize
 
 
 def space_needed(settings: Settings) -> dict[Path, int]:
     """Bytes a run writes, by directory: the adapter under output_dir, the rest beside the state."""
     state_dir = settings.paths.state_file.parent
-    if os.stat(_existing(state_dir)).st_dev == os.stat(_existing(settings.paths.output_dir)).st_dev:
+    if os.stat(nearest_existing(state_dir)).st_dev == os.stat(nearest_existing(settings.paths.output_dir)).st_dev:
         return {settings.paths.output_dir: adapter_bytes(settings) + MARGIN_BYTES}
     return {settings.paths.output_dir: adapter_bytes(settings) + MARGIN_BYTES // 2, state_dir: MARGIN_BYTES // 2}
 
@@ -86,7 +86,7 @@ def describe_disk_full(settings: Settings) -> str:
             "and the next cycle trains these rows")
 
 
-def _existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
     """The path, or its nearest parent that exists (a directory the first run will create)."""
     while not path.exists() and path != path.parent:
         path = path.parent
