@@ -254,3 +254,55 @@ def test_auto_packing_is_position_ids_on_sdpa(crawler_table, make_settings, tmp_
     settings = make_settings(crawler_table)
     assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 0
     assert load_state(settings.paths.state_file).last_run["packing"] == "position_ids"
+
+
+def test_the_adapter_in_latest_loads_as_the_readme_says_and_is_the_one_the_gate_judged(crawler_table, make_settings,
+                                                                                       tmp_path, tiny_model):
+    """README, "Using the adapter": `latest` loads with peft's AutoPeftModelForCausalLM alone (base model found
+    from the adapter's own config), gives on the holdout the loss the gate recorded for it, and merges into a
+    standalone model that gives it too (production shape: accumulation 4, checkpointing, a step budget)."""
+    import warnings
+
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from codelupe_trainer.data.dataset import format_raw, pack_by_language
+    from codelupe_trainer.data.holdout import holdout_store
+    from codelupe_trainer.data.source import fetch_samples_by_id
+    from codelupe_trainer.promotion import overall_loss
+    from codelupe_trainer.training.loop import evaluate_holdout
+
+    insert_stdlib_rows(crawler_table, start=0, count=60)
+    settings = make_settings(crawler_table, extra=(
+        "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nmax_steps = 3\nlearning_rate = 5e-3\n"
+        "gradient_checkpointing = true\n[promotion]\nmode = \"always\"\nholdout_samples = 12\n"
+    ))
+    assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 0
+    state = load_state(settings.paths.state_file)
+    judged, in_use = state.last_run["holdout_loss"], state.last_run["holdout_loss_in_use"]
+    assert judged is not None and in_use is not None and abs(judged - in_use) > 1e-3
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    with psycopg.connect(crawler_table) as connection:
+        samples = fetch_samples_by_id(connection, settings.database, settings.data,
+                                      holdout_store(settings.paths.state_file.parent).ids())
+    assert samples
+    blocks = pack_by_language(samples, tokenizer, settings.data.max_length, format_raw)
+
+    def holdout_loss(model) -> float:
+        return overall_loss(evaluate_holdout(model, blocks, tokenizer.pad_token_id, 4, "cpu"))
+
+    latest = str(settings.paths.output_dir / "latest")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft asks the (unreachable) hub for a tokenizer beside the adapter
+        model = AutoPeftModelForCausalLM.from_pretrained(latest)
+    assert holdout_loss(model) == pytest.approx(judged, rel=1e-5)
+    merged_dir = tmp_path / "merged"
+    model.merge_and_unload().save_pretrained(merged_dir)
+    standalone = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert holdout_loss(standalone) == pytest.approx(judged, rel=1e-4)
+    # As the README merges it, in bf16: the same model, to bf16's precision.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        in_bf16 = AutoPeftModelForCausalLM.from_pretrained(latest, dtype="bfloat16")
+    assert holdout_loss(in_bf16.merge_and_unload()) == pytest.approx(judged, rel=2e-2)
