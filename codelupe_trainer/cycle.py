@@ -40,7 +40,7 @@ from .progress import write_cycle_progress
 from .promotion import Decision, comparable_anchors, decide_promotion, holdout_metrics, update_anchors
 from .report import (HEARTBEAT_S, ProgressReporter, adapter_card, continuous_metrics, final_metrics, model_config,
                      run_config)
-from .state import (TrainerState, advance_state, expire_gaps, in_service_adapter, load_state, record_failure,
+from .state import (TrainerState, advance_state, in_service_adapter, load_state, record_failure,
                     save_state)
 from .training.adapter_fit import in_service_misfit
 from .training.adapters import prune_adapters, save_adapter
@@ -90,7 +90,10 @@ def _failed(settings: Settings, error: Exception, started: float) -> Exception:
 
 
 def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool], process_started: float) -> CycleOutcome:
-    state = expire_gaps(load_state(settings.paths.state_file), settings.database.max_commit_lag_minutes)
+    state = load_state(settings.paths.state_file)
+    # Every pending range is read, however old: one past database.max_commit_lag_minutes is given up when the
+    # state advances after this read, so rows that arrived while no cycle read them are trained first.
+    give_up_before = time.time() - settings.database.max_commit_lag_minutes * 60
     gaps = state.gap_ranges()
     with open_connection(settings.database) as connection:
         check_table(connection, settings.database)
@@ -125,7 +128,7 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
         tokenizer = load_tokenizer(settings.model.base_model)
         format_text = make_completion_formatter(tokenizer) if settings.data.format == "completion" else format_raw
         holdout = load_holdout(connection, settings, state)
-        fetched = FetchResult(last_examined_id=state.last_trained_id)
+        fetched = FetchResult(last_examined_id=state.last_trained_id, give_up_seen_before=give_up_before)
         # A copy or near-copy of a holdout sample would leak the evaluation into training: both are blocked.
         blockers, duplicate_store = filters.build_blockers(settings.data, settings.paths.state_file.parent,
                                                            protected=[sample.content for sample in holdout.samples])

@@ -188,6 +188,8 @@ def advance_state(state: TrainerState, fetched: FetchResult, samples_trained: in
     on them, but `latest_adapter` stays on the adapter in use."""
     now = time.time()
     gaps = remove_ids(state.pending_gaps, sorted(set(fetched.filled_gaps)))
+    if fetched.give_up_seen_before is not None:
+        gaps = give_up_gaps(gaps, fetched.give_up_seen_before, fetched.last_examined_id)
     gaps += [[first, last, now] for first, last in fetched.new_gaps]
     new_state = TrainerState(**asdict(state))
     new_state.pending_gaps = gaps
@@ -228,8 +230,11 @@ def remove_ids(gaps: list[list[float]], ids: list[int]) -> list[list[float]]:
     return remaining
 
 
-def expire_gaps(state: TrainerState, max_age_minutes: float, now: float | None = None) -> TrainerState:
-    """Forget gaps watched longer than the commit-lag window: a rolled-back insert never fills its ids."""
-    now = time.time() if now is None else now
-    state.pending_gaps = [gap for gap in state.pending_gaps if now - gap[2] <= max_age_minutes * 60]
-    return state
+def give_up_gaps(gaps: list[list[float]], seen_before: float, read_through: int) -> list[list[float]]:
+    """The gap ranges without those watched longer than the commit-lag window (first seen before `seen_before`)
+    that the fetch has just read through (up to `read_through`): a rolled-back insert never fills its ids, and a
+    row never scored stops being waited for. A range is given up only after a read that came after its window
+    ran out, never before one: rows that committed (or were scored) while no cycle read, because the daemon was
+    stopped or one cycle trained for longer than the window, are trained first. A range a step budget left
+    unread stays for the next cycle."""
+    return [gap for gap in gaps if gap[2] >= seen_before or gap[1] > read_through]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import psycopg
 import pytest
@@ -163,6 +164,44 @@ def test_rows_a_scorer_has_not_scored_yet_train_once_it_has(crawler_table, make_
     assert second.total_training_runs == 2 and second.gap_ranges() == []
     assert second.total_samples_trained + second.total_samples_held_out == len(eligible_ids(url)) > scored_first
     assert second.last_run["waiting_for_score"] == 0
+
+
+def test_rows_that_commit_while_no_cycle_reads_are_trained_even_after_the_commit_lag_ran_out(crawler_table, make_settings,
+                                                                                           tmp_path, capsys):
+    """A range of ids missing below the watermark (a transaction still open) is given up after
+    database.max_commit_lag_minutes, but only once a cycle has read it after that: when its rows commit while no
+    cycle reads (the daemon stopped, or one cycle trains for hours on the shipped 100,000-row budget), the next
+    cycle still trains them. It used to forget the range before reading it, and the rows were never trained."""
+    from codelupe_trainer.demo.demo import crawler_rows, insert_rows, standard_library_files
+
+    url = crawler_table
+    rows = list(crawler_rows(standard_library_files(240)))
+    late = psycopg.connect(url)  # a crawler transaction that commits late
+    insert_rows(late, rows[:30])
+    with psycopg.connect(url) as rolled_back:  # one that never commits: its range is given up, after a last read
+        insert_rows(rolled_back, rows[30:40])
+        rolled_back.rollback()
+    with psycopg.connect(url, autocommit=True) as connection:
+        insert_rows(connection, rows[40:100])
+    settings = make_settings(url, extra="[database]\nmax_commit_lag_minutes = 0.02\n")
+    config = str(tmp_path / "codelupe.toml")
+
+    assert main(["run-once", "--config", config]) == 0
+    first = load_state(settings.paths.state_file)
+    assert first.last_trained_id == max_id(url) and first.gap_ranges() == [(1, 40)]
+    late.commit()
+    late.close()
+    late_eligible = [row_id for row_id in eligible_ids(url) if row_id <= 30]
+    assert len(late_eligible) >= settings.schedule.min_new_samples
+    time.sleep(settings.database.max_commit_lag_minutes * 60 + 0.5)  # no cycle read them within the lag
+
+    assert main(["run-once", "--config", config]) == 0
+    assert "eligible new samples" not in capsys.readouterr().out.splitlines()[-1]
+    second = load_state(settings.paths.state_file)
+    assert second.total_training_runs == 2
+    assert second.total_samples_trained + second.total_samples_held_out == len(eligible_ids(url))
+    # Read after the lag ran out: given up now, the rolled-back range with them.
+    assert second.gap_ranges() == []
 
 
 def test_run_once_waits_for_enough_rows(crawler_table, make_settings, tmp_path, capsys):

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from codelupe_trainer.config import DatabaseSettings, DataSettings
-from codelupe_trainer.state import advance_state, expire_gaps, load_state, remove_ids
+from codelupe_trainer.state import advance_state, give_up_gaps, load_state, remove_ids
 from codelupe_trainer.data.records import FetchResult
 from codelupe_trainer.data.source import (SchemaError, SourceError, check_table, count_new_samples, fetch_new_samples,
                                           id_index_problem, open_connection)
@@ -87,7 +87,7 @@ def test_language_filter_and_limit(loose_table):
 def test_a_row_not_scored_yet_waits_for_its_score_then_trains_or_is_given_up_after_the_commit_lag(loose_table):
     """A scorer that fills the quality column after the crawler's insert: a row read while its score is
     NULL is neither trained nor skipped for good. Its id is watched like a late commit's: read again each
-    cycle, taken once scored, and given up only after database.max_commit_lag_minutes."""
+    cycle, taken once scored, and given up only by a read after database.max_commit_lag_minutes."""
     samples, first = fetch_all(loose_table, DataSettings())
     assert 4 not in [sample.id for sample in samples] and first.waiting_for_score == 1
     state = advance_state(TrainerState(), first, len(samples), None, None)
@@ -109,8 +109,9 @@ def test_a_row_not_scored_yet_waits_for_its_score_then_trains_or_is_given_up_aft
         connection.execute("UPDATE snippets SET score = 5 WHERE sid = 4")
     samples, low = fetch_all(loose_table, DataSettings(), after_id=state.last_trained_id, gaps=state.gap_ranges())
     assert samples == [] and low.skipped["low_quality"] == 1 and advance_state(state, low, 0, None, None).gap_ranges() == []
-    later = state.pending_gaps[0][2] + 61 * 60
-    assert expire_gaps(state, max_age_minutes=60, now=later).gap_ranges() == []
+    # Still unscored when a read comes after its window ran out: given up.
+    again.give_up_seen_before = state.pending_gaps[0][2] + 1
+    assert advance_state(state, again, 0, None, None).gap_ranges() == []
 
 
 def test_a_language_with_stray_whitespace_or_capitals_is_one_language_everywhere(db_url):
@@ -262,9 +263,12 @@ def test_read_ids_split_the_gap_ranges(gaps, read, left):
     assert remove_ids(gaps, read) == left
 
 
-def test_gaps_expire_after_the_commit_lag_window():
-    state = TrainerState(pending_gaps=[[5, 5, 1000.0], [6, 900, 5000.0]])
-    assert expire_gaps(state, max_age_minutes=60, now=5000.0 + 60).gap_ranges() == [(6, 900)]
+def test_gaps_are_given_up_after_the_commit_lag_window_once_a_fetch_has_read_through_them():
+    gaps = [[5, 5, 1000.0], [6, 900, 5000.0], [950, 960, 1000.0]]
+    # First seen before the deadline and read through: given up; seen after it, or past where the read
+    # stopped (a step budget): kept.
+    assert give_up_gaps(gaps, seen_before=5000.0 - 60, read_through=940) == [[6, 900, 5000.0], [950, 960, 1000.0]]
+    assert give_up_gaps(gaps, seen_before=5000.0 - 60, read_through=4) == gaps
 
 
 def test_a_state_file_with_the_old_gap_format_loads(tmp_path):

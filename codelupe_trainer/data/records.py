@@ -32,6 +32,9 @@ class FetchResult:
     rows_examined: int = 0
     # Rows read without a quality score yet (NULL): kept in the gap ranges, to train once a scorer fills it.
     waiting_for_score: int = 0
+    # Pending gap ranges first seen before this time (database.max_commit_lag_minutes before the read) are
+    # given up once this fetch has read through them (state.give_up_gaps); None: none is.
+    give_up_seen_before: float | None = None
 
     def stop_before(self, sample_id: int) -> None:
         """The sample `sample_id` was read but will not be trained this run: everything from it on is left

@@ -55,8 +55,8 @@ def print_status(settings: Settings, as_json: bool) -> int:
         ids = sum(int(last) - int(first) + 1 for first, last, _ in state.pending_gaps)
         oldest_minutes = (time.time() - min(seen for _, _, seen in state.pending_gaps)) / 60
         print(f"                       {ids:,} id(s) below it still watched (not committed or not scored yet), the "
-              f"oldest for {oldest_minutes:.0f} min; given up after database.max_commit_lag_minutes "
-              f"({settings.database.max_commit_lag_minutes:g})")
+              f"oldest for {oldest_minutes:.0f} min; given up by the first cycle that reads them after "
+              f"database.max_commit_lag_minutes ({settings.database.max_commit_lag_minutes:g})")
     print(f"samples trained:       {state.total_samples_trained}")
     print(f"uptime:                {state.uptime_hours:.2f} h")
     in_use = f" (run {state.adapter_in_use})" if state.adapter_in_use else ""
