@@ -373,6 +373,59 @@ def test_on_promote_is_killed_whole_at_its_timeout_and_a_process_it_leaves_behin
     assert time.monotonic() - started < 5 and "on_promote output: reloaded" in caplog.text
 
 
+def test_the_readmes_vllm_and_sglang_hand_offs_load_the_promoted_adapter_under_one_name(tmp_path):
+    """README, "The hand-off": both scripts, exactly as written there, run by the daemon's hook runner against a
+    stand-in server on the port they name: the old adapter is unloaded (none loaded yet is an error that must
+    not fail the hand-off) and the promoted folder loaded under the one name clients ask for; a server that
+    refuses the load fails the hand-off."""
+    import re
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from codelupe_trainer.config import PromotionSettings
+    from codelupe_trainer.hooks import run_on_promote
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    scripts = re.findall(r"```sh\n(#!/bin/sh\n.*?)```", readme, re.S)
+    assert len(scripts) == 2 and "vLLM" in scripts[0] and "SGLang" in scripts[1]
+    received: list[tuple[str, dict]] = []
+    refuse_load = threading.Event()
+
+    class StandIn(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            # vLLM answers 404 (SGLang 400) to unloading a name it does not hold: the first promotion's case.
+            status = 404 if "unload" in self.path else 500 if refuse_load.is_set() else 200
+            self.send_response(status)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    adapter = tmp_path / "adapters" / "run-000007"
+    adapter.mkdir(parents=True)
+    try:
+        for script, api in zip(scripts, ["/v1/", "/"]):
+            port = re.search(r"http://127\.0\.0\.1:(\d+)/", script).group(1)
+            path = tmp_path / f"reload-lora-{port}"
+            path.write_text(script.replace(f"127.0.0.1:{port}", f"127.0.0.1:{server.server_port}"))
+            path.chmod(0o755)
+            settings = PromotionSettings(on_promote=[str(path)])
+            refuse_load.clear()
+            received.clear()
+            assert run_on_promote(settings, "promote", adapter, 7, 0.9, 1.0) == "ok"
+            assert received == [(f"{api}unload_lora_adapter", {"lora_name": "codelupe"}),
+                                (f"{api}load_lora_adapter", {"lora_name": "codelupe", "lora_path": str(adapter.resolve())})]
+            refuse_load.set()
+            assert run_on_promote(settings, "rollback", adapter, 7) == "exited with status 22"  # curl -f
+    finally:
+        server.shutdown()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("text, says", [
     ('{"last_trained_id": 1200,\n', "it is not JSON (Expecting property name"),
