@@ -20,7 +20,7 @@ from codelupe_trainer.config import load_settings
 from codelupe_trainer.service.health import start_health_server
 from codelupe_trainer.metrics import prune_wandb_runs
 from codelupe_trainer.training.adapters import prune_adapters
-from codelupe_trainer.state import TrainerState, save_state
+from codelupe_trainer.state import TrainerState, load_state, save_state
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "codelupe-trainer.service"
@@ -470,8 +470,9 @@ def test_a_state_file_broken_by_hand_stops_every_command_in_one_line_and_is_neve
 def test_a_table_created_again_below_the_watermark_is_said_each_idle_cycle_and_by_doctor(
         crawler_table, make_settings, tmp_path, capsys, caplog):
     """The crawler's table dropped and created again: its ids start over at 1, below the watermark, and the
-    daemon would wait for new rows in silence forever. Each idle cycle warns and doctor says it; an emptied
-    table, or one whose rows above the watermark were deleted but whose next ids go on, is not taken for it."""
+    daemon would wait for new rows in silence forever. Each idle cycle warns and doctor says it (and the
+    README's remedy for a restored backup trains the rows since); an emptied table, or one whose rows above the
+    watermark were deleted but whose next ids go on, is not taken for it."""
     import logging
 
     from conftest import insert_stdlib_rows
@@ -491,6 +492,13 @@ def test_a_table_created_again_below_the_watermark_is_said_each_idle_cycle_and_b
     assert said in caplog.text
     assert main(["doctor", "--config", str(tmp_path / "codelupe.toml")]) == 0
     assert f"warn watermark: {said}" in capsys.readouterr().out
+    # README's remedy for a database restored from an older backup: the watermark set back to N by hand; the
+    # rows inserted since then train at the next cycle.
+    written = json.loads(settings.paths.state_file.read_text())
+    settings.paths.state_file.write_text(json.dumps(written | {"last_trained_id": 20}))
+    insert_stdlib_rows(crawler_table, 100, 30)
+    assert run_cycle(settings, force=True).status == "trained"
+    assert load_state(settings.paths.state_file).last_trained_id == 50
     with psycopg.connect(crawler_table, autocommit=True) as connection:
         connection.execute("SELECT setval(pg_get_serial_sequence('processed_files', 'id'), 600)")
     insert_stdlib_rows(crawler_table, 20, 1)  # the next id goes on above the watermark: trainable, nothing to say

@@ -327,8 +327,9 @@ def ids_behind_watermark(connection: psycopg.Connection, database: DatabaseSetti
     if highest is None or highest >= watermark:
         return None
     return (f"every id in {database.table!r} is at most {highest:,}, below the watermark (last_trained_id "
-            f"{watermark:,}): if the table was created again, its ids started over and its rows count as trained; "
-            "see README, Troubleshooting")
+            f"{watermark:,}): if the table was created again, its ids started over and its rows count as trained "
+            "(if the database was restored from an older backup, the rows inserted since do); see README, "
+            "Troubleshooting")
 
 
 def fetch_new_samples(
