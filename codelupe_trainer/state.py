@@ -91,7 +91,16 @@ def load_state(path: Path) -> TrainerState:
         where = ".".join(str(part) for part in first["loc"])
         raise StateError(state_problem(path, f"{where} is {json.dumps(first['input'])[:40]}: "
                                              f"{first['msg'][0].lower()}{first['msg'][1:]}")) from None
-    return TrainerState(**values)
+    state = TrainerState(**values)
+    state.pending_gaps = _below_watermark(state.pending_gaps, state.last_trained_id)
+    return state
+
+
+def _below_watermark(gaps: list[list[float]], watermark: int) -> list[list[float]]:
+    """Pending ranges lie below the watermark. One set back by hand (a database restored from an older backup:
+    README, Troubleshooting) leaves ranges above it, whose rows the next cycle reads as new: read through the
+    ranges as well, they would train twice."""
+    return [[first, min(last, watermark), seen] for first, last, seen in gaps if first <= watermark]
 
 
 @functools.cache

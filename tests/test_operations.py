@@ -494,11 +494,21 @@ def test_a_table_created_again_below_the_watermark_is_said_each_idle_cycle_and_b
     assert f"warn watermark: {said}" in capsys.readouterr().out
     # README's remedy for a database restored from an older backup: the watermark set back to N by hand; the
     # rows inserted since then train at the next cycle.
+    # A range still watched above the new watermark (ids the old table had handed out) must not read its rows
+    # a second time beside the new ones.
     written = json.loads(settings.paths.state_file.read_text())
-    settings.paths.state_file.write_text(json.dumps(written | {"last_trained_id": 20}))
+    settings.paths.state_file.write_text(json.dumps(written | {"last_trained_id": 20,
+                                                               "pending_gaps": [[30, 40, time.time()]]}))
     insert_stdlib_rows(crawler_table, 100, 30)
     assert run_cycle(settings, force=True).status == "trained"
-    assert load_state(settings.paths.state_file).last_trained_id == 50
+    restored = load_state(settings.paths.state_file)
+    assert restored.last_trained_id == 50 and restored.gap_ranges() == []
+    with psycopg.connect(crawler_table) as connection:
+        eligible = connection.execute("SELECT count(*) FROM processed_files WHERE id > 20 AND quality_score >= 70 "
+                                      "AND char_length(content) BETWEEN 50 AND 8000").fetchone()[0]
+    assert eligible > 10
+    assert (restored.total_samples_trained + restored.total_samples_held_out
+            + sum(restored.last_run["blocked"].values())) == eligible
     with psycopg.connect(crawler_table, autocommit=True) as connection:
         connection.execute("SELECT setval(pg_get_serial_sequence('processed_files', 'id'), 600)")
     insert_stdlib_rows(crawler_table, 20, 1)  # the next id goes on above the watermark: trainable, nothing to say

@@ -271,6 +271,12 @@ def test_gaps_are_given_up_after_the_commit_lag_window_once_a_fetch_has_read_thr
     assert give_up_gaps(gaps, seen_before=5000.0 - 60, read_through=4) == gaps
 
 
+def test_pending_ranges_above_a_watermark_set_back_by_hand_are_dropped_as_the_state_loads(tmp_path):
+    (tmp_path / "state.json").write_text(json.dumps({"last_trained_id": 20,
+                                                     "pending_gaps": [[5, 8, 1.0], [15, 40, 2.0], [30, 40, 3.0]]}))
+    assert load_state(tmp_path / "state.json").pending_gaps == [[5, 8, 1.0], [15, 20, 2.0]]
+
+
 def test_a_state_file_with_the_old_gap_format_loads(tmp_path):
     (tmp_path / "state.json").write_text(json.dumps({"last_trained_id": 9, "pending_gaps": {"5": 1000.0}}))
     assert load_state(tmp_path / "state.json").gap_ranges() == [(5, 5)]
