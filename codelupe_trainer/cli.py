@@ -131,6 +131,25 @@ def command_adapters(settings: Settings, arguments) -> int:
     return print_adapters(settings, as_json=arguments.json)
 
 
+# A cycle that publishes writes the state it started from plus its own run: a rollback recorded meanwhile would
+# be lost, so it waits for the lock. A cycle on the shipped settings can train for hours, hence the other way.
+ROLLBACK_WHILE_BUSY = ("try again when it has finished, or stop it first to roll back now: the service with "
+                       "`systemctl stop codelupe-trainer` (the cycle ends within seconds; its rows train at a later "
+                       "cycle), then this rollback, then `systemctl start codelupe-trainer`")
+
+
+def _running_cycle(settings: Settings) -> str:
+    """What the cycle holding the lock is doing, from its progress file: ": run 44, training, 13 %, ETA 95 min"."""
+    from .progress import read_cycle_progress
+
+    cycle = read_cycle_progress(settings.paths.state_file) or {}
+    said = [f"run {cycle['run']}"] if "run" in cycle else []
+    said += [str(cycle["phase"])] if "phase" in cycle else []
+    said += [f"{cycle['percent']:g} %"] if "percent" in cycle else []
+    said += [f"ETA {cycle['eta_minutes']:g} min"] if "eta_minutes" in cycle else []
+    return f": {', '.join(said)}" if said else ""
+
+
 def command_rollback(settings: Settings, arguments) -> int:
     from . import stop
     from .errors import TrainingInterrupted
@@ -144,7 +163,7 @@ def command_rollback(settings: Settings, arguments) -> int:
         print(f"codelupe-trainer: {interruption} before the rollback was recorded; nothing changed", file=sys.stderr)
         return EXIT_INTERRUPTED
     except AlreadyRunning as busy:
-        print(f"codelupe-trainer: {busy}; try again when the cycle has finished", file=sys.stderr)
+        print(f"codelupe-trainer: {busy}{_running_cycle(settings)}; {ROLLBACK_WHILE_BUSY}", file=sys.stderr)
         return EXIT_BUSY
     except RollbackError as error:
         print(f"codelupe-trainer: cannot roll back: {error}", file=sys.stderr)

@@ -337,6 +337,33 @@ def test_doctor_checks_that_the_rendezvous_endpoint_names_this_machine(endpoint,
     assert (name, passed) == ("rendezvous", ok) and expected in detail, detail
 
 
+def test_a_rollback_while_a_cycle_runs_waits_and_says_how_to_roll_back_now(tmp_path, capsys):
+    """README: `rollback` exits 3 while a cycle runs (the cycle would write its own state over the rollback's).
+    On the shipped settings a cycle trains for hours, so the line says what is running and how to roll back
+    at once (stop the service, roll back, start it) instead of only "try again"; nothing changes meanwhile."""
+    from codelupe_trainer.lock import trainer_lock
+    from codelupe_trainer.progress import write_cycle_progress
+
+    config = tmp_path / "codelupe.toml"
+    state_file = tmp_path / "var" / "state.json"
+    config.write_text(f'[paths]\nstate_file = "{state_file}"\noutput_dir = "{tmp_path / "adapters"}"\n')
+    adapter = tmp_path / "adapters" / "run-000001"
+    adapter.mkdir(parents=True)
+    save_state(TrainerState(total_training_runs=2, adapter_in_use=2, latest_adapter=str(tmp_path / "adapters" / "run-000002"),
+                            lineage=[{"run": 1, "promoted": True, "adapter": str(adapter)},
+                                     {"run": 2, "promoted": True, "adapter": str(tmp_path / "adapters" / "run-000002")}]),
+               state_file)
+    before = state_file.read_text()
+    with trainer_lock(state_file):  # what a running cycle holds
+        write_cycle_progress(state_file, "training", run=3, step=120, percent=13.3, eta_minutes=95.2)
+        assert main(["rollback", "1", "--config", str(config)]) == 3
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1 and "another codelupe-trainer cycle is running" in said
+    assert ": run 3, training, 13.3 %, ETA 95.2 min;" in said
+    assert "`systemctl stop codelupe-trainer`" in said and "then this rollback" in said
+    assert state_file.read_text() == before
+
+
 def test_rollback_where_nothing_was_trained_says_so_and_creates_nothing(tmp_path, capsys):
     """`rollback` with the wrong --config (or none) names the state it looked for and leaves no directory
     behind (its lock would have created the state's directory)."""
