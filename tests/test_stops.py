@@ -220,11 +220,13 @@ def test_a_stop_during_the_hand_off_to_on_promote_lets_it_finish_and_says_what_w
 
 def test_ctrl_c_during_a_rollbacks_hand_off_lets_it_finish_and_elsewhere_is_one_line(tmp_path, tiny_model):
     """`rollback` by hand: a Ctrl-C while on_promote reloads the server lets it finish (the state already
-    names the adapter; a hand-off cut short would leave the server on another one). Ctrl-C in a command with
+    names the adapter; a hand-off cut short would leave the server on another one), and no cycle can publish
+    and hand off its own adapter meanwhile (the lock is held to the end). Ctrl-C in a command with
     nothing to protect (doctor, waiting on an unreachable hub here) is one line and exit 130, no traceback."""
     from test_adapter_fit import save_lora
 
     from codelupe_trainer.config import ModelSettings
+    from codelupe_trainer.lock import AlreadyRunning, trainer_lock
     from codelupe_trainer.state import TrainerState, save_state
 
     model = ModelSettings(base_model=str(tiny_model), lora_r=4, lora_alpha=8, lora_dropout=0.0)
@@ -238,9 +240,16 @@ def test_ctrl_c_during_a_rollbacks_hand_off_lets_it_finish_and_elsewhere_is_one_
     rollback = subprocess.Popen(CLI + ["rollback", "1", "--config", str(config)], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
     wait_for(started.exists, 60, "the on_promote command to start", rollback, None)
+    # The hand-off holds the trainer lock, as a cycle's does: no cycle can publish, and hand its own adapter
+    # to the server, while this one is still loading the adapter put back.
+    with pytest.raises(AlreadyRunning):
+        with trainer_lock(tmp_path / "state.json"):
+            pass
     rollback.send_signal(signal.SIGINT)
     output = rollback.communicate(timeout=30)[0]
     assert rollback.returncode == 0 and finished.exists(), output
+    with trainer_lock(tmp_path / "state.json"):  # and lets it go when the hand-off is done
+        pass
     assert "the adapter in use is now run 1" in output and "Traceback" not in output
     assert load_state(tmp_path / "state.json").adapter_in_use == 1
 

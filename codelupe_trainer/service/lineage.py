@@ -100,7 +100,9 @@ def rollback(settings: Settings, run_number: int) -> Path:
             raise RollbackError(f"the adapter of run {run_number} was trained with other model settings ({misfit}): "
                                 "every run would fail to continue it; set them back first")
         # From `latest` to the hand-off, as one: a Ctrl-C here waits (stop.py), so `latest`, the state and the
-        # served adapter never disagree; before it, a Ctrl-C changes nothing.
+        # served adapter never disagree; before it, a Ctrl-C changes nothing. The hand-off runs under the lock,
+        # as a cycle's does: a cycle that published meanwhile could otherwise run its own hand-off while this one
+        # still runs, and the server could end on the adapter put back while `latest` names the newer one.
         with stop.CURRENT.deferred():
             point_latest(adapter.parent, adapter.name)
             previous = state.adapter_in_use
@@ -112,9 +114,8 @@ def rollback(settings: Settings, run_number: int) -> Path:
             state.holdout_best = {}
             state.lineage.append({"event": "rollback", "run": run_number, "from_run": previous, "at": time.time()})
             save_state(state, settings.paths.state_file)
-    with stop.CURRENT.deferred():
-        log.info("rolled back: the adapter in use is run %d (was run %s)", run_number, previous)
-        outcome = run_on_promote(settings.promotion, "rollback", adapter, run_number, entry.get("holdout_loss"))
+            log.info("rolled back: the adapter in use is run %d (was run %s)", run_number, previous)
+            outcome = run_on_promote(settings.promotion, "rollback", adapter, run_number, entry.get("holdout_loss"))
     if outcome is not None:
         print(f"on_promote: {outcome}")
     return adapter
