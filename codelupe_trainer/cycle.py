@@ -90,7 +90,7 @@ def _failed(settings: Settings, error: Exception, started: float) -> Exception:
 
 
 def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool], process_started: float) -> CycleOutcome:
-    state = load_state(settings.paths.state_file)
+    state = catch_up_hand_off(settings, load_state(settings.paths.state_file))
     # Every pending range is read, however old: one past database.max_commit_lag_minutes is given up when the
     # state advances after this read, so rows that arrived while no cycle read them are trained first.
     give_up_before = time.time() - settings.database.max_commit_lag_minutes * 60
@@ -423,6 +423,7 @@ def announce_decision(settings: Settings, decision: Decision, outcome: CycleOutc
     from (a rejection adds one rejected run and leaves the adapter in use as it was)."""
     summary = outcome.summary
     if decision.promoted:
+        crash_point("hand-off")
         hook = run_on_promote(settings.promotion, "promote", Path(summary["adapter"]), outcome.run_number,
                               decision.candidate_loss, decision.in_use_loss)
         if hook is not None:
@@ -432,6 +433,31 @@ def announce_decision(settings: Settings, decision: Decision, outcome: CycleOutc
         send_alert(wandb_options(settings), metrics_file(settings), "codelupe-trainer rejected an adapter",
                    f"run {outcome.run_number} was not promoted ({before.rejected_runs + 1} rejected in all); "
                    f"the adapter in use is still run {before.adapter_in_use or 0}")
+
+
+def catch_up_hand_off(settings: Settings, state: TrainerState) -> TrainerState:
+    """Run the hand-off (on_promote) of the adapter in use if it never ran: the process that promoted it (or
+    rolled back to it) was killed between writing the state and the hand-off (kill -9, the kernel's
+    out-of-memory killer, a power cut), so the server is still on an older adapter than `latest` and nothing
+    else would ever retry it. Also hands the adapter in use over once when on_promote is first configured.
+    Called at the start of every cycle, under the lock; a hand-off that ran and failed is not repeated."""
+    if not settings.promotion.on_promote or state.adapter_in_use is None:
+        return state
+    # The entry that put the adapter in use there: the newest promotion or rollback (a rejection changes nothing).
+    entry = next((item for item in reversed(state.lineage)
+                  if item.get("event") == "rollback" or ("event" not in item and item.get("promoted"))), None)
+    adapter = in_service_adapter(state)
+    if entry is None or "on_promote" in entry or entry.get("run") != state.adapter_in_use or adapter is None:
+        return state
+    event = "rollback" if entry.get("event") == "rollback" else "promote"
+    log.warning("the hand-off of run %d to promotion.on_promote has not run (the process that %s it ended first, "
+                "or on_promote was set since): running it now", state.adapter_in_use,
+                "rolled back to" if event == "rollback" else "promoted")
+    with stop.CURRENT.deferred():  # as after a promotion: a hand-off cut half-way would not be retried
+        entry["on_promote"] = run_on_promote(settings.promotion, event, adapter, state.adapter_in_use,
+                                             entry.get("holdout_loss"), entry.get("holdout_loss_in_use"))
+        save_state(state, settings.paths.state_file)
+    return state
 
 
 def record_hook_outcome(settings: Settings, run_number: int, outcome: str) -> None:

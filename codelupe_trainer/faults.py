@@ -6,7 +6,8 @@ error (raise a plain error).
 Phases: fetch (first row read), tokenize (dataset built), load (model load begins), train (first optimizer
 step), eval (first evaluation batch), publish (trained and evaluated, nothing written yet), save (adapter
 published, state not yet written), state (new state file written, not yet renamed into place), dedup (the
-duplicate store's transaction written, not yet committed).
+duplicate store's transaction written, not yet committed), hand-off (a promotion's state and store written,
+on_promote not run yet).
 `oom-above:<rows>` and `diverge` are faults of their own (below). Unset in production, where each call is one
 dictionary lookup.
 """

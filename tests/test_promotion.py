@@ -328,6 +328,35 @@ def test_gate_rejects_a_worse_adapter_promotes_a_better_one_and_rolls_back(crawl
         assert source in (1, 4) and loss <= in_use_losses[language] + 1e-6
 
 
+@pytest.mark.slow
+def test_a_promotion_killed_before_its_hand_off_is_handed_to_the_server_by_the_next_cycle(crawler_table, tmp_path,
+                                                                                         make_settings):
+    """kill -9 (the kernel's out-of-memory killer, a power cut) after a promotion's state is written and before
+    on_promote ran: `latest` names the new adapter while the server stays on the old one, and no later step
+    used to retry the hand-off. The next cycle runs it, first, even with nothing to train; once only."""
+    url = crawler_table
+    insert_stdlib_rows(url, start=0, count=40)
+    settings = make_settings(url, gate_config(tmp_path).replace('mode = "gate"', 'mode = "always"')
+                             + "[schedule]\nmin_new_samples = 10\n")
+    environment = dict(os.environ, CODELUPE_DATABASE__URL=url, CODELUPE_FAULT="hand-off:kill")
+    killed = subprocess.run([sys.executable, "-m", "codelupe_trainer.cli", "run-once", "--config",
+                             str(tmp_path / "codelupe.toml")], capture_output=True, text=True, env=environment, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    state = load_state(settings.paths.state_file)
+    assert state.adapter_in_use == 1 and "on_promote" not in state.lineage[-1] and hook_calls(tmp_path) == []
+    assert (settings.paths.output_dir / "latest").resolve().name == "run-000001"
+
+    again = cli(tmp_path, url, "run-once")  # no new rows: nothing to train, the hand-off still runs
+    assert again.returncode == 0 and "0 eligible new samples" in again.stdout, again.stderr[-2000:]
+    assert "the hand-off of run 1 to promotion.on_promote has not run" in again.stderr
+    calls = hook_calls(tmp_path)
+    assert [(call["CODELUPE_EVENT"], call["CODELUPE_RUN_NUMBER"]) for call in calls] == [("promote", "1")]
+    assert calls[0]["CODELUPE_ADAPTER_PATH"] == str((settings.paths.output_dir / "run-000001").resolve())
+    assert load_state(settings.paths.state_file).lineage[-1]["on_promote"] == "ok"
+    assert cli(tmp_path, url, "run-once").returncode == 0
+    assert len(hook_calls(tmp_path)) == 1  # ran once: not at every cycle
+
+
 def test_holdout_losses_are_comparable_only_on_the_same_model_length_and_format(tmp_path):
     """What the anchors compare across runs: a change of base model, block length or text format (the completion
     format scores only the completion) makes a new fingerprint, so the anchor restarts instead of judging runs

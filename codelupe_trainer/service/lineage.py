@@ -116,6 +116,9 @@ def rollback(settings: Settings, run_number: int) -> Path:
             save_state(state, settings.paths.state_file)
             log.info("rolled back: the adapter in use is run %d (was run %s)", run_number, previous)
             outcome = run_on_promote(settings.promotion, "rollback", adapter, run_number, entry.get("holdout_loss"))
+            if outcome is not None:  # recorded, so the next cycle knows the hand-off ran (cycle.catch_up_hand_off)
+                state.lineage[-1]["on_promote"] = outcome
+                save_state(state, settings.paths.state_file)
     if outcome is not None:
         print(f"on_promote: {outcome}")
     return adapter
