@@ -83,17 +83,24 @@ def decide_promotion(settings: PromotionSettings, in_use: LanguageLosses | None,
         if not after <= before * (1 + settings.max_language_loss_increase):
             decision.promoted = False
             decision.reason = (f"{language} holdout loss rose from {before:.4f} to {after:.4f} "
-                               f"(more than promotion.max_language_loss_increase = {settings.max_language_loss_increase:g})")
+                               f"{_measured_on(in_use[language][1])} (more than promotion.max_language_loss_increase = "
+                               f"{settings.max_language_loss_increase:g})")
             return decision
     for language in sorted(best or {}):
         if language in candidate and not candidate[language][0] <= best[language] * (1 + settings.max_drift):
             decision.promoted = False
-            decision.reason = (f"{language} holdout loss {candidate[language][0]:.4f} is more than promotion.max_drift = "
-                               f"{settings.max_drift:g} above the best an adapter in service reached "
-                               f"({best[language]:.4f})")
+            decision.reason = (f"{language} holdout loss {candidate[language][0]:.4f} {_measured_on(candidate[language][1])} "
+                               f"is more than promotion.max_drift = {settings.max_drift:g} above the best an adapter in "
+                               f"service reached ({best[language]:.4f})")
             return decision
     decision.reason = f"holdout loss {decision.in_use_loss:.4f} -> {decision.candidate_loss:.4f}"
     return decision
+
+
+def _measured_on(tokens: int) -> str:
+    """How much holdout a language's verdict rests on: a language first seen with a few rows has a file or two
+    in the holdout, where a harmless run can look a few per cent worse; the person reading the reason judges."""
+    return f"(on {tokens:,} holdout tokens)"
 
 
 def _decision(promoted: bool, reason: str, in_use: LanguageLosses | None, candidate: LanguageLosses | None) -> Decision:
