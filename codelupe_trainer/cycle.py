@@ -41,7 +41,7 @@ from .promotion import Decision, comparable_anchors, decide_promotion, holdout_m
 from .report import (HEARTBEAT_S, ProgressReporter, adapter_card, continuous_metrics, final_metrics, model_config,
                      run_config)
 from .state import (TrainerState, advance_state, in_service_adapter, load_state, record_failure,
-                    save_state)
+                    save_state, with_hand_off)
 from .training.adapter_fit import in_service_misfit
 from .training.adapters import prune_adapters, save_adapter
 from .training.backoff import BackoffOutcome, OutOfMemoryOnRanks, sized, train_with_oom_backoff
@@ -454,21 +454,14 @@ def catch_up_hand_off(settings: Settings, state: TrainerState) -> TrainerState:
                 "or on_promote was set since): running it now", state.adapter_in_use,
                 "rolled back to" if event == "rollback" else "promoted")
     with stop.CURRENT.deferred():  # as after a promotion: a hand-off cut half-way would not be retried
-        entry["on_promote"] = run_on_promote(settings.promotion, event, adapter, state.adapter_in_use,
-                                             entry.get("holdout_loss"), entry.get("holdout_loss_in_use"))
-        save_state(state, settings.paths.state_file)
+        outcome = run_on_promote(settings.promotion, event, adapter, state.adapter_in_use,
+                                 entry.get("holdout_loss"), entry.get("holdout_loss_in_use"))
+        save_state(with_hand_off(state, state.adapter_in_use, outcome), settings.paths.state_file)
     return state
 
 
 def record_hook_outcome(settings: Settings, run_number: int, outcome: str) -> None:
-    state = load_state(settings.paths.state_file)
-    for entry in reversed(state.lineage):
-        if entry.get("run") == run_number:
-            entry["on_promote"] = outcome
-            break
-    if state.last_run and state.last_run.get("run_number") == run_number:
-        state.last_run["on_promote"] = outcome
-    save_state(state, settings.paths.state_file)
+    save_state(with_hand_off(load_state(settings.paths.state_file), run_number, outcome), settings.paths.state_file)
 
 
 def prune_old_outputs(settings: Settings, adapter_path: Path, state: TrainerState) -> None:

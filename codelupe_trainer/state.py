@@ -224,6 +224,19 @@ def advance_state(state: TrainerState, fetched: FetchResult, samples_trained: in
     return new_state
 
 
+def with_hand_off(state: TrainerState, run_number: int, outcome: str) -> TrainerState:
+    """The state with the outcome of run `run_number`'s hand-off (on_promote) in its newest lineage entry (a
+    promotion, or a rollback to it) and in `last_run` when that is the run: an entry without one has a hand-off
+    still to run (cycle.catch_up_hand_off)."""
+    for entry in reversed(state.lineage):
+        if entry.get("run") == run_number:
+            entry["on_promote"] = outcome
+            break
+    if state.last_run and state.last_run.get("run_number") == run_number:
+        state.last_run["on_promote"] = outcome
+    return state
+
+
 def remove_ids(gaps: list[list[float]], ids: list[int]) -> list[list[float]]:
     """The gap ranges without the ids that have been read (a range is split around them)."""
     remaining = []

@@ -17,7 +17,7 @@ from .. import stop
 from ..config import Settings
 from ..hooks import run_on_promote
 from ..lock import trainer_lock
-from ..state import TrainerState, load_state, save_state
+from ..state import TrainerState, load_state, save_state, with_hand_off
 from ..training.adapter_fit import adapter_incomplete, adapter_misfit
 from ..training.adapters import point_latest
 
@@ -117,8 +117,7 @@ def rollback(settings: Settings, run_number: int) -> Path:
             log.info("rolled back: the adapter in use is run %d (was run %s)", run_number, previous)
             outcome = run_on_promote(settings.promotion, "rollback", adapter, run_number, entry.get("holdout_loss"))
             if outcome is not None:  # recorded, so the next cycle knows the hand-off ran (cycle.catch_up_hand_off)
-                state.lineage[-1]["on_promote"] = outcome
-                save_state(state, settings.paths.state_file)
+                save_state(with_hand_off(state, run_number, outcome), settings.paths.state_file)
     if outcome is not None:
         print(f"on_promote: {outcome}")
     return adapter
