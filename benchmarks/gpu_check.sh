@@ -14,7 +14,7 @@ fi
 python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__)" | tee -a "$OUT/gpu.txt"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 # GPU-marked tests (self-contained: --noconftest, the database client is not needed).
-python3 -m pytest -q --noconftest -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu-tests.txt"
+python3 -m pytest -q --noconftest -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests-full.txt" | tail -15 | tee "$OUT/gpu-tests.txt"
 # The self-check doctor runs on CUDA, with the estimate for the shipped settings on the 7B architecture.
 python3 - <<'PY' 2>&1 | tee "$OUT/self-check.txt"
 from codelupe_trainer.config import load_settings

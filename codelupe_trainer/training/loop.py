@@ -135,7 +135,11 @@ class TimedTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         memory_fault(inputs["input_ids"].shape[0])
-        if self.loss_mode == "chunked" and not return_outputs:
+        # "fused" evaluates chunked too: Liger's patched forward fuses the loss only while the model trains
+        # (its skip_logits defaults to self.training) and otherwise builds the full logits and the model's
+        # own fp32 loss, the evaluation peak the chunked loss exists to avoid.
+        chunked = self.loss_mode == "chunked" or (self.loss_mode == "fused" and not model.training)
+        if chunked and not return_outputs:
             # The Trainer's mixed precision (bf16 on CUDA) is an autocast accelerate wraps around the model's
             # forward; the chunked loss runs the LM head after that forward, so it enters the same autocast
             # itself, or the head's matmuls would run in the fp32 peft's k-bit preparation leaves it in.
@@ -163,7 +167,7 @@ class TimedTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = {key: value for key, value in inputs.items() if key not in COUNT_KEYS}
-        if self.loss_mode == "chunked" and prediction_loss_only:
+        if self.loss_mode in ("chunked", "fused") and prediction_loss_only:
             # Evaluation needs only the loss: the stock step would take the model's own, with the full logits
             # (bf16, then fp32 in the loss, then fp32 again in accelerate's output conversion: ~12 GB at
             # 4 x 2,048 x 152,064), a peak above training's. The batch's mean, as the stock step returns it.
