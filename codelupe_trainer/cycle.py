@@ -229,7 +229,10 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
             holdout.blocks = {language: one_sample_per_block(blocks) for language, blocks in holdout.blocks.items()}
         model = attach_adapter(base, settings.model, previous)
         trainable, total = count_parameters(model)
-        metrics.update_config(model_config(settings, trainable, total, quantization, previous) | {"packing": packing})
+        # The dtype the frozen head really has: model.frozen_dtype applies on CUDA with a quantized base only.
+        frozen_dtype = str(base.get_output_embeddings().weight.dtype).removeprefix("torch.")
+        metrics.update_config(model_config(settings, trainable, total, quantization, previous)
+                              | {"packing": packing, "model/frozen_dtype": frozen_dtype})
         reporting = ReportingOptions(settings.metrics.system_every_steps, settings.metrics.gradient_metrics_every_steps,
                                      settings.metrics.per_layer_sample, settings.metrics.gpu_peak_tflops)
 

@@ -126,7 +126,7 @@ def test_the_holdout_evaluation_matches_the_model_loss_on_the_4bit_path(four_bit
 # checkpointing) over a 4-bit tiny Qwen2 with the 7B's vocabulary, at the shipped batch 4 x accumulation 4.
 
 
-def fresh_four_bit_lora(directory):
+def fresh_four_bit_lora(directory, frozen_dtype: str = "float32"):
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -138,7 +138,8 @@ def fresh_four_bit_lora(directory):
         config = Qwen2Config(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=152064, tie_word_embeddings=False)
         Qwen2ForCausalLM(config).save_pretrained(directory)
-    base, _ = load_base_model(ModelSettings(base_model=str(directory), quantization="4bit"), "cuda")
+    base, _ = load_base_model(ModelSettings(base_model=str(directory), quantization="4bit", frozen_dtype=frozen_dtype),
+                              "cuda")
     return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
 
 
@@ -228,3 +229,28 @@ def test_the_daemons_training_loop_trains_in_4bit_with_the_configured_loss_at_th
     first = [metrics["train/loss"] for _, metrics in recorder.logged if "train/loss" in metrics][0]
     assert first == pytest.approx(before, rel=0.05)  # not 4x (the accumulation factor) and not 1/4x
     assert after < before  # two steps at 1e-2 on the eval's own distribution of random tokens lower it a little
+
+
+def test_frozen_weights_kept_in_bf16_train_to_the_same_losses_in_less_memory(tmp_path):
+    """`model.frozen_dtype = "bfloat16"`: the embeddings, LM head and norms stay bf16 after the k-bit preparation,
+    the daemon's loop trains with them, and the losses are the fp32 run's within bf16's precision."""
+    from codelupe_trainer.config import TrainingSettings
+
+    training = TrainingSettings(batch_size=4, gradient_accumulation_steps=4, logging_steps=1, learning_rate=1e-2,
+                                warmup_ratio=0)
+    loaded, losses = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        model = fresh_four_bit_lora(tmp_path / "model", frozen_dtype=dtype)
+        loaded[dtype] = torch.cuda.memory_allocated() - before
+        head = model.get_base_model().lm_head.weight
+        assert head.dtype == getattr(torch, dtype) and not head.requires_grad
+        result, _ = train(model, training, tmp_path / dtype, holdout={"python": full_blocks(8, 2)})
+        losses[dtype] = (result.holdout_before["python"][0], result.holdout_after["python"][0])
+        del model
+    # The embeddings and the head (2 x 152,064 x 256) take 2 bytes a weight instead of 4.
+    assert loaded["float32"] - loaded["bfloat16"] > 0.9 * 2 * 152064 * 256 * 2
+    for fp32, bf16 in zip(losses["float32"], losses["bfloat16"]):
+        assert bf16 == pytest.approx(fp32, rel=1e-2)
+    assert losses["bfloat16"][1] < losses["bfloat16"][0]

@@ -251,16 +251,21 @@ def test_missing_table_is_one_clear_error(db_url, make_settings, tmp_path, caplo
 
 
 def test_four_bit_quantized_training_runs_on_cpu(crawler_table, make_settings, tmp_path, tiny_model):
-    """bitsandbytes 0.50 runs NF4 layers on the CPU: the quantized path really trains here."""
+    """bitsandbytes 0.50 runs NF4 layers on the CPU: the quantized path really trains here. `model.frozen_dtype`
+    is for CUDA's bf16 autocast: the CPU keeps fp32, and the W&B config says which dtype the run really had."""
+    from wandb_reader import find_run_files, read_run
+
     insert_stdlib_rows(crawler_table, start=0, count=40)
     settings = make_settings(crawler_table, extra=(
         f'[model]\nbase_model = "{tiny_model}"\n'
-        'quantization = "4bit"\nlora_r = 4\nlora_alpha = 8\nlora_dropout = 0.0\n'
+        'quantization = "4bit"\nlora_r = 4\nlora_alpha = 8\nlora_dropout = 0.0\nfrozen_dtype = "bfloat16"\n'
         '[training]\nbatch_size = 4\nmax_steps = 2\nlogging_steps = 1\ngradient_checkpointing = false\n'
     ))
     assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 0
     state = load_state(settings.paths.state_file)
     assert state.last_run["quantization"] == "4bit"
+    [run_file] = find_run_files(tmp_path)
+    assert read_run(run_file).config["model/frozen_dtype"] == "float32"
     assert state.total_training_runs == 1
     assert (settings.paths.output_dir / "run-000001" / "adapter_model.safetensors").exists()
 

@@ -2,14 +2,15 @@
 
 The memory estimate is arithmetic on the model's config.json (no torch needed). Its terms, for a 4-bit base:
 NF4 weights (half a byte a parameter, ~3 % for the double-quantised constants); embeddings and lm_head in
-fp32 (peft's `prepare_model_for_kbit_training` upcasts every non-quantised parameter); LoRA weights, their
-gradients and 8-bit Adam states; 2.5 GB of CUDA context and allocator slack; and the larger of two peaks that
-come at different moments: backward through the layers (with gradient checkpointing one bf16 hidden state
-per layer plus a recomputed layer, 3.6 times its activations as measured) and the loss (the saved hidden
-states plus 12 bytes a logit: bf16, fp32 and both gradients; all tokens for `standard`, one 2,048-token chunk
-for `chunked`, none for `fused`). Calibrated on the Qwen2.5-Coder-7B architecture at the shipped defaults on
-an H100 (benchmarks/train_throughput.py): measured 19.4 GB with the chunked and the fused loss (estimated
-19.3) and 26.4 GB with the standard loss (estimated 27.2).
+fp32 (peft's `prepare_model_for_kbit_training` upcasts every non-quantised parameter) unless
+`model.frozen_dtype` keeps them in bf16; LoRA weights, their gradients and 8-bit Adam states; 2.5 GB of CUDA
+context and allocator slack; and the larger of two peaks that come at different moments: backward through the
+layers (with gradient checkpointing one hidden state per layer, in fp32 when the norms and embeddings are fp32
+and in bf16 otherwise, plus a recomputed layer, 1.9 times its bf16 activations as measured) and the loss (the
+saved hidden states plus 12 bytes a logit: bf16, fp32 and both gradients; all tokens for `standard`, one
+2,048-token chunk for `chunked`, none for `fused`). Calibrated on the Qwen2.5-Coder-7B architecture at the
+shipped defaults under the Trainer's bf16 autocast on an H200 (benchmarks/results/2026-11-30-h200-gpu-check.txt,
+peaks of allocated memory, which leave out the CUDA context): tests/test_operations.py holds the figures.
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ def estimate_memory_gb(config: dict, settings: Settings, quantized: bool, loss: 
                         if name in settings.model.target_modules)
     tokens = settings.training.batch_size * settings.data.max_length
     one_layer = tokens * (hidden * 12 + intermediate * 4) * width
-    saved_hidden = layers * tokens * hidden * width
+    # fp32 norms (a k-bit preparation's) make the residual stream, and so each checkpointed layer input, fp32.
+    fp32_stream = device != "cuda" or (quantized and settings.model.frozen_dtype == "float32")
+    saved_hidden = layers * tokens * hidden * (4 if fp32_stream else 2)
     if settings.training.gradient_checkpointing:
-        backward_peak = saved_hidden + 3.6 * one_layer
+        backward_peak = saved_hidden + 1.9 * one_layer
     else:
         backward_peak = layers * one_layer
     from .loss import CHUNK_TOKENS
@@ -56,7 +59,8 @@ def estimate_memory_gb(config: dict, settings: Settings, quantized: bool, loss: 
     loss_bytes = loss_tokens * vocab * 12
     parts = {
         "weights": linear * (0.5 * 1.03 if quantized else width) / GB,
-        "embeddings_and_head": embeddings * (4 if quantized else width) / GB,
+        # A k-bit preparation leaves them in fp32 unless model.frozen_dtype keeps them in bf16.
+        "embeddings_and_head": embeddings * (4 if quantized and settings.model.frozen_dtype == "float32" else width) / GB,
         "lora_and_optimizer": lora * (4 + 4 + 2) / GB,
         "overhead": OVERHEAD_GB if device == "cuda" else CPU_OVERHEAD_GB,
         # The peaks of backward through the layers and of the loss come at different moments: the larger counts.
