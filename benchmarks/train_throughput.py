@@ -323,10 +323,11 @@ def table(results: list[dict]) -> str:
     seeds = {result["model"]: result["real_tokens_per_second"] for result in results if result["variant"] == "seed"}
     for result in results:
         memory = result.get("peak_memory_gb", result.get("peak_rss_gb", float("nan")))
-        ratio = result["real_tokens_per_second"] / seeds[result["model"]] if result["model"] in seeds else float("nan")
+        seed = seeds.get(result["model"])  # none when the seed's way was not among the variants run
+        ratio = f"{result['real_tokens_per_second'] / seed:.2f}x" if seed else "-"
         mfu = f"{result['mfu_percent']:.1f}" if "mfu_percent" in result else "-"
         lines.append(f"| {result['model']} | {result['variant']} | {result['real_tokens_per_second']:,.0f} | "
-                     f"{ratio:.2f}x | {memory:.2f} | {mfu} |")
+                     f"{ratio} | {memory:.2f} | {mfu} |")
     return "\n".join(lines)
 
 

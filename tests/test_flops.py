@@ -115,3 +115,13 @@ def test_the_profile_split_sorts_a_real_cpu_profile_into_its_kinds():
     assert split["idle_percent"] is None  # threads overlap on a CPU: no idle share is claimed
     table = benchmark.profile_table([{"model": "tiny", "variant": "ours", "profile": split}])
     assert "| tiny | ours |" in table and "matmul %" in table
+
+
+def test_the_throughput_table_compares_with_the_seeds_way_only_where_it_ran():
+    """A run of some variants only (the bf16-base run of benchmarks/gpu_check.sh has no seed) printed `nanx`."""
+    benchmark = load_benchmark()
+    ours = {"model": "qwen2.5-7b", "variant": "ours", "real_tokens_per_second": 7668.0, "peak_memory_gb": 21.25}
+    alone = benchmark.table([ours])
+    assert "| 7,668 | - | 21.25 |" in alone and "nan" not in alone
+    seed = dict(ours, variant="seed", real_tokens_per_second=1917.0)
+    assert "| 7,668 | 4.00x |" in benchmark.table([ours, seed])
