@@ -35,7 +35,7 @@ fi
 # time between the MFU and the card's peak goes: dequantization, matmuls, attention, loss, idle ...).
 if [ -z "${SKIP_BENCH:-}" ]; then
     python3 benchmarks/train_throughput.py --model qwen2.5-7b --model-dir /tmp/bench-models \
-        --variants "${VARIANTS:-ours,ours-std-loss,seed,ours-bf16-rest,ours-fused}" ${PROFILE:+--profile} ${BENCH_ARGS:-} 2>&1 \
+        --variants "${VARIANTS:-ours,ours-std-loss,seed,ours-bf16-rest,ours-no-dropout,ours-fused,ours-fused-bf16-rest}" ${PROFILE:+--profile} ${BENCH_ARGS:-} 2>&1 \
         | grep -v Warning | tee "$OUT/throughput.txt"
 fi
 # The same on a bf16 base (model.quantization = "none"): no dequantization, 13 GB more weights; whether it

@@ -10,8 +10,12 @@ Variants (same model, same samples, same LoRA, same optimizer; gradient checkpoi
 - ours-bf16-rest:  (CUDA, 4-bit) ours with the frozen weights that stay unquantized (embeddings, LM head, norms)
                    kept in bf16 instead of the fp32 that peft's k-bit preparation casts them to: ~2.2 GB less on
                    the 7B and a bf16 residual stream; measured before the daemon offers it as a setting
+- ours-no-dropout: ours with the LoRA dropout at 0 for its steps (every variant else takes --lora-dropout, by
+                   default the shipped 0.05: a dropout mask on each adapted projection's input)
 - ours-fused:      (CUDA, with liger-kernel installed) ours with Liger-Kernel's fused linear cross-entropy and
-                   kernels; it patches the model for good, so it runs last
+                   kernels; it patches the model for good, so it and the next run last
+- ours-fused-bf16-rest: (CUDA, 4-bit, liger-kernel) both: the fastest the daemon trains a 4-bit base, with
+                   `.[gpu]` and model.frozen_dtype = "bfloat16"
 
 Printed per variant: real (non-padding) tokens per second, peak memory (CUDA: max allocated, weights included;
 CPU: the variant's own process's peak RSS) and, on CUDA, model FLOPs utilisation: 4 x N matmul parameters x
@@ -129,11 +133,17 @@ def build_model(spec: dict, device: str, quantize: bool, directory: Path):
     return model
 
 
-def attach_lora(model, rank: int):
+def attach_lora(model, rank: int, dropout: float):
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS,
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=TARGETS,
                                             task_type="CAUSAL_LM"))
+
+
+def set_lora_dropout(model, probability: float) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = probability
 
 
 # Kernel (CUDA) or operator (CPU) names -> the kind of work, first match wins. The names are those of
@@ -195,7 +205,7 @@ def train_micro_batch(model, name: str, group: list[Block], collate, max_length:
     batch = {key: value.to(device) for key, value in batch.items()}
     # The Trainer's bf16 on CUDA: an autocast around the forward, whatever the loss (training/loop.py).
     with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-        if name in ("ours", "ours-bf16-rest"):
+        if name in ("ours", "ours-bf16-rest", "ours-no-dropout"):
             loss = chunked_model_loss(model, batch)
         else:
             loss = model(**batch).loss
@@ -223,15 +233,17 @@ def profile_step(model, name: str, micro_batches: list[list[Block]], collate, ma
 
 
 def run_variant(model, name: str, blocks: list[Block], batch_size: int, accumulation: int, steps: int, warmup: int,
-                max_length: int, device: str, optimizer, profile: bool = False) -> dict:
+                max_length: int, device: str, optimizer, profile: bool = False, lora_dropout: float = 0.0) -> dict:
     model.base_model.model.config._attn_implementation = "eager" if name == "seed" else "sdpa"
     collate = PackedCollator(pad_token_id=0)
     micro_batches = [blocks[index : index + batch_size] for index in range(0, len(blocks), batch_size)]
     needed = (warmup + steps) * accumulation
     if len(micro_batches) < needed:
         raise SystemExit(f"{name}: {len(micro_batches)} micro-batches, need {needed}: raise --samples")
-    if name == "ours-bf16-rest":
+    if name.endswith("bf16-rest"):
         cast_frozen_unquantized(model, torch.bfloat16)  # back to fp32 below: the variants after it are unchanged
+    if name == "ours-no-dropout":
+        set_lora_dropout(model, 0.0)  # back below
     if device == "cuda":
         torch.cuda.empty_cache()  # the fp32 copies the cast freed do not count in this variant's peak
         torch.cuda.synchronize()
@@ -244,10 +256,11 @@ def run_variant(model, name: str, blocks: list[Block], batch_size: int, accumula
             started, real_tokens = time.perf_counter(), 0
         group = micro_batches[index]
         real_tokens += sum(len(block) for block in group)
-        if name == "ours-fused" and index == 0:
+        if name.startswith("ours-fused") and index == 0 and not getattr(model, "liger_applied", False):
             from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
             _apply_liger_kernel_to_instance(model=model.get_base_model())  # patches the model for good: run last
+            model.liger_applied = True
         loss = train_micro_batch(model, name, group, collate, max_length, device, accumulation)
         if (index + 1) % accumulation == 0:
             optimizer.step()
@@ -262,8 +275,10 @@ def run_variant(model, name: str, blocks: list[Block], batch_size: int, accumula
     if profile:
         result["profile"] = profile_step(model, name, micro_batches[warmup * accumulation:], collate, max_length,
                                          device, optimizer, accumulation)
-    if name == "ours-bf16-rest":
+    if name.endswith("bf16-rest"):
         cast_frozen_unquantized(model, torch.float32)
+    if name == "ours-no-dropout":
+        set_lora_dropout(model, lora_dropout)
     return result
 
 
@@ -275,7 +290,7 @@ def measure(args, variants: list[str]) -> list[dict]:
     directory = Path(args.model_dir or tempfile.mkdtemp(prefix="bench-model-")) / args.model
     directory.mkdir(parents=True, exist_ok=True)
     load_started = time.perf_counter()
-    model = attach_lora(build_model(spec, device, quantize, directory), args.lora_r)
+    model = attach_lora(build_model(spec, device, quantize, directory), args.lora_r, args.lora_dropout)
     load_seconds = time.perf_counter() - load_started
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -297,11 +312,11 @@ def measure(args, variants: list[str]) -> list[dict]:
                     args.batch_size, args.accumulation, 2, 0, args.max_length, device, optimizer)
     results = []
     for name in variants:
-        if name == "ours-fused" and device != "cuda" or name == "ours-bf16-rest" and not quantize:
+        if name.startswith("ours-fused") and device != "cuda" or name.endswith("bf16-rest") and not quantize:
             continue
         blocks = make_blocks(lengths, spec["vocab_size"], args.max_length, packed=name != "seed")
         result = run_variant(model, name, blocks, args.batch_size, args.accumulation, args.steps, args.warmup,
-                             args.max_length, device, optimizer, args.profile)
+                             args.max_length, device, optimizer, args.profile, args.lora_dropout)
         result.update(model=args.model, device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
                       load_seconds=round(load_seconds, 1), batch_size=args.batch_size, max_length=args.max_length,
                       gradient_checkpointing=args.gradient_checkpointing, quantization="4bit" if quantize else "none")
@@ -359,6 +374,7 @@ def main() -> None:
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="the shipped model.lora_dropout")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--no-4bit", action="store_true")
     parser.add_argument("--cpu", action="store_true")
@@ -385,7 +401,8 @@ def main() -> None:
                 command = [sys.executable, __file__, "--model", model, "--variants", variant, "--samples", str(args.samples),
                            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
                            "--accumulation", str(args.accumulation), "--max-length", str(args.max_length),
-                           "--lora-r", str(args.lora_r), "--no-separate-processes"]
+                           "--lora-r", str(args.lora_r), "--lora-dropout", str(args.lora_dropout),
+                           "--no-separate-processes"]
                 command += ["--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
                 command += ["--cpu"] if args.cpu else []
                 command += ["--profile"] if args.profile else []

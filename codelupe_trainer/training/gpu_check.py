@@ -32,8 +32,8 @@ CPU_PARAMETER_LIMIT = 1e9
 
 def estimate_memory_gb(config: dict, settings: Settings, quantized: bool, loss: str, device: str = "cuda") -> dict[str, float]:
     """GPU memory on CUDA (bf16 compute); on the CPU, host memory, where everything unquantized is fp32 (twice the
-    bytes) and there is no CUDA context (the 12 bytes a logit match the measured CPU peaks too: 4.8 GB chunked and
-    8.5 GB standard for the 152,064-token tiny model at 4 x 1,024 tokens, estimated 4.7 and 8.5)."""
+    bytes) and there is no CUDA context (the 12 bytes a logit match the measured CPU peaks too: 5.0 GB chunked and
+    8.7 GB standard for the 152,064-token tiny model at 4 x 1,024 tokens, estimated 5.1 and 8.8)."""
     width = 2 if device == "cuda" else 4  # bytes of an unquantized weight or an activation
     hidden, layers = config["hidden_size"], config["num_hidden_layers"]
     vocab, intermediate = config["vocab_size"], config["intermediate_size"]
