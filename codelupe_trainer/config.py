@@ -189,7 +189,7 @@ class TrainingSettings(Section):
     loss: Literal["auto", "fused", "chunked", "standard"] = Field(
         "auto",
         description="How the loss avoids vocabulary-sized fp32 logits: fused (Liger-Kernel, CUDA), chunked (pure "
-        "PyTorch), standard (the model's own). auto: fused where liger_kernel is installed on CUDA, else chunked.",
+        "PyTorch), standard (the model's own). auto: fused where liger_kernel is installed on CUDA and has kernels for the model's type, else chunked.",
     )
 
 

@@ -254,3 +254,17 @@ def test_frozen_weights_kept_in_bf16_train_to_the_same_losses_in_less_memory(tmp
     for fp32, bf16 in zip(losses["float32"], losses["bfloat16"]):
         assert bf16 == pytest.approx(fp32, rel=1e-2)
     assert losses["bfloat16"][1] < losses["bfloat16"][0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel not installed")
+def test_the_fused_loss_is_chosen_only_for_a_model_liger_has_kernels_for():
+    """The Trainer leaves a model Liger does not know unpatched (a warning) and it trains on its own loss, with
+    the full fp32 logits: `auto` takes the chunked loss for it, and an explicit `fused` is one clear error."""
+    from codelupe_trainer.errors import TrainingError
+    from codelupe_trainer.training.loss import resolve_loss
+
+    assert resolve_loss("auto", "cuda", "qwen2") == "fused"
+    assert resolve_loss("auto", "cuda", "no-such-architecture") == "chunked"
+    assert resolve_loss("fused", "cuda", "qwen2") == "fused"
+    with pytest.raises(TrainingError, match="no kernels for model type 'no-such-architecture'"):
+        resolve_loss("fused", "cuda", "no-such-architecture")

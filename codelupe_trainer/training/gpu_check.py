@@ -124,11 +124,11 @@ def self_check(settings: Settings) -> list[tuple[str, bool, str]]:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     quantized = settings.model.quantization_on(device) != "none"
+    config = base_model_config(settings.model.base_model)
     try:
-        loss = resolve_loss(settings.training.loss, device)
+        loss = resolve_loss(settings.training.loss, device, (config or {}).get("model_type"))
     except TrainingError as error:
         return [("loss", False, str(error))]
-    config = base_model_config(settings.model.base_model)
     results = []
     required = None
     if config is None:

@@ -12,7 +12,8 @@ logits and their gradient. Two ways out, chosen by `training.loss`:
   with recomputation so backward does not keep every chunk's logits either).
 - `standard`: the model's own loss.
 
-`auto` is `fused` on CUDA when liger_kernel is installed, else `chunked`.
+`auto` is `fused` on CUDA when liger_kernel is installed and has kernels for the model's type, else `chunked`
+(the Trainer leaves a model Liger does not know unpatched, with a warning, and it would train on its own loss).
 """
 
 from __future__ import annotations
@@ -30,13 +31,30 @@ IGNORE_INDEX = -100
 CHUNK_TOKENS = 2048
 
 
-def resolve_loss(setting: str, device: str) -> str:
+def liger_supports(model_type: str | None) -> bool:
+    """Liger-Kernel is installed and patches this model type (its own registry). None: the type is not known
+    here, and only the installation is asked about."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return False
+    if model_type is None:
+        return True
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except Exception:  # an installation that cannot load (no Triton, another torch): it patches nothing
+        return False
+    return model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
+
+
+def resolve_loss(setting: str, device: str, model_type: str | None = None) -> str:
     if setting == "fused" and device != "cuda":  # Liger's kernels are Triton on CUDA
         raise TrainingError('training.loss = "fused" runs on CUDA only and this machine has no CUDA device: use '
                             '"auto" (chunked here) or "chunked"')
+    if setting == "fused" and model_type is not None and liger_supports(None) and not liger_supports(model_type):
+        raise TrainingError(f'training.loss = "fused": Liger-Kernel has no kernels for model type {model_type!r} and '
+                            'would leave it on its own loss (full fp32 logits); use "auto" (chunked for it) or "chunked"')
     if setting != "auto":
         return setting
-    if device == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
+    if device == "cuda" and liger_supports(model_type):
         return "fused"
     return "chunked"
 
