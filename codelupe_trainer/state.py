@@ -225,9 +225,9 @@ def advance_state(state: TrainerState, fetched: FetchResult, samples_trained: in
 
 
 def with_hand_off(state: TrainerState, run_number: int, outcome: str) -> TrainerState:
-    """The state with the outcome of run `run_number`'s hand-off (on_promote) in its newest lineage entry (a
-    promotion, or a rollback to it) and in `last_run` when that is the run: an entry without one has a hand-off
-    still to run (cycle.catch_up_hand_off)."""
+    """The state (changed in place, and returned) with the outcome of run `run_number`'s hand-off (on_promote)
+    in its newest lineage entry (a promotion, or a rollback to it) and in `last_run` when that is the run: an
+    entry without one has a hand-off still to run (cycle.catch_up_hand_off)."""
     for entry in reversed(state.lineage):
         if entry.get("run") == run_number:
             entry["on_promote"] = outcome

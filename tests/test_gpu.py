@@ -20,22 +20,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture(scope="module")
 def four_bit_lora(tmp_path_factory):
-    from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from codelupe_trainer.config import ModelSettings
-    from codelupe_trainer.training.model import load_base_model
-
-    directory = tmp_path_factory.mktemp("qwen2-152k")
-    torch.manual_seed(0)
-    config = Qwen2Config(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=152064, tie_word_embeddings=False)
-    Qwen2ForCausalLM(config).save_pretrained(directory)
-    base, quantization = load_base_model(ModelSettings(base_model=str(directory), quantization="4bit"), "cuda")
-    assert quantization == "4bit"
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                                            init_lora_weights=False))
-    return model.train()
+    # LoRA B not at zero: the adapter's gradients and outputs are not trivially those of the base.
+    return fresh_four_bit_lora(tmp_path_factory.mktemp("qwen2-152k"), init_lora_weights=False).train()
 
 
 def packed_blocks() -> list:
@@ -126,7 +112,9 @@ def test_the_holdout_evaluation_matches_the_model_loss_on_the_4bit_path(four_bit
 # checkpointing) over a 4-bit tiny Qwen2 with the 7B's vocabulary, at the shipped batch 4 x accumulation 4.
 
 
-def fresh_four_bit_lora(directory, frozen_dtype: str = "float32"):
+def fresh_four_bit_lora(directory, frozen_dtype: str = "float32", init_lora_weights: bool = True):
+    """A tiny Qwen2 with the 7B's 152,064-token vocabulary, loaded as the cycle loads a base (4-bit NF4), with a
+    LoRA on three projections."""
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -140,7 +128,8 @@ def fresh_four_bit_lora(directory, frozen_dtype: str = "float32"):
         Qwen2ForCausalLM(config).save_pretrained(directory)
     base, _ = load_base_model(ModelSettings(base_model=str(directory), quantization="4bit", frozen_dtype=frozen_dtype),
                               "cuda")
-    return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+    return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                                           init_lora_weights=init_lora_weights))
 
 
 def full_blocks(count: int, seed: int) -> list:

@@ -45,9 +45,11 @@ def estimate_memory_gb(config: dict, settings: Settings, quantized: bool, loss: 
                         if name in settings.model.target_modules)
     tokens = settings.training.batch_size * settings.data.max_length
     one_layer = tokens * (hidden * 12 + intermediate * 4) * width
-    # fp32 norms (a k-bit preparation's) make the residual stream, and so each checkpointed layer input, fp32.
-    fp32_stream = device != "cuda" or (quantized and settings.model.frozen_dtype == "float32")
-    saved_hidden = layers * tokens * hidden * (4 if fp32_stream else 2)
+    # Bytes of a frozen unquantized weight (embeddings, head, norms): fp32 on the CPU, and after a k-bit
+    # preparation unless model.frozen_dtype keeps them bf16. fp32 norms make the residual stream, and so each
+    # checkpointed layer input, fp32 too.
+    frozen_width = 4 if device != "cuda" or (quantized and settings.model.frozen_dtype == "float32") else 2
+    saved_hidden = layers * tokens * hidden * frozen_width
     if settings.training.gradient_checkpointing:
         backward_peak = saved_hidden + 1.9 * one_layer
     else:
@@ -59,8 +61,7 @@ def estimate_memory_gb(config: dict, settings: Settings, quantized: bool, loss: 
     loss_bytes = loss_tokens * vocab * 12
     parts = {
         "weights": linear * (0.5 * 1.03 if quantized else width) / GB,
-        # A k-bit preparation leaves them in fp32 unless model.frozen_dtype keeps them in bf16.
-        "embeddings_and_head": embeddings * (4 if quantized and settings.model.frozen_dtype == "float32" else width) / GB,
+        "embeddings_and_head": embeddings * frozen_width / GB,
         "lora_and_optimizer": lora * (4 + 4 + 2) / GB,
         "overhead": OVERHEAD_GB if device == "cuda" else CPU_OVERHEAD_GB,
         # The peaks of backward through the layers and of the loss come at different moments: the larger counts.

@@ -279,14 +279,15 @@ def checkpointing_arguments(enabled: bool) -> dict:
 
 
 def build_training_arguments(training: TrainingSettings, scratch_dir: Path, device: str, seed: int, has_eval: bool,
-                             max_steps: int | None = None, model_type: str | None = None):
+                             max_steps: int | None = None, loss_mode: str | None = None):
+    """`loss_mode`: the resolved training.loss (train_adapter resolves it once, with the model's type)."""
     distributed = {}
     if training.world_size > 1:
         # Every LoRA weight gets a gradient each step: no search for unused parameters.
         distributed = {"ddp_backend": "nccl" if device == "cuda" else "gloo", "ddp_find_unused_parameters": False}
     return TrainingArguments(
         **distributed,
-        use_liger_kernel=resolve_loss(training.loss, device, model_type) == "fused",
+        use_liger_kernel=(loss_mode or resolve_loss(training.loss, device)) == "fused",
         output_dir=str(scratch_dir),
         per_device_train_batch_size=training.batch_size,
         per_device_eval_batch_size=training.batch_size,
@@ -336,9 +337,9 @@ def train_adapter(
 ) -> TrainingResult:
     """Train the adapter in place (fresh optimizer and schedule each cycle) and evaluate it."""
     collator = PackedCollator(tokenizer.pad_token_id, with_counts=True)
-    model_type = getattr(model.config, "model_type", None)
+    loss_mode = resolve_loss(training.loss, device, getattr(model.config, "model_type", None))
     arguments = build_training_arguments(training, scratch_dir, device, seed, has_eval=bool(eval_blocks),
-                                         max_steps=trainer_max_steps(training, len(train_blocks)), model_type=model_type)
+                                         max_steps=trainer_max_steps(training, len(train_blocks)), loss_mode=loss_mode)
     trainer = TimedTrainer(
         model=model,
         args=arguments,
@@ -347,7 +348,7 @@ def train_adapter(
         data_collator=collator,
     )
     trainer.meter = StepMeter(device)
-    trainer.loss_mode = resolve_loss(training.loss, device, model_type)
+    trainer.loss_mode = loss_mode
     if not packed:
         trainer.group_lengths = [len(block) for block in train_blocks]
     trainer.remove_callback(PrinterCallback)  # our reporter is the only voice
