@@ -17,6 +17,7 @@ from wandb_reader import find_run_files, read_run
 from codelupe_trainer.cli import main
 from codelupe_trainer.state import load_state
 from codelupe_trainer.training.flops import training_flops_per_token
+from codelupe_trainer.training.schedule import learning_rate_factor
 from codelupe_trainer.training.telemetry import gradient_statistics
 
 pytestmark = pytest.mark.slow
@@ -142,6 +143,21 @@ def test_gradient_norms_are_read_before_clipping(trained_run):
     assert any(ours > 2 * settings.training.max_grad_norm for ours, _ in both)
     for ours, trainers in both:
         assert ours == pytest.approx(trainers, rel=1e-3)
+
+
+def test_each_logged_learning_rate_is_the_one_its_step_trained_with(trained_run):
+    """The schedule warms up linearly from lr / (warmup + 1), never from 0 (transformers' linear schedule ran
+    each cycle's first step at 0), and train/learning_rate at step s is the rate step s trained with."""
+    settings, _, run, _ = trained_run
+    rows = [row for row in run.history if "train/learning_rate" in row]
+    total = int(rows[0]["progress/total_steps"])
+    warmup = math.ceil(total * settings.training.warmup_ratio)
+    assert settings.training.warmup_ratio == 0.03 and warmup == 1 and total >= 5
+    assert [row["_step"] for row in rows][:2] == [1, 2]
+    for row in rows:
+        expected = settings.training.learning_rate * learning_rate_factor(row["_step"] - 1, warmup, total)
+        assert row["train/learning_rate"] == pytest.approx(expected, rel=1e-6), row["_step"]
+    assert rows[0]["train/learning_rate"] == pytest.approx(settings.training.learning_rate / 2)
 
 
 def test_every_seed_metric_is_in_the_wandb_run(trained_run):

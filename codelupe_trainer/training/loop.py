@@ -23,6 +23,7 @@ from ..faults import divergence_fault, memory_fault
 from .loss import IGNORE_INDEX, chunked_causal_lm_loss, causal_lm_parts, chunked_model_loss, resolve_loss
 from .model import count_parameters
 from .ranks import all_ranks_sum, same_on_every_rank, weights_fingerprint
+from .schedule import build_scheduler
 from .telemetry import ReportingOptions, ReportingCallback, TrainingReporter
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,14 @@ class TimedTrainer(Trainer):
     group_lengths: list[int] | None = None
     # Called with the step number just before gradients are clipped, so their norms are the raw ones.
     before_clipping: Callable[[int], None] | None = None
+    # training.warmup_ratio: our schedule's (training/schedule.py), whose first step is not at learning rate 0.
+    warmup_ratio: float = 0.0
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        if self.lr_scheduler is None:
+            self.lr_scheduler = build_scheduler(optimizer or self.optimizer, num_training_steps, self.warmup_ratio)
+            self._created_lr_scheduler = True  # as the stock method: a second train() builds it afresh
+        return self.lr_scheduler
 
     def _clip_grad_norm(self, model):
         if self.before_clipping is not None:
@@ -295,7 +304,6 @@ def build_training_arguments(training: TrainingSettings, scratch_dir: Path, devi
         learning_rate=training.learning_rate,
         num_train_epochs=training.epochs,
         max_steps=training.max_steps if max_steps is None else max_steps,
-        warmup_steps=training.warmup_ratio if training.warmup_ratio < 1 else 0,
         max_grad_norm=training.max_grad_norm,
         logging_steps=training.logging_steps,
         logging_first_step=True,
@@ -349,6 +357,7 @@ def train_adapter(
     )
     trainer.meter = StepMeter(device)
     trainer.loss_mode = loss_mode
+    trainer.warmup_ratio = training.warmup_ratio
     if not packed:
         trainer.group_lengths = [len(block) for block in train_blocks]
     trainer.remove_callback(PrinterCallback)  # our reporter is the only voice
