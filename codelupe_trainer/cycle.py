@@ -275,6 +275,7 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
             announce_decision(settings, decision, outcome, state)
         return outcome
     finally:
+        crash_point("teardown")
         if ranks is not None:
             ranks.__exit__(None, None, None)
         reporter.line.close()

@@ -7,8 +7,9 @@ Phases: fetch (first row read), tokenize (dataset built), load (model load begin
 step), eval (first evaluation batch), publish (trained and evaluated, nothing written yet), save (adapter
 published, state not yet written), state (new state file written, not yet renamed into place), dedup (the
 duplicate store's transaction written, not yet committed), hand-off (a promotion's state and store written,
-on_promote not run yet), rank-teardown (a training rank above 0 ends: its result reported, its process group
-not yet torn down).
+on_promote not run yet), teardown (the cycle has ended, published or not: its rank group and W&B run not yet
+closed), rank-teardown (a training rank above 0 ends: its result reported, its process group not yet torn
+down).
 `oom-above:<rows>` and `diverge` are faults of their own (below). Unset in production, where each call is one
 dictionary lookup.
 """

@@ -392,6 +392,28 @@ def test_a_cycle_killed_by_sigkill_is_named_as_the_out_of_memory_killer_would_be
             daemon.kill()
 
 
+def test_a_cycle_that_dies_on_its_way_out_after_saving_its_state_is_not_a_failure(crawler_table, tiny_model, tmp_path):
+    """A cycle process killed after the state was saved (rank 0's process-group teardown or a library's exit
+    aborting) trained and published: counted as a failure, it would reset nothing it should and make the next
+    cycle wait out a back-off. A kill before the state moved is still one."""
+    insert_stdlib_rows(crawler_table, start=0, count=40)
+    config = write_config(tmp_path, tiny_model, "[schedule]\ninterval_minutes = 60\nmin_new_samples = 10\n")
+    log_file = tmp_path / "daemon.log"
+    daemon = start_daemon(config, environment(crawler_table, CODELUPE_FAULT="teardown:kill"), log_file)
+    try:
+        wait_for(lambda: re.search("the cycle counts as done|retrying in", log_file.read_text()), 180, "the cycle's end",
+                 daemon, log_file)
+        state = load_state(tmp_path / "state.json")
+        assert state.total_training_runs == 1 and state.last_trained_id > 0
+        assert (state.consecutive_failures, state.total_failures, state.last_error) == (0, 0, None)
+        log = log_file.read_text()
+        assert "cycle process was killed by SIGKILL" in log and "cycle failed" not in log and "retrying in" not in log
+        assert stop_daemon(daemon, log_file) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+
+
 def test_the_health_endpoint_listens_where_configured_and_a_taken_port_stops_the_start_in_one_line(
         crawler_table, tiny_model, tmp_path):
     """`service.metrics_host` is where /health listens (0.0.0.0: a Prometheus server on another machine can

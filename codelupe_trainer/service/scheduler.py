@@ -128,6 +128,7 @@ class Daemon:
             return
         self.cycle_done.clear()
         recorded_before = self._recorded_failures()
+        committed_before = self._commit_mark()
         try:
             code = self._run_child()
         finally:
@@ -135,6 +136,13 @@ class Daemon:
             self.cycle_done.set()
         if self.stopping.is_set() or code == CHILD_EXIT_INTERRUPTED:
             return
+        if code not in (0, 1, 3) and self._commit_mark() not in (None, committed_before):
+            # The cycle saved its state and then died on its way out (a process group's teardown, a library's
+            # exit): what it trained is published and recorded. A failure here would count against a cycle
+            # that succeeded and make the next one wait out a back-off.
+            log.warning("%s after it saved its state; the cycle counts as done",
+                        self.stall_reason or describe_death(code))
+            code = 0
         if code == 0:
             self.failures_in_a_row = self.unrecorded_failures = 0
             self._reschedule(self.interval_s)
@@ -160,6 +168,14 @@ class Daemon:
             log.warning("%s; not recorded in the state (another cycle holds the lock)", message)
         except (StateError, OSError) as error:  # edited by hand while the daemon ran, or a full disk: the next cycle says so too
             log.error("%s; not recorded: %s", message, error)
+
+    def _commit_mark(self) -> tuple[int, int] | None:
+        """What a cycle that finished changed in the state: the watermark and the training runs (None: unreadable)."""
+        try:
+            state = load_state(self.settings.paths.state_file)
+        except (StateError, OSError):
+            return None
+        return state.last_trained_id, state.total_training_runs
 
     def _recorded_failures(self) -> int | None:
         """The state's failures in a row (None: the state cannot be read; /health says so on its own)."""
