@@ -283,7 +283,8 @@ class PromotionSettings(Section):
         256, ge=0, description="Size of the fixed holdout, frozen from the first run's rows (0: no holdout; needs mode = always).")
     holdout_min_per_language: int = Field(
         8, ge=1, description="Holdout samples each language gets at least; a language the holdout lacks joins it "
-        "with this many of its rows (at most half of them) when it first appears.")
+        "with this many of its rows (at most half of them) when it first appears, and one that joined with fewer is "
+        "topped up from later runs' new rows until it has this many.")
     max_loss_increase: float = Field(
         0.01, ge=0.0, description="Largest relative rise of the overall holdout loss a promoted adapter may have (0.01 = 1 %).")
     max_language_loss_increase: float = Field(

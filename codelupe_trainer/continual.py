@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterator
 
 from .config import Settings
@@ -33,7 +34,8 @@ class Holdout:
 
 def load_holdout(connection, settings: Settings, state: TrainerState) -> Holdout:
     """Freeze the holdout on the first run (stratified by language); add a language it lacks when one first
-    appears, or again when all its rows are gone; refill it when fewer than half its rows are left (rows
+    appears, or again when all its rows are gone; top up a language it holds fewer than
+    holdout_min_per_language rows of (one that joined with a handful); refill it when fewer than half its rows are left (rows
     deleted from the table), so the gate never runs out of rows to judge on; re-read its rows. Added ids come
     from the rows this run is about to read (never trained) and are committed before anything trains."""
     promotion = settings.promotion
@@ -50,10 +52,10 @@ def load_holdout(connection, settings: Settings, state: TrainerState) -> Holdout
         # last one goes ("promoted unchecked" forever). Refill to holdout_samples like the first run did; the
         # anchors restart, since their fingerprints include the ids.
         refill = bool(ids) and len(samples) < min(len(ids), promotion.holdout_samples) / 2
-        live_languages = set() if refill else {sample.language for sample in samples}
+        held = {} if refill else Counter(sample.language for sample in samples)
         size = promotion.holdout_samples - len(samples) if refill or not ids else 0
         added = select_holdout(connection, settings.database, settings.data, state.last_trained_id,
-                               settings.data.max_samples_per_run, live_languages, size=size,
+                               settings.data.max_samples_per_run, held, size=size,
                                min_per_language=promotion.holdout_min_per_language)
         known = set(ids)
         added = [(row_id, language) for row_id, language in added if row_id not in known]

@@ -429,3 +429,41 @@ def test_a_holdout_whose_rows_are_deleted_is_refilled_from_untrained_rows_never_
         refilled = load_holdout(connection, settings, later)
     assert len(refilled.samples) >= 20 and set(languages(refilled)) == {"python", "c"}
     assert all(sample.id > watermark for sample in refilled.samples if sample.id not in survivors)
+
+
+def test_a_language_that_joined_the_holdout_with_a_handful_of_rows_grows_to_the_minimum(crawler_table, make_settings):
+    """A language first seen with two rows joins the holdout with one (at most half its rows, so it still
+    trains). Left at one file forever, the per-language rule would judge every later candidate on that file,
+    where noise alone moves the loss by more than the 3 % tolerance. Later runs' new rows top it up to
+    holdout_min_per_language (never trained ones), and then it is left alone."""
+    from codelupe_trainer.continual import load_holdout
+    from codelupe_trainer.data.source import open_connection
+    from codelupe_trainer.state import TrainerState
+
+    url = crawler_table
+    insert_stdlib_rows(url, start=0, count=40)
+    insert_files(url, c_headers(2), "c", "glibc")
+    settings = make_settings(url, "[promotion]\nmode = \"gate\"\nholdout_samples = 12\nholdout_min_per_language = 6\n"
+                             "replay_fraction = 0.0\n")
+
+    def held(holdout) -> dict[str, int]:
+        return dict(Counter(sample.language for sample in holdout.samples))
+
+    def read_everything() -> TrainerState:
+        with psycopg.connect(url) as reader:
+            watermark = reader.execute("SELECT max(id) FROM processed_files").fetchone()[0]
+        return TrainerState(last_trained_id=watermark, total_training_runs=1)
+
+    with open_connection(settings.database) as connection:
+        first = load_holdout(connection, settings, TrainerState())
+        assert held(first)["c"] == 1 and held(first)["python"] >= 6
+        later = read_everything()
+        insert_files(url, c_headers(30, skip=2), "c", "glibc-later")
+        insert_stdlib_rows(url, start=200, count=20, repo="later")
+        topped_up = load_holdout(connection, settings, later)
+        assert held(topped_up) == held(first) | {"c": 6}
+        new_c = {sample.id for sample in topped_up.samples if sample.language == "c"} - first.ids
+        assert len(new_c) == 5 and min(new_c) > later.last_trained_id  # from this run's rows, never trained ones
+        again = read_everything()
+        insert_files(url, c_headers(20, skip=32), "c", "glibc-even-later")
+        assert load_holdout(connection, settings, again).ids == topped_up.ids

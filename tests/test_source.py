@@ -133,11 +133,11 @@ def test_a_language_with_stray_whitespace_or_capitals_is_one_language_everywhere
     samples, result = fetch_all(database, DataSettings(languages=["python"]))
     assert {sample.language for sample in samples} == {"python"} and result.skipped["language"] == 8
     with open_connection(database) as connection:
-        picked = select_holdout(connection, database, DataSettings(), after_id=0, window=1000, known_languages=set(),
+        picked = select_holdout(connection, database, DataSettings(), after_id=0, window=1000, held={},
                                 size=6, min_per_language=2)
         assert {language for _, language in picked} == {"python", "go"}
         assert select_holdout(connection, database, DataSettings(), after_id=0, window=1000,
-                              known_languages={"python", "go"}, size=0, min_per_language=2) == []
+                              held={"python": 2, "go": 2}, size=0, min_per_language=2) == []
 
 
 def test_missing_columns_are_named(loose_table):
@@ -494,7 +494,7 @@ def test_a_sql_ascii_database_is_read_as_utf8_and_a_row_that_is_not_is_skipped_a
                 connection, database, DataSettings(max_chars=100_000), [1, 2, 3])] == [(1, unicode_text), (3, GOOD)]
             # python's two rows give it one holdout row; c++'s one row stays to train.
             picked = select_holdout(connection, database, DataSettings(max_chars=100_000), after_id=0, window=100,
-                                    known_languages=set(), size=0, min_per_language=1)
+                                    held={}, size=0, min_per_language=1)
             assert [language for _, language in picked] == ["python"]
     finally:
         with psycopg.connect(server_url, autocommit=True) as admin:
@@ -517,7 +517,7 @@ def test_a_language_column_of_an_enum_type_is_read_like_text(db_url):
     with open_connection(database) as connection:
         check_table(connection, database)
         assert count_new_samples(connection, database, DataSettings(), 0) == 5
-        picked = select_holdout(connection, database, DataSettings(), after_id=0, window=100, known_languages=set(),
+        picked = select_holdout(connection, database, DataSettings(), after_id=0, window=100, held={},
                                 size=0, min_per_language=1)
         assert sorted(language for _, language in picked) == ["go", "python"]
     samples, result = fetch_all(database, DataSettings())
@@ -641,7 +641,7 @@ def test_every_read_works_through_pgbouncer_in_transaction_mode_and_keeps_its_st
     with open_connection(database) as connection:
         check_table(connection, database)
         assert count_new_samples(connection, database, DataSettings(), 0) == 15
-        assert select_holdout(connection, database, DataSettings(), after_id=0, window=100, known_languages=set(),
+        assert select_holdout(connection, database, DataSettings(), after_id=0, window=100, held={},
                               size=4, min_per_language=2)
         assert len(fetch_samples_by_id(connection, database, DataSettings(), list(range(1, 40)))) == 15
     samples, result = fetch_all(database, DataSettings())  # ~20 pages: the page query runs far past five times

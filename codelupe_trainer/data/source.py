@@ -458,31 +458,41 @@ def _language(label: str) -> str:
 
 def select_holdout(
     connection: psycopg.Connection, database: DatabaseSettings, data: DataSettings, after_id: int, window: int,
-    known_languages: set[str], size: int, min_per_language: int,
+    held: dict[str, int], size: int, min_per_language: int,
 ) -> list[tuple[int, str]]:
     """(id, language) of the rows to add to the fixed holdout, from the next `window` eligible rows past
-    `after_id` (the rows this run will read).
+    `after_id` (the rows this run will read). `held`: the holdout's rows of each language it has.
 
-    Languages already in the holdout are left alone. The others get a share of `size` proportional to their
-    rows in the window, at least `min_per_language`, never more than half their rows (so each language
-    still trains). `size` is 0 after the first run: a language that appears later gets `min_per_language`.
-    Rows are picked by a hash of their id, so the choice is spread over the window and repeatable.
+    A language the holdout lacks gets a share of `size` proportional to its rows in the window, at least
+    `min_per_language`; one it has fewer than `min_per_language` rows of (it joined with a handful: at most
+    half its rows in that run) is topped up to `min_per_language`, so its verdicts stop resting on a file or
+    two once it has the rows; the others are left alone. Never more than half a language's rows in the window
+    (so each language still trains). `size` is 0 after the first run. Rows are picked by a hash of their id,
+    so the choice is spread over the window and repeatable.
     """
     names = _names(database)
     reason, parameters = _skip_reason_sql(data)
+    languages = sorted(held)
     query = sql.SQL(
         "WITH window_rows AS ("
         f"  SELECT {{id}} AS id, {LANGUAGE_SQL} AS language FROM {{table}}"
         "  WHERE {id} > %(after_id)s AND ({reason}) IS NULL ORDER BY {id} LIMIT %(window)s"
+        "), held AS ("
+        "  SELECT * FROM unnest(%(held_languages)s::text[], %(held_rows)s::int[]) AS held(language, rows)"
         "), ranked AS ("
-        "  SELECT id, language, row_number() OVER (PARTITION BY language ORDER BY md5(id::text)) AS rank,"
-        "         count(*) OVER (PARTITION BY language) AS language_rows, count(*) OVER () AS all_rows"
-        "  FROM window_rows WHERE NOT (language = ANY(%(known)s))"
+        "  SELECT w.id, w.language, coalesce(h.rows, 0) AS held_rows,"
+        "         row_number() OVER (PARTITION BY w.language ORDER BY md5(w.id::text)) AS rank,"
+        "         count(*) OVER (PARTITION BY w.language) AS language_rows, count(*) OVER () AS all_rows"
+        "  FROM window_rows w LEFT JOIN held h ON h.language = w.language"
+        "  WHERE coalesce(h.rows, 0) < %(min_per_language)s"
         ") SELECT id, language FROM ranked"
-        "  WHERE rank <= GREATEST(%(min_per_language)s, ceil(%(size)s * language_rows::float8 / all_rows))"
+        "  WHERE rank <= CASE WHEN held_rows = 0"
+        "                     THEN GREATEST(%(min_per_language)s, ceil(%(size)s * language_rows::float8 / all_rows))"
+        "                     ELSE %(min_per_language)s - held_rows END"
         "    AND rank <= language_rows / 2 ORDER BY id"
     ).format(reason=reason.format(**names), **names)
-    parameters.update(after_id=after_id, window=window, known=sorted(known_languages), size=size,
+    parameters.update(after_id=after_id, window=window, held_languages=languages,
+                      held_rows=[held[language] for language in languages], size=size,
                       min_per_language=min_per_language)
     return [(row[0], _language(row[1])) for row in _run(connection, database, query, parameters).fetchall()]
 
