@@ -27,7 +27,7 @@ from .data.neardup import signed_ahead
 from .data.packing import one_sample_per_block
 from .data.records import FetchResult
 from .data.source import (SourceError, check_table, count_new_samples, fetch_new_samples, first_watermark,
-                          ids_behind_watermark, open_connection)
+                          ids_behind_watermark, open_connection, watermark_mismatch, watermark_rows)
 from .errors import StateError, StoreError, TrainingError, TrainingInterrupted
 from .failures import save_traceback
 from .faults import crash_point
@@ -97,6 +97,11 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
     gaps = state.gap_ranges()
     with open_connection(settings.database) as connection:
         check_table(connection, settings.database)
+        # Another table under the same settings (a changed database.url or table, a table created again and
+        # refilled past the watermark) would have its rows up to the watermark taken as trained.
+        other_table = watermark_mismatch(connection, settings.database, state.watermark_rows, state.last_trained_id)
+        if other_table:
+            raise SourceError(other_table)
         if state.total_training_runs == 0 and state.last_trained_id == 0:  # never advanced: from the first row
             state.last_trained_id = first_watermark(connection, settings.database)
         available = count_new_samples(connection, settings.database, settings.data, state.last_trained_id, gaps,
@@ -166,6 +171,8 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
                  int(dataset.data_metrics.get("data/blocked_total", 0)),
                  f", {fetched.waiting_for_score} waiting for a quality score" if fetched.waiting_for_score else "",
                  dataset_seconds)
+        fetched.watermark_rows = watermark_rows(connection, settings.database,
+                                                max(state.last_trained_id, fetched.last_examined_id))
         crash_point("tokenize")
     stop.CURRENT.check("after the dataset build")
     held_out = dataset.eval_samples + holdout.rows_in_fetch

@@ -45,6 +45,9 @@ class TrainerState:
     # however many ids it holds), as [first, last, first seen missing]; rows that commit in them later are
     # trained once, and the range is forgotten after database.max_commit_lag_minutes.
     pending_gaps: list[list[float]] = field(default_factory=list)
+    # [id, md5 of its content] of a few rows at or below last_trained_id, as they were when it advanced: a
+    # table whose rows there hold other content is not the one trained on (source.watermark_mismatch).
+    watermark_rows: list[list] = field(default_factory=list)
     # The micro-batch that fitted in GPU memory after an out-of-memory back-off, with what it was measured
     # for: {"micro": m, "effective": batch x accumulation, "max_length": L}; later cycles start from it.
     micro_batch: dict[str, int] | None = None
@@ -203,6 +206,8 @@ def advance_state(state: TrainerState, fetched: FetchResult, samples_trained: in
     new_state = TrainerState(**asdict(state))
     new_state.pending_gaps = gaps
     new_state.last_trained_id = max(state.last_trained_id, fetched.last_examined_id)
+    if fetched.watermark_rows is not None:
+        new_state.watermark_rows = fetched.watermark_rows
     if process_started is not None:
         account_uptime(new_state, process_started, now)
     new_state.total_samples_held_out += samples_held_out

@@ -552,6 +552,47 @@ def test_a_table_created_again_below_the_watermark_is_said_each_idle_cycle_and_b
         assert ids_behind_watermark(connection, settings.database, 500) is None
 
 
+def test_another_table_filled_past_the_watermark_is_refused_instead_of_taken_as_trained(
+        crawler_table, make_settings, tmp_path, capsys):
+    """The crawler's table created again and refilled past the watermark before the daemon looked (or
+    database.url pointed at another database with the same table): the ids go on above the watermark, so no
+    warning fired, and rows 1..watermark of the new table were taken as trained without a word. The state
+    keeps a few rows below its watermark as they were trained (id and content digest); another table is
+    refused, one line, nothing advanced, and `doctor` fails on it. The same table with a row edited in place,
+    or rows deleted, is not taken for another."""
+    from conftest import insert_stdlib_rows
+
+    from codelupe_trainer.cycle import run_cycle
+    from codelupe_trainer.data.source import SourceError
+
+    settings = make_settings(crawler_table)
+    config = str(tmp_path / "codelupe.toml")
+    insert_stdlib_rows(crawler_table, 0, 30)
+    assert run_cycle(settings, force=True).status == "trained"
+    trained = load_state(settings.paths.state_file)
+    recorded = [row_id for row_id, _ in trained.watermark_rows]
+    assert len(recorded) == 3 and max(recorded) == trained.last_trained_id == 30 and min(recorded) <= 10
+
+    with psycopg.connect(crawler_table, autocommit=True) as connection:
+        connection.execute("UPDATE processed_files SET content = content || '# edited' WHERE id = 30")
+        connection.execute("DELETE FROM processed_files WHERE id = %s", (min(recorded),))
+    assert main(["doctor", "--config", config]) == 0
+    assert "watermark" not in capsys.readouterr().out
+    assert run_cycle(settings).status == "nothing_to_do"
+
+    with psycopg.connect(crawler_table, autocommit=True) as connection:
+        connection.execute("TRUNCATE processed_files RESTART IDENTITY")
+    insert_stdlib_rows(crawler_table, 300, 60)  # other files, ids 1-60: past the watermark of 30
+    said = "'processed_files' is not the table this state trained on: its rows"
+    with pytest.raises(SourceError, match=said):
+        run_cycle(settings, force=True)
+    after = load_state(settings.paths.state_file)
+    assert (after.last_trained_id, after.total_training_runs, after.watermark_rows) == (30, 1, trained.watermark_rows)
+    assert said in after.last_error and "nothing was trained or advanced" in after.last_error
+    assert main(["doctor", "--config", config]) == 1
+    assert f"FAIL watermark: {said}" in capsys.readouterr().out
+
+
 def test_a_person_whose_user_may_not_read_the_services_files_gets_one_line_naming_whose_they_are():
     """`codelupe-trainer adapters` or `rollback` typed by a person on the box, not as the `codelupe` user the
     service runs as: the state (0640) and its lock are not theirs. One line, exit 2, naming the file, whose it

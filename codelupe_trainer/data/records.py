@@ -35,6 +35,9 @@ class FetchResult:
     # Pending gap ranges first seen before this time (database.max_commit_lag_minutes before the read) are
     # given up once this fetch has read through them (state.give_up_gaps); None: none is.
     give_up_seen_before: float | None = None
+    # [id, md5 of its content] of a few rows at or below the new watermark, read from the table the rows came
+    # from (source.watermark_rows): the state keeps them to tell its table from another. None: not read.
+    watermark_rows: list[list] | None = None
 
     def stop_before(self, sample_id: int) -> None:
         """The sample `sample_id` was read but will not be trained this run: everything from it on is left

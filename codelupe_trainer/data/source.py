@@ -332,6 +332,47 @@ def ids_behind_watermark(connection: psycopg.Connection, database: DatabaseSetti
             "Troubleshooting")
 
 
+# Rows below the watermark a state records, spread over the trained range: a crawler that edits or prunes
+# its newest rows leaves the older ones to vouch for the table.
+WATERMARK_ROWS = 3
+
+
+def watermark_rows(connection: psycopg.Connection, database: DatabaseSettings, watermark: int) -> list[list]:
+    """[id, md5 of its content] of a few rows at or below `watermark` (the newest one and two further back), read
+    where the rows were just read: what identifies, in the next cycles, the rows the state counts as trained."""
+    names = _names(database)
+    query = sql.SQL("SELECT {id}, coalesce(md5({content}), '') FROM {table} WHERE {id} <= %(target)s "
+                    "ORDER BY {id} DESC LIMIT 1").format(**names)
+    rows: dict[int, str] = {}
+    for share in range(WATERMARK_ROWS, 0, -1):
+        found = _run(connection, database, query, {"target": watermark * share // WATERMARK_ROWS}).fetchone()
+        if found is not None:
+            rows[found[0]] = found[1]
+    return [[row_id, digest] for row_id, digest in sorted(rows.items())]
+
+
+def watermark_mismatch(connection: psycopg.Connection, database: DatabaseSettings, recorded: list[list],
+                       watermark: int) -> str | None:
+    """Why the rows at or below the watermark are not the ones the state trained, or None. Every recorded row
+    that is still there holding other content means another table: database.url or database.table changed, or
+    the table was dropped and filled again past the watermark; its rows below the watermark would be taken as
+    trained without a word. Rows deleted since say nothing; one that still matches means the same table (a
+    row edited in place, a renamed table, a restored backup, another route to the same server)."""
+    if not recorded:
+        return None
+    names = _names(database)
+    query = sql.SQL("SELECT {id}, coalesce(md5({content}), '') FROM {table} WHERE {id} = ANY(%(ids)s)").format(**names)
+    now = dict(_run(connection, database, query, {"ids": [row_id for row_id, _ in recorded]}).fetchall())
+    present = [(row_id, digest) for row_id, digest in recorded if row_id in now]
+    if not present or any(now[row_id] == digest for row_id, digest in present):
+        return None
+    ids = ", ".join(f"{row_id:,}" for row_id, _ in present)
+    return (f"{database.table!r} is not the table this state trained on: its rows {ids} (at or below the watermark, "
+            f"last_trained_id {watermark:,}) hold other content than when they were trained, so its rows up to "
+            f"{watermark:,} would be taken as trained; nothing was trained or advanced. If database.url or "
+            "database.table changed, or the table was created again, see README, Troubleshooting")
+
+
 def fetch_new_samples(
     connection: psycopg.Connection,
     database: DatabaseSettings,

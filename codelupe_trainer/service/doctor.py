@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ..config import Settings, wandb_directory
 from ..data.filters import DEDUP_STORE_FILE, store_problem
-from ..data.source import SourceError, check_table, id_index_problem, ids_behind_watermark, open_connection
+from ..data.source import (SourceError, check_table, id_index_problem, ids_behind_watermark, open_connection,
+                           watermark_mismatch)
 from ..metrics import effective_wandb_mode, nvidia_gpu_names
 from ..errors import StateError
 from ..state import in_service_adapter, load_state
@@ -37,11 +38,16 @@ def run_checks(settings: Settings) -> list[tuple[str, bool | None, str]]:
             results.append(("index", None, slow) if slow else
                            ("index", True, f"{settings.database.id_column} is indexed: new rows are found by a range scan"))
             try:
-                watermark = load_state(settings.paths.state_file).last_trained_id
+                state = load_state(settings.paths.state_file)
             except (OSError, StateError):
-                watermark = 0  # the state line says why
+                state = None  # the state line says why
+            watermark = state.last_trained_id if state else 0
+            other_table = watermark_mismatch(connection, settings.database, state.watermark_rows, watermark) \
+                if state else None
             behind = ids_behind_watermark(connection, settings.database, watermark) if watermark else None
-            if behind:
+            if other_table:
+                results.append(("watermark", False, other_table))
+            elif behind:
                 results.append(("watermark", None, behind))
     except SourceError as error:
         results.append(("database", False, str(error)))
