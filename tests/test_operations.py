@@ -564,6 +564,7 @@ def test_another_table_filled_past_the_watermark_is_refused_instead_of_taken_as_
 
     from codelupe_trainer.cycle import run_cycle
     from codelupe_trainer.data.source import SourceError
+    from codelupe_trainer.service.doctor import settings_problems
 
     settings = make_settings(crawler_table)
     config = str(tmp_path / "codelupe.toml")
@@ -578,6 +579,7 @@ def test_another_table_filled_past_the_watermark_is_refused_instead_of_taken_as_
         connection.execute("DELETE FROM processed_files WHERE id = %s", (min(recorded),))
     assert main(["doctor", "--config", config]) == 0
     assert "watermark" not in capsys.readouterr().out
+    assert not [problem for problem in settings_problems(settings)[0] if "watermark" in problem]
     assert run_cycle(settings).status == "nothing_to_do"
 
     with psycopg.connect(crawler_table, autocommit=True) as connection:
@@ -591,6 +593,8 @@ def test_another_table_filled_past_the_watermark_is_refused_instead_of_taken_as_
     assert said in after.last_error and "nothing was trained or advanced" in after.last_error
     assert main(["doctor", "--config", config]) == 1
     assert f"FAIL watermark: {said}" in capsys.readouterr().out
+    # `run` refuses to start on it, and a reload that points there keeps the settings the daemon has.
+    assert [problem for problem in settings_problems(settings)[0] if said in problem]
 
 
 def test_a_person_whose_user_may_not_read_the_services_files_gets_one_line_naming_whose_they_are():

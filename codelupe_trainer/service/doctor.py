@@ -38,12 +38,10 @@ def run_checks(settings: Settings) -> list[tuple[str, bool | None, str]]:
             results.append(("index", None, slow) if slow else
                            ("index", True, f"{settings.database.id_column} is indexed: new rows are found by a range scan"))
             try:
-                state = load_state(settings.paths.state_file)
+                watermark = load_state(settings.paths.state_file).last_trained_id
             except (OSError, StateError):
-                state = None  # the state line says why
-            watermark = state.last_trained_id if state else 0
-            other_table = watermark_mismatch(connection, settings.database, state.watermark_rows, watermark) \
-                if state else None
+                watermark = 0  # the state line says why
+            other_table = another_table(connection, settings)
             behind = ids_behind_watermark(connection, settings.database, watermark) if watermark else None
             if other_table:
                 results.append(("watermark", False, other_table))
@@ -234,6 +232,8 @@ def settings_problems(settings: Settings) -> tuple[list[str], list[str]]:
             check_table(connection, settings.database)
             slow = id_index_problem(connection, settings.database)
             warnings += [slow] if slow else []
+            other_table = another_table(connection, settings)
+            problems += [other_table] if other_table else []
     except SourceError as error:
         if not str(error).startswith("cannot connect"):
             problems.append(str(error))
@@ -248,6 +248,16 @@ def settings_problems(settings: Settings) -> tuple[list[str], list[str]]:
     if wandb_ok is None:  # said once at start; each cycle's own warning follows in the journal
         warnings.append(f"wandb: {wandb_detail}")
     return problems, warnings
+
+
+def another_table(connection, settings: Settings) -> str | None:
+    """Whether the configured table is another than the one the state's watermark counts rows of (an edited
+    database.url or table: at start and at a reload, refused before any cycle reads it)."""
+    try:
+        state = load_state(settings.paths.state_file)
+    except (OSError, StateError):
+        return None  # said by the state's own check
+    return watermark_mismatch(connection, settings.database, state.watermark_rows, state.last_trained_id)
 
 
 def unwritable_paths(settings: Settings) -> list[str]:
