@@ -357,7 +357,10 @@ def watermark_mismatch(connection: psycopg.Connection, database: DatabaseSetting
     that is still there holding other content means another table: database.url or database.table changed, or
     the table was dropped and filled again past the watermark; its rows below the watermark would be taken as
     trained without a word. Rows deleted since say nothing; one that still matches means the same table (a
-    row edited in place, a renamed table, a restored backup, another route to the same server)."""
+    row edited in place, a renamed table, a restored backup, another route to the same server). Rows above
+    the watermark are not asked about: set back by hand (README's remedy for a restored backup), it no longer
+    counts them as trained, and the ids past it may be handed out again."""
+    recorded = [[row_id, digest] for row_id, digest in recorded if row_id <= watermark]
     if not recorded:
         return None
     names = _names(database)
