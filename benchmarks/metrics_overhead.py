@@ -59,10 +59,15 @@ def train_once(model_dir: Path, blocks, mode: str, steps: int, work: Path) -> fl
         reporting, system = ReportingOptions(10, 10, 8), monitor.read
     else:
         reporter, reporting, system = DiscardingReporter(), ReportingOptions(0, 0, 0), dict
+    # Exactly `steps` steps of blocks: train_adapter trains a whole epoch rather than leave rows unseen, as the
+    # daemon does (its cycle takes no more rows than the step budget trains).
+    blocks = blocks[: steps * training.batch_size * training.gradient_accumulation_steps]
     started = time.perf_counter()
-    train_adapter(model, tokenizer, blocks, [], training, work / "scratch", reporter, reporting,
-                  lambda: False, system, seed=0, device="cpu")
+    result = train_adapter(model, tokenizer, blocks, [], training, work / "scratch", reporter, reporting,
+                           lambda: False, system, seed=0, device="cpu")
     elapsed = time.perf_counter() - started
+    if result.global_step != steps:  # a per-step figure over another number of steps would be wrong
+        raise SystemExit(f"trained {result.global_step} steps, not the {steps} the figures are divided by")
     if mode != "off":
         reporter.finish(0)
     return elapsed
