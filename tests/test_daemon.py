@@ -392,14 +392,20 @@ def test_a_cycle_killed_by_sigkill_is_named_as_the_out_of_memory_killer_would_be
             daemon.kill()
 
 
-def test_a_cycle_that_dies_on_its_way_out_after_saving_its_state_is_not_a_failure(crawler_table, tiny_model, tmp_path):
+@pytest.mark.parametrize("action, said", [("kill", "cycle process was killed by SIGKILL"),
+                                          ("hang", "cycle stalled: no progress for")])
+def test_a_cycle_that_dies_on_its_way_out_after_saving_its_state_is_not_a_failure(crawler_table, tiny_model, tmp_path,
+                                                                                   action, said):
     """A cycle process killed after the state was saved (rank 0's process-group teardown or a library's exit
-    aborting) trained and published: counted as a failure, it would reset nothing it should and make the next
-    cycle wait out a back-off. A kill before the state moved is still one."""
+    aborting), or hung there until the stall watch ended it (a teardown waiting on a peer that is gone),
+    trained and published: counted as a failure, it would make the next cycle wait out a back-off and count
+    towards the stuck alert. A kill before the state moved is still one
+    (test_a_cycle_killed_by_sigkill_is_named_as_the_out_of_memory_killer_would_be)."""
     insert_stdlib_rows(crawler_table, start=0, count=40)
-    config = write_config(tmp_path, tiny_model, "[schedule]\ninterval_minutes = 60\nmin_new_samples = 10\n")
+    stall = "[service]\ncycle_stall_minutes = 0.4\n" if action == "hang" else ""  # the stall watch ends the hang
+    config = write_config(tmp_path, tiny_model, "[schedule]\ninterval_minutes = 60\nmin_new_samples = 10\n" + stall)
     log_file = tmp_path / "daemon.log"
-    daemon = start_daemon(config, environment(crawler_table, CODELUPE_FAULT="teardown:kill"), log_file)
+    daemon = start_daemon(config, environment(crawler_table, CODELUPE_FAULT=f"teardown:{action}"), log_file)
     try:
         wait_for(lambda: re.search("the cycle counts as done|retrying in", log_file.read_text()), 180, "the cycle's end",
                  daemon, log_file)
@@ -407,7 +413,8 @@ def test_a_cycle_that_dies_on_its_way_out_after_saving_its_state_is_not_a_failur
         assert state.total_training_runs == 1 and state.last_trained_id > 0
         assert (state.consecutive_failures, state.total_failures, state.last_error) == (0, 0, None)
         log = log_file.read_text()
-        assert "cycle process was killed by SIGKILL" in log and "cycle failed" not in log and "retrying in" not in log
+        assert said in log and "the cycle counts as done" in log
+        assert "cycle failed" not in log and "retrying in" not in log
         assert stop_daemon(daemon, log_file) == 0
     finally:
         if daemon.poll() is None:
