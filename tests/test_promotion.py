@@ -433,8 +433,8 @@ def test_a_holdout_whose_rows_are_deleted_is_refilled_from_untrained_rows_never_
 
 def test_a_language_that_joined_the_holdout_with_a_handful_of_rows_grows_to_the_minimum(crawler_table, make_settings):
     """A language first seen with two rows joins the holdout with one (at most half its rows, so it still
-    trains). Left at one file forever, the per-language rule would judge every later candidate on that file,
-    where noise alone moves the loss by more than the 3 % tolerance. Later runs' new rows top it up to
+    trains). Left at one file forever, the per-language rule (3 %) would judge every later candidate on that
+    one file, not on the language. Later runs' new rows top it up to
     holdout_min_per_language (never trained ones), and then it is left alone."""
     from codelupe_trainer.continual import load_holdout
     from codelupe_trainer.data.source import open_connection
