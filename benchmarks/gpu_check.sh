@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # The device check, one script: what the GPU box has, the GPU-marked tests, the self-check, then the throughput
 # benchmark on the 7B architecture. Run on a CUDA machine from the repository root; wheels for what the machine
-# lacks may sit in .gpu-wheels/ (it has no registry access).
+# lacks may sit in .gpu-wheels/ (it has no registry access). Fetch them on a machine that has it, for the GPU
+# box's Python (3.12 here), then carry the folder over:
+#   for deps in --no-deps ""; do pkgs="bitsandbytes==0.50.2 peft==0.21.2 liger-kernel"; [ -z "$deps" ] && pkgs=pydantic-settings
+#     python3 -m pip download -q $deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+#       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+#       --platform any -d .gpu-wheels $pkgs; done
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
