@@ -38,15 +38,18 @@ def run_checks(settings: Settings) -> list[tuple[str, bool | None, str]]:
             results.append(("index", None, slow) if slow else
                            ("index", True, f"{settings.database.id_column} is indexed: new rows are found by a range scan"))
             try:
-                watermark = load_state(settings.paths.state_file).last_trained_id
+                state = load_state(settings.paths.state_file)
             except (OSError, StateError):
-                watermark = 0  # the state line says why
-            other_table = another_table(connection, settings)
-            behind = ids_behind_watermark(connection, settings.database, watermark) if watermark else None
-            if other_table:
-                results.append(("watermark", False, other_table))
-            elif behind:
-                results.append(("watermark", None, behind))
+                state = None  # the state line says why
+            if state is not None and state.last_trained_id:
+                other_table = watermark_mismatch(connection, settings.database, state.watermark_rows,
+                                                 state.last_trained_id)
+                behind = None if other_table else ids_behind_watermark(connection, settings.database,
+                                                                       state.last_trained_id)
+                if other_table:
+                    results.append(("watermark", False, other_table))
+                elif behind:
+                    results.append(("watermark", None, behind))
     except SourceError as error:
         results.append(("database", False, str(error)))
     results.append(check_model_path(settings.model.base_model))

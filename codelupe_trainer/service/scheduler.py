@@ -25,7 +25,7 @@ from ..config import Settings
 from ..errors import StateError
 from ..lock import AlreadyRunning, trainer_lock
 from ..progress import read_cycle_progress, write_live_status
-from ..state import load_state, record_failure
+from ..state import TrainerState, load_state, record_failure
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,12 @@ def _child_main(settings: Settings, force: bool, daemon_started: float) -> None:
         os._exit(code)
 
 
+def committed(before: TrainerState, after: TrainerState | None) -> bool:
+    """Whether a cycle finished between the two states: the watermark or the training runs moved."""
+    return after is not None and (after.last_trained_id, after.total_training_runs) != (
+        before.last_trained_id, before.total_training_runs)
+
+
 def backoff_seconds(consecutive_failures: int, interval_s: float) -> float:
     """30 s, 60 s, 120 s ... capped at the interval."""
     if consecutive_failures <= 0:
@@ -127,8 +133,8 @@ class Daemon:
         if self.stopping.is_set():
             return
         self.cycle_done.clear()
-        recorded_before = self._recorded_failures()
-        committed_before = self._commit_mark()
+        before = self._read_state()
+        recorded_before = None if before is None else before.consecutive_failures
         try:
             code = self._run_child()
         finally:
@@ -136,7 +142,7 @@ class Daemon:
             self.cycle_done.set()
         if self.stopping.is_set() or code == CHILD_EXIT_INTERRUPTED:
             return
-        if code not in (0, 1, 3) and self._commit_mark() not in (None, committed_before):
+        if code not in (0, 1, 3) and before is not None and committed(before, self._read_state()):
             # The cycle saved its state and then died on its way out (a process group's teardown, a library's
             # exit): what it trained is published and recorded. A failure here would count against a cycle
             # that succeeded and make the next one wait out a back-off.
@@ -169,25 +175,18 @@ class Daemon:
         except (StateError, OSError) as error:  # edited by hand while the daemon ran, or a full disk: the next cycle says so too
             log.error("%s; not recorded: %s", message, error)
 
-    def _commit_mark(self) -> tuple[int, int] | None:
-        """What a cycle that finished changed in the state: the watermark and the training runs (None: unreadable)."""
+    def _read_state(self) -> TrainerState | None:
+        """The state, or None where it cannot be read (/health says so on its own)."""
         try:
-            state = load_state(self.settings.paths.state_file)
-        except (StateError, OSError):
-            return None
-        return state.last_trained_id, state.total_training_runs
-
-    def _recorded_failures(self) -> int | None:
-        """The state's failures in a row (None: the state cannot be read; /health says so on its own)."""
-        try:
-            return load_state(self.settings.paths.state_file).consecutive_failures
+            return load_state(self.settings.paths.state_file)
         except (StateError, OSError):
             return None
 
     def _count_if_unrecorded(self, recorded_before: int | None) -> None:
         """A failed cycle the state did not count (its write failed: a full disk) would leave /health saying
         "ok" and the stuck alert silent through every failure that follows; the daemon counts it instead."""
-        recorded_after = self._recorded_failures()
+        after = self._read_state()
+        recorded_after = None if after is None else after.consecutive_failures
         if recorded_before is None or recorded_after is None or recorded_after > recorded_before:
             self.unrecorded_failures = 0
             return
