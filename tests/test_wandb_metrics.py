@@ -461,3 +461,32 @@ def test_finish_returns_when_the_wandb_backend_stalls(tmp_path):
     assert sum("train/loss" in record for record in records) == 50  # the local file has every row
     assert records[-1]["event"] == "finish"
     stalled.set()
+
+
+def test_a_cycle_shorter_than_the_logging_interval_still_reports_its_last_step(crawler_table, make_settings, tmp_path,
+                                                                                caplog):
+    """The shipped intervals (logging, system and gradient metrics every 10 steps) against the common production
+    cycle: 1,000 new rows at accumulation 4 are ~6 optimizer steps. Only step 1 (the loss before the run had
+    learned anything) was logged; the steps after the last multiple of 10 never were, nor (under 10 steps) any
+    system, gradient or weight metric, and the journal's progress line never said the run reached its end."""
+    caplog.set_level(logging.INFO)
+    insert_stdlib_rows(crawler_table, start=0, count=40)
+    settings = make_settings(crawler_table, extra=(
+        "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nlearning_rate = 5e-3\nmax_steps = 3\n"
+        "gradient_checkpointing = true\n"
+        "[metrics]\nper_layer_sample = 4\n"
+    ))
+    assert settings.training.logging_steps == settings.metrics.system_every_steps == 10
+    assert settings.metrics.gradient_metrics_every_steps == 10
+    assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 0
+    assert load_state(settings.paths.state_file).total_steps == 3
+    [run_file] = find_run_files(tmp_path)
+    run = read_run(run_file)
+    assert [step for step, _ in run.values("progress/step")] == [1, 3]
+    assert [value for _, value in run.values("progress/step_percent")] == [pytest.approx(100 / 3), 100]
+    assert [step for step, _ in run.values("train/loss")] == [1, 3]
+    # The last window's throughput counts its own two steps (one step's tokens at most 16 x 256).
+    assert 0 < run.values("performance/tokens_per_step")[-1][1] <= 4 * 4 * settings.data.max_length
+    for key in ("system/cpu_percent", "system/memory_used_gb", "gradients/global_norm", "weights/global_mean"):
+        assert [step for step, _ in run.values(key)] == [3], key
+    assert any("training: step 3/3" in record.getMessage() for record in caplog.records)

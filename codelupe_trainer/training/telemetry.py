@@ -161,6 +161,7 @@ class ReportingCallback(TrainerCallback):
         self._sampled: set[str] = set()
         self._gradients_recorded_for = -1
         self._evaluated = False
+        self._last_step = 0
         self._flops_per_token: float | None = None
         self._peak_flops: float | None = None
 
@@ -168,15 +169,22 @@ class ReportingCallback(TrainerCallback):
         self._trainable = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
         names = [name for name, _ in self._trainable]
         self._sampled = set(sample_layer_names(names, self.options.per_layer_sample))
+        self._last_step = state.max_steps
         self._flops_per_token = model_flops_per_token(model)
         self._peak_flops = accelerator_peak_flops(model, self.options.peak_tflops)
         self.meter.drain()  # nothing before the first step (an initial evaluation) belongs to a window
         self._train_started = self._window_started = time.perf_counter()
 
+    def _due(self, step: int, every: int) -> bool:
+        """Whether step `step` reports what is reported every `every` steps: on those steps and on the run's
+        last one. A production cycle (1,000 new rows at accumulation 4: ~6 steps) is often shorter than the
+        shipped interval of 10, and without its last step it would report nothing of its end, or nothing at
+        all. Every rank decides alike (max_steps is the same on each), so their collective reads stay paired."""
+        return bool(every) and (step % every == 0 or step == self._last_step)
+
     def record_gradients(self, step: int) -> None:
         """Gradient norms as the backward pass left them: called by the trainer just before clipping."""
-        every = self.options.gradient_metrics_every_steps
-        if every and step % every == 0 and self._gradients_recorded_for != step:
+        if self._due(step, self.options.gradient_metrics_every_steps) and self._gradients_recorded_for != step:
             self._gradients_recorded_for = step
             self.reporter.log(step, gradient_statistics(self._trainable, self._sampled))
 
@@ -184,8 +192,7 @@ class ReportingCallback(TrainerCallback):
         # global_step is incremented after the optimizer step: this is step global_step + 1.
         step = state.global_step + 1
         self.record_gradients(step)  # no-op when clipping already recorded them (max_grad_norm > 0)
-        every = self.options.gradient_metrics_every_steps
-        if every and step % every == 0:
+        if self._due(step, self.options.gradient_metrics_every_steps):
             self.reporter.log(step, weight_statistics(self._trainable, self._sampled))
 
     def _heartbeat(self, phase: str, step: int) -> None:
@@ -212,8 +219,11 @@ class ReportingCallback(TrainerCallback):
             return control
         self._window_steps += 1
         step = state.global_step
-        every = self.options.system_every_steps
-        if every and step % every == 0:
+        if step == self._last_step:
+            # The Trainer logs every logging_steps only: the steps after the last multiple (all but the first
+            # of a cycle shorter than that) would leave no loss, throughput or progress line.
+            control.should_log = True
+        if self._due(step, self.options.system_every_steps):
             metrics = dict(self.system_metrics())
             metrics.update(device_memory_metrics())
             self.reporter.log(step, metrics)
