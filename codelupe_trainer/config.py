@@ -122,7 +122,9 @@ class ModelSettings(Section):
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        # Empty, peft would fail each cycle after the 7B had loaded ("Target modules set() not found").
+        min_length=1,
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     packing: Literal["auto", "position_ids", "length_grouped"] = Field(
@@ -340,14 +342,15 @@ class Settings(BaseSettings):
     @classmethod
     def _gate_needs_holdout(cls, promotion: PromotionSettings) -> PromotionSettings:
         if promotion.mode == "gate" and promotion.holdout_samples == 0:
-            raise ValueError("holdout_samples = 0 leaves the gate nothing to compare on; set mode = \"always\" or a holdout size")
+            raise ValueError("promotion.holdout_samples = 0 leaves the gate (promotion.mode = \"gate\") nothing to compare "
+                             "on; set promotion.mode = \"always\" or a holdout size")
         return promotion
 
     @field_validator("data")
     @classmethod
     def _chars_in_order(cls, data: DataSettings) -> DataSettings:
         if data.min_chars > data.max_chars:
-            raise ValueError("min_chars must not exceed max_chars")
+            raise ValueError(f"data.min_chars ({data.min_chars}) must not exceed data.max_chars ({data.max_chars})")
         return data
 
     @classmethod
@@ -492,7 +495,10 @@ def describe_validation_error(error: ValidationError, config_path: Path,
             message = "unknown key"
         shown_input = ""
         last = str(item["loc"][-1]) if item["loc"] else ""
-        if item["type"] != "extra_forbidden" and last not in SECRET_FIELD_NAMES and "input" in item:
+        # A check across a section's keys gets the whole section as its input: its message names the keys and
+        # values, and the section (the database's holds the URL) is never echoed.
+        if (item["type"] != "extra_forbidden" and last not in SECRET_FIELD_NAMES and "input" in item
+                and not isinstance(item["input"], dict)):
             shown_input = f" (got {item['input']!r})"
         lines.append(f"environment variable {variable} ({key}): {message}{shown_input}" if variable
                      else f"{config_path}: {key}: {message}{shown_input}")

@@ -56,6 +56,11 @@ def test_production_config_matches_the_5090_plan():
         # A stop lets the hand-off finish, so it must fit in the daemon's wait for a stopping cycle.
         ('[promotion]\non_promote = ["/usr/local/bin/reload"]\non_promote_timeout_s = 300\n',
          "promotion.on_promote_timeout_s (300) must be below service.stop_timeout_s (120)"),
+        # Checks across a section's keys name them and their values, and never echo the whole section.
+        ("[data]\nmin_chars = 9000\n", "data.min_chars (9000) must not exceed data.max_chars (8000)"),
+        ("[promotion]\nholdout_samples = 0\n", "promotion.holdout_samples = 0 leaves the gate"),
+        ("[training]\nnum_nodes = 2\n", "num_nodes > 1 needs training.rendezvous_endpoint"),
+        ("[model]\ntarget_modules = []\n", "model.target_modules: List should have at least 1 item"),
     ],
 )
 def test_bad_config_is_one_line_that_names_the_key(tmp_path, toml, expected):
@@ -66,6 +71,7 @@ def test_bad_config_is_one_line_that_names_the_key(tmp_path, toml, expected):
     message = str(raised.value)
     assert expected in message
     assert "\n" not in message
+    assert "{" not in message  # no section dumped as a dict
 
 
 def test_bad_config_exits_2_with_the_key_named(tmp_path, capsys):
