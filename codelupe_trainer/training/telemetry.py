@@ -211,6 +211,11 @@ class ReportingCallback(TrainerCallback):
             crash_point("train")
         self._heartbeat("training", state.global_step)
         self.meter.end_step()
+        if state.global_step == self._last_step:
+            # The Trainer logs every logging_steps only: the steps after the last multiple (all but the first
+            # of a cycle shorter than that) would leave no loss, throughput or progress line. Set before the
+            # loss is judged, so that every rank logs (its reads are collective) whatever its loss.
+            control.should_log = True
         loss = self.meter.last_step_loss
         # One scalar read per optimizer step: a diverged run stops here instead of training on to the end.
         if loss is not None and not math.isfinite(float(loss)):
@@ -219,10 +224,6 @@ class ReportingCallback(TrainerCallback):
             return control
         self._window_steps += 1
         step = state.global_step
-        if step == self._last_step:
-            # The Trainer logs every logging_steps only: the steps after the last multiple (all but the first
-            # of a cycle shorter than that) would leave no loss, throughput or progress line.
-            control.should_log = True
         if self._due(step, self.options.system_every_steps):
             metrics = dict(self.system_metrics())
             metrics.update(device_memory_metrics())
