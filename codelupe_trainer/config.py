@@ -67,7 +67,9 @@ class ScheduleSettings(Section):
 
 
 class DataSettings(Section):
-    min_quality: int = Field(70, ge=0, le=100)
+    min_quality: float = Field(
+        70, ge=0, le=100, description="Rows scored below this are skipped; on the crawler's scale (0-100 as "
+        "shipped; 0.7 for a scorer of 0-1).")
     min_chars: int = Field(50, ge=1)
     max_chars: int = Field(8000, ge=1)
     languages: list[str] = Field(default_factory=list, description="Empty means every language.")

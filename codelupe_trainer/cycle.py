@@ -26,8 +26,9 @@ from .continual import Holdout, add_replay, holdout_fingerprints, load_holdout, 
 from .data.neardup import signed_ahead
 from .data.packing import one_sample_per_block
 from .data.records import FetchResult
-from .data.source import (SourceError, check_table, count_new_samples, fetch_new_samples, first_watermark,
-                          ids_behind_watermark, open_connection, watermark_mismatch, watermark_rows)
+from .data.source import (SourceError, check_table, count_new_samples, describe_ineligible, fetch_new_samples,
+                          first_watermark, ids_behind_watermark, ineligible_new_rows, open_connection,
+                          watermark_mismatch, watermark_rows)
 from .errors import StateError, StoreError, TrainingError, TrainingInterrupted
 from .failures import save_traceback
 from .faults import crash_point
@@ -110,9 +111,14 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
             behind = ids_behind_watermark(connection, settings.database, state.last_trained_id) if not available else None
             if behind:
                 log.warning("%s", behind)  # each idle cycle: the daemon would otherwise wait in silence
+            # And why the rows that are there do not count (a crawler scoring 0-1 against min_quality = 70).
+            why = describe_ineligible(*ineligible_new_rows(connection, settings.database, settings.data,
+                                                           state.last_trained_id),
+                                      settings.data, state.last_trained_id)
             return CycleOutcome(
                 "nothing_to_do",
-                f"{available} eligible new samples; waiting for {settings.schedule.min_new_samples}",
+                f"{available} eligible new samples" + (f" ({why})" if why else "")
+                + f"; waiting for {settings.schedule.min_new_samples}",
                 new_samples=available,
             )
         unusable = model_problems(settings.model, settings.training.loss)

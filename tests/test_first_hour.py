@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -278,7 +279,9 @@ def test_a_cycle_with_too_few_new_rows_ends_without_loading_torch(crawler_table,
     completed = subprocess.run(CLI + ["run-once", "--config", str(config)], capture_output=True, text=True,
                                env=with_fake_torch(tmp_path, crawler_table, POISONED_TORCH), timeout=120)
     assert completed.returncode == 0, completed.stderr
-    assert "eligible new samples; waiting for 1000" in completed.stdout + completed.stderr, completed.stderr
+    # (and why the rest are not eligible: the breakdown is a query, not a reason to load torch)
+    assert re.search(r"\d+ eligible new samples \(of the 20 rows past id 0: .*\); waiting for 1000",
+                     completed.stdout + completed.stderr), completed.stdout + completed.stderr
 
 
 def test_a_torch_that_cannot_load_stops_the_daemon_at_start_in_one_line(crawler_table, tiny_model, tmp_path):
@@ -505,3 +508,47 @@ def test_a_cached_hub_model_loads_without_asking_the_hub_and_an_incomplete_one_a
     incomplete = report["incomplete"]
     assert any("tiny-qwen2" in request for request in incomplete["asked"]), incomplete
     assert incomplete["error"], "nothing to download from this hub: the load fails, and the next cycle tries again"
+
+
+@pytest.mark.slow
+def test_a_crawler_that_scores_0_to_1_is_told_why_nothing_trains_and_trains_once_min_quality_is_on_its_scale(
+        crawler_table, make_settings, tmp_path, capsys, monkeypatch):
+    """Scores of 0-1 (a `real` column, as many scorers write) against the shipped data.min_quality = 70: every row
+    is skipped, and the daemon said "0 eligible new samples; waiting for 10" each cycle and doctor passed every
+    check, for ever. Now both say why, naming the setting, and a fractional min_quality trains them; a `real`
+    0.7 (0.69999999 in float8) is not below a min_quality of 0.7."""
+    import psycopg
+
+    from codelupe_trainer.cli import main
+    from codelupe_trainer.state import load_state
+
+    insert_stdlib_rows(crawler_table, start=0, count=30)
+    with psycopg.connect(crawler_table, autocommit=True) as connection:
+        connection.execute("ALTER TABLE processed_files ALTER COLUMN quality_score TYPE real USING quality_score / 100.0")
+        scored = connection.execute("SELECT count(*) FILTER (WHERE quality_score >= 0.7::real), max(quality_score)::float8 "
+                                    "FROM processed_files").fetchone()
+    assert scored[0] >= 10 and scored[1] <= 1
+    settings = make_settings(crawler_table, extra="[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\n"
+                                                  "max_steps = 1\ngradient_checkpointing = true\n")
+    assert settings.data.min_quality == 70
+    config = str(tmp_path / "codelupe.toml")
+    assert main(["run-once", "--config", config]) == 0
+    said = capsys.readouterr().out
+    assert "0 eligible new samples (of the 30 rows past id 0: 30 below data.min_quality = 70; " in said
+    assert "set data.min_quality on that scale, such as 0.7); waiting for 10" in said
+    assert not settings.paths.state_file.exists()  # nothing consumed
+    assert main(["doctor", "--config", config]) == 0
+    doctor = capsys.readouterr().out
+    [rows_line] = [line for line in doctor.splitlines() if " rows: " in line]
+    assert rows_line.startswith("warn rows: 0 eligible new rows past id 0") and "such as 0.7" in rows_line
+
+    monkeypatch.setenv("CODELUPE_DATA__MIN_QUALITY", "0.7")
+    assert main(["doctor", "--config", config]) == 0
+    [rows_line] = [line for line in capsys.readouterr().out.splitlines() if " rows: " in line]
+    assert rows_line.startswith("ok   rows: at least 10 eligible new rows past id 0")
+    assert main(["run-once", "--config", config]) == 0
+    state = load_state(settings.paths.state_file)
+    assert state.total_samples_trained > 0 and state.last_trained_id > 0
+    [dataset] = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+                 if "data/avg_quality_score" in line]
+    assert 0.69 < dataset["data/avg_quality_score"] <= 1  # the scorer's scale, not truncated to 0

@@ -14,7 +14,7 @@ class Sample:
     id: int
     content: str
     language: str
-    quality: int
+    quality: float  # on the crawler's scale (0-100, or 0-1): data.min_quality is on it too
 
 
 @dataclass

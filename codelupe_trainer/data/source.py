@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -143,7 +144,7 @@ _COLUMN_TYPES = {
     "id_column": (_INTEGER, "an integer column whose values grow with each new row (bigserial or an identity column)"),
     "content_column": (_TEXT, "a text column"),
     "language_column": (_TEXT, "a text column"),
-    "quality_column": (_INTEGER | {"numeric", "real", "double precision"}, "a numeric column (0-100)"),
+    "quality_column": (_INTEGER | {"numeric", "real", "double precision"}, "a numeric column (a score, on the scale of data.min_quality)"),
 }
 
 
@@ -260,7 +261,8 @@ def _skip_reason_sql(data: DataSettings) -> tuple[sql.Composable, dict]:
     conditions.append((UNSCORED, "{quality} IS NULL"))
     branches = " ".join(f"WHEN {condition} THEN '{reason}'" for reason, condition in conditions)
     parameters = {
-        "min_quality": data.min_quality,
+        # A hair below: a `real` column holds a 0-1 scorer's 0.7 as 0.69999999, below the 0.7 it was given.
+        "min_quality": data.min_quality * (1 - 1e-6),
         "min_chars": data.min_chars,
         "max_chars": data.max_chars,
         "languages": [normal_language(language) for language in data.languages],
@@ -306,6 +308,64 @@ def count_new_samples(
                                               ordered=False), **names)
     parameters.update(after_id=after_id, up_to=up_to, **_gap_parameters(pending_gaps))
     return _run(connection, database, query, parameters).fetchone()[0]
+
+
+# How far an idle cycle looks past the watermark to say why the rows there are not eligible: an index range
+# scan of this many rows at most (milliseconds), once per idle cycle.
+NEW_ROWS_LOOKED_AT = 10_000
+
+# Why a row is not eligible, in a person's words: the setting that decides it, where there is one.
+INELIGIBLE = {
+    "null_content": "no content",
+    "empty_content": "only whitespace",
+    "bad_quality": "a quality score outside 0-100",
+    "low_quality": "below data.min_quality = {min_quality:g}",
+    "null_language": "no language",
+    "too_short": "shorter than data.min_chars = {min_chars}",
+    "too_long": "longer than data.max_chars = {max_chars}",
+    "language": "not in data.languages",
+    UNSCORED: "waiting for a quality score",
+}
+
+
+def ineligible_new_rows(connection: psycopg.Connection, database: DatabaseSettings, data: DataSettings,
+                        after_id: int, limit: int = NEW_ROWS_LOOKED_AT) -> tuple[int, Counter, float | None]:
+    """The first `limit` rows past the watermark: how many there are, why those that are not eligible are not
+    (a Counter of skip reasons), and the largest quality score among them (None: no scored row)."""
+    names = _names(database)
+    reason, parameters = _skip_reason_sql(data)
+    query = sql.SQL("SELECT reason, count(*), max(quality)::float8 FROM (SELECT {reason} AS reason, {quality} AS quality "
+                    "FROM {table} WHERE {id} > %(after_id)s ORDER BY {id} LIMIT %(limit)s) AS new_rows GROUP BY reason"
+                    ).format(reason=reason.format(**names), **names)
+    parameters.update(after_id=after_id, limit=limit)
+    rows, reasons, highest = 0, Counter(), None
+    for found, count, quality in _run(connection, database, query, parameters).fetchall():
+        rows += count
+        if found is not None:
+            reasons[found] += count
+        if quality is not None:
+            highest = quality if highest is None else max(highest, quality)
+    return rows, reasons, highest
+
+
+def describe_ineligible(rows: int, reasons: Counter, highest_quality: float | None, data: DataSettings,
+                        after_id: int) -> str | None:
+    """Why the new rows past the watermark do not make a cycle, in one clause, or None when all are eligible.
+    A crawler that scores on 0-1 against the shipped min_quality of 70 (on 0-100) is the first hour's usual
+    cause: every row is skipped, and without this the daemon said only "0 eligible new samples" forever."""
+    skipped = sum(reasons.values())
+    if not skipped:
+        return None
+    words = {"min_quality": data.min_quality, "min_chars": data.min_chars, "max_chars": data.max_chars}
+    parts = ", ".join(f"{count:,} {INELIGIBLE.get(reason, reason).format(**words)}"
+                      for reason, count in reasons.most_common())
+    looked = f"the first {rows:,}" if rows >= NEW_ROWS_LOOKED_AT else f"the {rows:,}"
+    text = f"of {looked} rows past id {after_id:,}: {parts}"
+    if (reasons.get("low_quality") and highest_quality is not None and 0 < highest_quality <= 1
+            and data.min_quality > 1):
+        text += (f"; their quality_score is at most {highest_quality:g}: if the crawler scores 0-1, set "
+                 f"data.min_quality on that scale, such as {data.min_quality / 100:g}")
+    return text
 
 
 def first_watermark(connection: psycopg.Connection, database: DatabaseSettings) -> int:
@@ -486,7 +546,7 @@ def _classify(row: tuple, result: FetchResult) -> Sample | None:
     if skip_reason is not None:
         result.skipped[skip_reason] += 1
         return None
-    return Sample(id=row_id, content=content, language=_language(language), quality=int(quality))
+    return Sample(id=row_id, content=content, language=_language(language), quality=float(quality))
 
 
 def _language(label: str) -> str:

@@ -13,11 +13,12 @@ from pathlib import Path
 
 from ..config import Settings, wandb_directory
 from ..data.filters import DEDUP_STORE_FILE, store_problem
-from ..data.source import (SourceError, check_table, id_index_problem, ids_behind_watermark, open_connection,
+from ..data.source import (SourceError, check_table, count_new_samples, describe_ineligible, first_watermark,
+                           id_index_problem, ids_behind_watermark, ineligible_new_rows, open_connection,
                            watermark_mismatch)
 from ..metrics import effective_wandb_mode, nvidia_gpu_names
 from ..errors import StateError
-from ..state import in_service_adapter, load_state
+from ..state import TrainerState, in_service_adapter, load_state
 from ..training.adapter_fit import in_service_misfit
 from ..training.disk import MB, nearest_existing, space_needed, space_problem
 from ..training.gpu_check import cuda_checks, self_check
@@ -41,6 +42,7 @@ def run_checks(settings: Settings) -> list[tuple[str, bool | None, str]]:
                 state = load_state(settings.paths.state_file)
             except (OSError, StateError):
                 state = None  # the state line says why
+            other_table = None
             if state is not None and state.last_trained_id:
                 other_table = watermark_mismatch(connection, settings.database, state.watermark_rows,
                                                  state.last_trained_id)
@@ -50,6 +52,8 @@ def run_checks(settings: Settings) -> list[tuple[str, bool | None, str]]:
                     results.append(("watermark", False, other_table))
                 elif behind:
                     results.append(("watermark", None, behind))
+            if state is not None and not other_table:
+                results.append(check_new_rows(connection, settings, state))
     except SourceError as error:
         results.append(("database", False, str(error)))
     results.append(check_model_path(settings.model.base_model))
@@ -71,6 +75,22 @@ def run_checks(settings: Settings) -> list[tuple[str, bool | None, str]]:
     if "torch" in sys.modules:  # it imported (a failed import leaves no module): the estimate can run
         results += self_check(settings)
     return results
+
+
+def check_new_rows(connection, settings: Settings, state: TrainerState) -> tuple[str, bool | None, str]:
+    """How many eligible rows wait past the watermark, and why the others do not count: a warning when rows are
+    there and none is eligible (the daemon would wait for ever, every check above passing)."""
+    after = state.last_trained_id
+    if state.total_training_runs == 0 and state.last_trained_id == 0:  # where the first cycle starts
+        after = first_watermark(connection, settings.database)
+    wanted = settings.schedule.min_new_samples
+    available = count_new_samples(connection, settings.database, settings.data, after, state.gap_ranges(),
+                                  up_to=wanted)
+    why = describe_ineligible(*ineligible_new_rows(connection, settings.database, settings.data, after),
+                              settings.data, after)
+    detail = (f"{'at least ' if available >= wanted else ''}{available:,} eligible new rows past id {after:,} "
+              f"(a cycle trains from schedule.min_new_samples = {wanted:,})" + (f"; {why}" if why else ""))
+    return "rows", None if available == 0 and why else True, detail
 
 
 def check_state(settings: Settings) -> tuple[str, bool, str]:
