@@ -79,7 +79,8 @@ def run_cycle(settings: Settings, force: bool = False, process_started: float | 
 def _failed(settings: Settings, error: Exception, started: float) -> Exception:
     """Record the failure in the state (and alert when it makes the daemon stuck); the error to raise. A state
     that cannot be written (the disk is full) is said, and the cycle's own error still names the cause."""
-    smaller = memory_record(settings, error.next_micro_batch) if isinstance(error, OutOfMemoryOnRanks) else None
+    smaller = (memory_record(settings, error.next_micro_batch, time.time()) if isinstance(error, OutOfMemoryOnRanks)
+               else None)
     try:
         failed = record_failure(settings.paths.state_file, f"{type(error).__name__}: {error}", started, smaller)
     except OSError as problem:
@@ -383,8 +384,13 @@ def _publish(settings: Settings, state: TrainerState, model, run_number: int, pr
                               steps=result.global_step, tokens=result.tokens_seen)
     new_state.holdout_best = update_anchors(state.holdout_best, fingerprints, result.holdout_before, parent or 0,
                                             result.holdout_after, decision.promoted, run_number)
-    if sizing.backoffs or state.micro_batch:
-        new_state.micro_batch = memory_record(settings, sizing.micro_batch)
+    if sizing.backoffs:
+        new_state.micro_batch = memory_record(settings, sizing.micro_batch, time.time())
+    elif sizing.micro_batch >= settings.training.batch_size:
+        new_state.micro_batch = None  # the configured size fits (again)
+    elif state.micro_batch:  # still the smaller size, remembered since the back-off that found it
+        new_state.micro_batch = memory_record(settings, sizing.micro_batch,
+                                              state.micro_batch.get("backed_off_at") or time.time())
     save_state(new_state, settings.paths.state_file)
     # After the state: a crash in between can at worst let a duplicate through later, never lose a sample.
     duplicate_store.commit()
@@ -397,20 +403,35 @@ def _publish(settings: Settings, state: TrainerState, model, run_number: int, pr
                         new_samples=dataset.total_samples, run_number=run_number, summary=summary)
 
 
-def memory_record(settings: Settings, micro_batch: int) -> dict[str, int]:
-    """The micro-batch that fits, with what it was measured for (the state's `micro_batch`)."""
+# How long a micro-batch an out-of-memory back-off found is kept before the configured size is tried again. An
+# out-of-memory can pass (another process on the GPU, an inference server that has since shrunk) and a daemon
+# left alone would otherwise train at half its batch for good; a try that fails again costs one step's work.
+RETRY_CONFIGURED_BATCH_AFTER_S = 24 * 3600
+
+
+def memory_record(settings: Settings, micro_batch: int, backed_off_at: float) -> dict[str, int]:
+    """The micro-batch that fits, with what it was measured for and when (the state's `micro_batch`)."""
     return {"micro": micro_batch, "max_length": settings.data.max_length,
-            "effective": settings.training.batch_size * settings.training.gradient_accumulation_steps}
+            "effective": settings.training.batch_size * settings.training.gradient_accumulation_steps,
+            "backed_off_at": int(backed_off_at)}
 
 
-def start_micro_batch(state: TrainerState, settings: Settings) -> int:
-    """The micro-batch an earlier back-off found, if it was found for today's effective batch and length;
-    else the configured batch size."""
+def start_micro_batch(state: TrainerState, settings: Settings, now: float | None = None) -> int:
+    """The micro-batch an earlier back-off found, if it was found for today's effective batch and length and,
+    with one training process, less than RETRY_CONFIGURED_BATCH_AFTER_S ago; else the configured batch size.
+    Several processes keep it (there, each try that runs out of memory again costs a failed cycle)."""
     remembered = state.micro_batch or {}
-    if (remembered.get("effective") == settings.training.batch_size * settings.training.gradient_accumulation_steps
-            and remembered.get("max_length") == settings.data.max_length):
-        return min(remembered.get("micro") or settings.training.batch_size, settings.training.batch_size)
-    return settings.training.batch_size
+    batch_size = settings.training.batch_size
+    if (remembered.get("effective") != batch_size * settings.training.gradient_accumulation_steps
+            or remembered.get("max_length") != settings.data.max_length):
+        return batch_size
+    micro = min(remembered.get("micro") or batch_size, batch_size)
+    age = (time.time() if now is None else now) - remembered.get("backed_off_at", 0)
+    if micro < batch_size and settings.training.world_size == 1 and age >= RETRY_CONFIGURED_BATCH_AFTER_S:
+        log.info("trying training.batch_size = %d again: micro-batch %d has been used since an out-of-memory "
+                 "%.0f h ago (it backs off again if it still does not fit)", batch_size, micro, age / 3600)
+        return batch_size
+    return micro
 
 
 def wandb_options(settings: Settings) -> WandbOptions:

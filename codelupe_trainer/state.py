@@ -49,7 +49,8 @@ class TrainerState:
     # table whose rows there hold other content is not the one trained on (source.watermark_mismatch).
     watermark_rows: list[list] = field(default_factory=list)
     # The micro-batch that fitted in GPU memory after an out-of-memory back-off, with what it was measured
-    # for: {"micro": m, "effective": batch x accumulation, "max_length": L}; later cycles start from it.
+    # for and when: {"micro": m, "effective": batch x accumulation, "max_length": L, "backed_off_at": unix s};
+    # later cycles start from it (one training process: for a day, then the configured size is tried again).
     micro_batch: dict[str, int] | None = None
     # The promotion gate: the run whose adapter is `latest`, how many candidates were rejected, and each
     # adapter's lineage (parent, rows consumed, holdout losses, promoted or rejected and why; newest last).

@@ -99,7 +99,7 @@ def test_retention_bounds_the_metrics_file_and_old_online_runs(tmp_path):
 
 
 def test_out_of_memory_backs_off_to_a_smaller_micro_batch_with_the_same_effective_batch(
-        crawler_table, make_settings, tmp_path, monkeypatch):
+        crawler_table, make_settings, tmp_path, monkeypatch, capsys):
     """A real torch.OutOfMemoryError from every forward over more than 2 rows: the run retries at micro-batch
     4, then 2 (accumulation 2, then 4), trains every row once, and later cycles start at 2."""
     insert_stdlib_rows(crawler_table, start=0, count=40)
@@ -112,7 +112,13 @@ def test_out_of_memory_backs_off_to_a_smaller_micro_batch_with_the_same_effectiv
     assert main(["run-once", "--config", config, "--force"]) == 0
     state = load_state(settings.paths.state_file)
     assert state.last_run["oom_backoffs"] == 2 and state.last_run["micro_batch"] == 2
+    backed_off_at = state.micro_batch.pop("backed_off_at")
     assert state.micro_batch == {"micro": 2, "max_length": 256, "effective": 8}
+    assert 0 <= time.time() - backed_off_at < 600
+    capsys.readouterr()
+    assert main(["status", "--config", config]) == 0
+    assert "micro-batch:           2 of training.batch_size 8 (same effective batch): an out-of-memory on " in \
+        capsys.readouterr().out
     [run_file] = find_run_files(tmp_path)
     run = read_run(run_file)
     assert run.config["hyperparams/effective_micro_batch"] == 2
@@ -127,6 +133,20 @@ def test_out_of_memory_backs_off_to_a_smaller_micro_batch_with_the_same_effectiv
     again = load_state(settings.paths.state_file)
     assert again.total_training_runs == 2
     assert again.last_run["oom_backoffs"] == 0 and again.last_run["micro_batch"] == 2  # started at the size that fits
+    assert again.micro_batch["backed_off_at"] == backed_off_at  # remembered since the back-off, not since this run
+
+    # A day later, what ran out of memory may be gone (another process on the GPU): the configured size is tried
+    # again, and, fitting now, the daemon no longer trains at a quarter of it for good.
+    monkeypatch.delenv("CODELUPE_FAULT")
+    raw = json.loads(settings.paths.state_file.read_text())
+    raw["micro_batch"]["backed_off_at"] -= 25 * 3600
+    settings.paths.state_file.write_text(json.dumps(raw))
+    insert_stdlib_rows(crawler_table, start=400, count=40, repo="later")
+    assert main(["run-once", "--config", config, "--force"]) == 0
+    third = load_state(settings.paths.state_file)
+    assert third.total_training_runs == 3
+    assert third.last_run["oom_backoffs"] == 0 and third.last_run["micro_batch"] == 8
+    assert third.micro_batch is None
 
 
 def test_out_of_memory_at_micro_batch_1_is_one_clear_failure(crawler_table, make_settings, tmp_path, monkeypatch):
@@ -228,3 +248,25 @@ def test_a_saved_traceback_keeps_no_secret(tmp_path, monkeypatch):
     assert "hunter22" not in text and "wandb-key-0123456789abcdef" not in text and "hf_TokenOfAGatedModel42" not in text
     assert "password=***" in text and "api_key=***" in text and "Bearer ***" in text and "Traceback (most recent call last)" in text
     assert line.endswith(f"(traceback in {path})") and line.startswith("ValueError: a library quoting")
+
+
+@pytest.mark.parametrize(("hours_ago", "processes", "starts_at"), [
+    (1, 1, 2),     # within the day: the size that fits
+    (25, 1, 8),    # a day later: the configured size again (it backs off again within the run if need be)
+    (25, 2, 2),    # several processes keep it: each try that failed again would cost a failed cycle
+])
+def test_a_backed_off_micro_batch_is_kept_for_a_day_then_the_configured_size_is_tried_again(hours_ago, processes,
+                                                                                           starts_at):
+    from codelupe_trainer.config import Settings
+    from codelupe_trainer.cycle import memory_record, start_micro_batch
+    from codelupe_trainer.state import TrainerState
+
+    settings = Settings(training={"batch_size": 8, "gradient_accumulation_steps": 1, "num_processes": processes},
+                        data={"max_length": 256})
+    now = time.time()
+    state = TrainerState(micro_batch=memory_record(settings, 2, now - hours_ago * 3600))
+    assert start_micro_batch(state, settings, now) == starts_at
+    # Measured for another effective batch or length, it does not apply at all.
+    other = Settings(training={"batch_size": 8, "gradient_accumulation_steps": 2, "num_processes": processes},
+                     data={"max_length": 256})
+    assert start_micro_batch(state, other, now) == 8

@@ -40,6 +40,7 @@ def print_status(settings: Settings, as_json: bool) -> int:
         "holdout_best": {language: {"loss": entry[0], "run": entry[2]} for language, entry in state.holdout_best.items()},
         "last_run": state.last_run,
         "pending_gaps": len(state.pending_gaps),
+        "micro_batch": state.micro_batch,
         "live": live,
         "cycle": read_cycle_progress(settings.paths.state_file),
     }
@@ -68,6 +69,14 @@ def print_status(settings: Settings, as_json: bool) -> int:
         # What promotion.max_drift measures against: run 0 is the base model.
         anchors = ", ".join(f"{language} {entry[0]:.4f} (run {entry[2]})" for language, entry in sorted(state.holdout_best.items()))
         print(f"best holdout loss:     {anchors}")
+    remembered = state.micro_batch or {}
+    if remembered.get("micro") and remembered["micro"] < settings.training.batch_size:
+        # Throughput a person would otherwise not know was halved: the config still says batch_size.
+        since = f" on {time.ctime(remembered['backed_off_at'])}" if remembered.get("backed_off_at") else ""
+        retry = ("the configured size is tried again a day after it" if settings.training.world_size == 1
+                 else "kept while several processes train")
+        print(f"micro-batch:           {remembered['micro']} of training.batch_size {settings.training.batch_size} "
+              f"(same effective batch): an out-of-memory{since}; {retry}")
     print(f"failures:              {in_a_row} in a row, {state.total_failures + unrecorded} in all")
     if unrecorded:
         print(f"                       {unrecorded} of them could not be recorded in the state file (a full disk?): "
