@@ -33,13 +33,21 @@ def describe_outcome(outcome: CycleOutcome, settings: Settings) -> str:
         f"blocked {counts_in_words(summary['blocked'])}"
         + (f"; {summary['waiting_for_score']} waiting for a quality score" if summary.get("waiting_for_score") else ""),
         f"train loss: {summary['train_loss']:.4f}",
-        f"eval loss: before {before:.4f} -> after {after:.4f}" if before is not None and after is not None else "eval loss: no eval split",
+        eval_line(before, after),
         f"adapter: {summary['adapter']}" + (f" (continued from {summary['continued_from']})" if summary["continued_from"] else " (new)"),
         *promotion_lines(summary, settings),
         f"state: {settings.paths.state_file}",
         f"metrics: {metrics_file(settings)}; W&B dir: {wandb_directory(settings) / 'wandb'}",
     ]
     return "\n".join(lines)
+
+
+def eval_line(before: float | None, after: float | None) -> str:
+    if after is None:
+        return "eval loss: no eval split"
+    if before is None:  # 4-bit on a CPU: bitsandbytes repacks the weights for inference there (README)
+        return f"eval loss: after {after:.4f} (before training: not measured for a 4-bit model on the CPU)"
+    return f"eval loss: before {before:.4f} -> after {after:.4f}"
 
 
 def promotion_lines(summary: dict[str, Any], settings: Settings) -> list[str]:

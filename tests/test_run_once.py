@@ -250,9 +250,11 @@ def test_missing_table_is_one_clear_error(db_url, make_settings, tmp_path, caplo
     assert state.consecutive_failures == 0 and state.last_trained_id == 0
 
 
-def test_four_bit_quantized_training_runs_on_cpu(crawler_table, make_settings, tmp_path, tiny_model):
+def test_four_bit_quantized_training_runs_on_cpu(crawler_table, make_settings, tmp_path, tiny_model, capsys):
     """bitsandbytes 0.50 runs NF4 layers on the CPU: the quantized path really trains here. `model.frozen_dtype`
-    is for CUDA's bf16 autocast: the CPU keeps fp32, and the W&B config says which dtype the run really had."""
+    is for CUDA's bf16 autocast: the CPU keeps fp32, and the W&B config says which dtype the run really had.
+    The loss before training is not measured there; the summary says so (it said "no eval split" beside
+    an eval split and its loss after training)."""
     from wandb_reader import find_run_files, read_run
 
     insert_stdlib_rows(crawler_table, start=0, count=40)
@@ -260,6 +262,7 @@ def test_four_bit_quantized_training_runs_on_cpu(crawler_table, make_settings, t
         f'[model]\nbase_model = "{tiny_model}"\n'
         'quantization = "4bit"\nlora_r = 4\nlora_alpha = 8\nlora_dropout = 0.0\nfrozen_dtype = "bfloat16"\n'
         '[training]\nbatch_size = 4\nmax_steps = 2\nlogging_steps = 1\ngradient_checkpointing = false\n'
+        '[data]\nmax_length = 256\nmax_samples_per_run = 400\neval_fraction = 0.3\nmin_quality = 70\n'
     ))
     assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 0
     state = load_state(settings.paths.state_file)
@@ -268,6 +271,9 @@ def test_four_bit_quantized_training_runs_on_cpu(crawler_table, make_settings, t
     assert read_run(run_file).config["model/frozen_dtype"] == "float32"
     assert state.total_training_runs == 1
     assert (settings.paths.output_dir / "run-000001" / "adapter_model.safetensors").exists()
+    assert state.last_run["eval_samples"] > 0 and state.last_run["eval_loss_before"] is None
+    said = capsys.readouterr().out
+    assert f"eval loss: after {state.last_run['eval_loss']:.4f} (before training: not measured" in said
 
 
 def test_completion_format_trains_end_to_end(crawler_table, make_settings, tmp_path):
