@@ -45,7 +45,8 @@ from .state import (TrainerState, advance_state, in_service_adapter, load_state,
                     save_state, with_hand_off)
 from .training.adapter_fit import in_service_misfit
 from .training.adapters import prune_adapters, save_adapter
-from .training.backoff import BackoffOutcome, OutOfMemoryOnRanks, sized, train_with_oom_backoff
+from .training.backoff import (BackoffOutcome, OutOfMemoryOnRanks, memory_after_run, memory_record, sized,
+                               start_micro_batch, train_with_oom_backoff)
 from .training.distributed import RankGroup, RankSpec, read_adapter_files
 from .training.disk import describe_disk_full, is_disk_full, space_problem
 from .training.model_files import model_problems, watching_download
@@ -79,8 +80,8 @@ def run_cycle(settings: Settings, force: bool = False, process_started: float | 
 def _failed(settings: Settings, error: Exception, started: float) -> Exception:
     """Record the failure in the state (and alert when it makes the daemon stuck); the error to raise. A state
     that cannot be written (the disk is full) is said, and the cycle's own error still names the cause."""
-    smaller = (memory_record(settings, error.next_micro_batch, time.time()) if isinstance(error, OutOfMemoryOnRanks)
-               else None)
+    smaller = (memory_record(settings.training, settings.data.max_length, error.next_micro_batch, time.time())
+               if isinstance(error, OutOfMemoryOnRanks) else None)
     try:
         failed = record_failure(settings.paths.state_file, f"{type(error).__name__}: {error}", started, smaller)
     except OSError as problem:
@@ -258,11 +259,11 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
                                      holdout=holdout.blocks)
 
         if ranks is None:
-            result, sizing = train_with_oom_backoff(model, settings.training, start_micro_batch(state, settings),
+            result, sizing = train_with_oom_backoff(model, settings.training, start_micro_batch(state.micro_batch, settings.training, settings.data.max_length),
                                                     attempt)
         else:
             # All ranks train at one size: the one an earlier out-of-memory left in the state, if any.
-            training = sized(settings.training, start_micro_batch(state, settings))
+            training = sized(settings.training, start_micro_batch(state.micro_batch, settings.training, settings.data.max_length))
             result, sizing = ranks.train(RankSpec(settings.model, training, read_adapter_files(previous),
                                                   dataset.train_blocks, dataset.eval_blocks, tokenizer.pad_token_id,
                                                   settings.data.seed, quantization != "none",
@@ -384,13 +385,7 @@ def _publish(settings: Settings, state: TrainerState, model, run_number: int, pr
                               steps=result.global_step, tokens=result.tokens_seen)
     new_state.holdout_best = update_anchors(state.holdout_best, fingerprints, result.holdout_before, parent or 0,
                                             result.holdout_after, decision.promoted, run_number)
-    if sizing.backoffs:
-        new_state.micro_batch = memory_record(settings, sizing.micro_batch, time.time())
-    elif sizing.micro_batch >= settings.training.batch_size:
-        new_state.micro_batch = None  # the configured size fits (again)
-    elif state.micro_batch:  # still the smaller size, remembered since the back-off that found it
-        new_state.micro_batch = memory_record(settings, sizing.micro_batch,
-                                              state.micro_batch.get("backed_off_at") or time.time())
+    new_state.micro_batch = memory_after_run(state.micro_batch, settings.training, settings.data.max_length, sizing)
     save_state(new_state, settings.paths.state_file)
     # After the state: a crash in between can at worst let a duplicate through later, never lose a sample.
     duplicate_store.commit()
@@ -401,37 +396,6 @@ def _publish(settings: Settings, state: TrainerState, model, run_number: int, pr
     verdict = "" if settings.promotion.mode == "always" else (" (promoted)" if decision.promoted else " (rejected: kept the adapter in use)")
     return CycleOutcome("trained", f"run {run_number} trained {dataset.train_samples} samples{verdict}",
                         new_samples=dataset.total_samples, run_number=run_number, summary=summary)
-
-
-# How long a micro-batch an out-of-memory back-off found is kept before the configured size is tried again. An
-# out-of-memory can pass (another process on the GPU, an inference server that has since shrunk) and a daemon
-# left alone would otherwise train at half its batch for good; a try that fails again costs one step's work.
-RETRY_CONFIGURED_BATCH_AFTER_S = 24 * 3600
-
-
-def memory_record(settings: Settings, micro_batch: int, backed_off_at: float) -> dict[str, int]:
-    """The micro-batch that fits, with what it was measured for and when (the state's `micro_batch`)."""
-    return {"micro": micro_batch, "max_length": settings.data.max_length,
-            "effective": settings.training.batch_size * settings.training.gradient_accumulation_steps,
-            "backed_off_at": int(backed_off_at)}
-
-
-def start_micro_batch(state: TrainerState, settings: Settings, now: float | None = None) -> int:
-    """The micro-batch an earlier back-off found, if it was found for today's effective batch and length and,
-    with one training process, less than RETRY_CONFIGURED_BATCH_AFTER_S ago; else the configured batch size.
-    Several processes keep it (there, each try that runs out of memory again costs a failed cycle)."""
-    remembered = state.micro_batch or {}
-    batch_size = settings.training.batch_size
-    if (remembered.get("effective") != batch_size * settings.training.gradient_accumulation_steps
-            or remembered.get("max_length") != settings.data.max_length):
-        return batch_size
-    micro = min(remembered.get("micro") or batch_size, batch_size)
-    age = (time.time() if now is None else now) - remembered.get("backed_off_at", 0)
-    if micro < batch_size and settings.training.world_size == 1 and age >= RETRY_CONFIGURED_BATCH_AFTER_S:
-        log.info("trying training.batch_size = %d again: micro-batch %d has been used since an out-of-memory "
-                 "%.0f h ago (it backs off again if it still does not fit)", batch_size, micro, age / 3600)
-        return batch_size
-    return micro
 
 
 def wandb_options(settings: Settings) -> WandbOptions:

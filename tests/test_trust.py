@@ -257,16 +257,13 @@ def test_a_saved_traceback_keeps_no_secret(tmp_path, monkeypatch):
 ])
 def test_a_backed_off_micro_batch_is_kept_for_a_day_then_the_configured_size_is_tried_again(hours_ago, processes,
                                                                                            starts_at):
-    from codelupe_trainer.config import Settings
-    from codelupe_trainer.cycle import memory_record, start_micro_batch
-    from codelupe_trainer.state import TrainerState
+    from codelupe_trainer.config import TrainingSettings
+    from codelupe_trainer.training.backoff import memory_record, start_micro_batch
 
-    settings = Settings(training={"batch_size": 8, "gradient_accumulation_steps": 1, "num_processes": processes},
-                        data={"max_length": 256})
+    training = TrainingSettings(batch_size=8, gradient_accumulation_steps=1, num_processes=processes)
     now = time.time()
-    state = TrainerState(micro_batch=memory_record(settings, 2, now - hours_ago * 3600))
-    assert start_micro_batch(state, settings, now) == starts_at
+    remembered = memory_record(training, 256, 2, now - hours_ago * 3600)
+    assert start_micro_batch(remembered, training, 256, now) == starts_at
     # Measured for another effective batch or length, it does not apply at all.
-    other = Settings(training={"batch_size": 8, "gradient_accumulation_steps": 2, "num_processes": processes},
-                     data={"max_length": 256})
-    assert start_micro_batch(state, other, now) == 8
+    assert start_micro_batch(remembered, training.model_copy(update={"gradient_accumulation_steps": 2}), 256, now) == 8
+    assert start_micro_batch(remembered, training, 512, now) == 8

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,6 +62,48 @@ def sized(training: TrainingSettings, micro_batch: int) -> TrainingSettings:
     effective = training.batch_size * training.gradient_accumulation_steps
     return training.model_copy(update={"batch_size": micro_batch,
                                        "gradient_accumulation_steps": max(1, math.ceil(effective / micro_batch))})
+
+
+# How long a micro-batch an out-of-memory back-off found is kept before the configured size is tried again. An
+# out-of-memory can pass (another process on the GPU, an inference server that has since shrunk) and a daemon
+# left alone would otherwise train at half its batch for good; a try that fails again costs one step's work.
+RETRY_CONFIGURED_BATCH_AFTER_S = 24 * 3600
+
+
+def memory_record(training: TrainingSettings, max_length: int, micro_batch: int, backed_off_at: float) -> dict[str, int]:
+    """The micro-batch that fits, with what it was measured for and when (the state's `micro_batch`)."""
+    return {"micro": micro_batch, "max_length": max_length,
+            "effective": training.batch_size * training.gradient_accumulation_steps,
+            "backed_off_at": int(backed_off_at)}
+
+
+def start_micro_batch(remembered: dict[str, int] | None, training: TrainingSettings, max_length: int,
+                      now: float | None = None) -> int:
+    """The micro-batch an earlier back-off found (the state's record), if it was found for today's effective batch
+    and length and, with one training process, less than RETRY_CONFIGURED_BATCH_AFTER_S ago; else the configured
+    batch size. Several processes keep it (there, each try that runs out of memory again costs a failed cycle)."""
+    remembered = remembered or {}
+    if (remembered.get("effective") != training.batch_size * training.gradient_accumulation_steps
+            or remembered.get("max_length") != max_length):
+        return training.batch_size
+    micro = min(remembered.get("micro") or training.batch_size, training.batch_size)
+    age = (time.time() if now is None else now) - remembered.get("backed_off_at", 0)
+    if micro < training.batch_size and training.world_size == 1 and age >= RETRY_CONFIGURED_BATCH_AFTER_S:
+        log.info("trying training.batch_size = %d again: micro-batch %d has been used since an out-of-memory "
+                 "%.0f h ago (it backs off again if it still does not fit)", training.batch_size, micro, age / 3600)
+        return training.batch_size
+    return micro
+
+
+def memory_after_run(remembered: dict[str, int] | None, training: TrainingSettings, max_length: int,
+                     sizing: BackoffOutcome) -> dict[str, int] | None:
+    """The state's record after a finished run: a new back-off is dated now; the configured size fitting (again)
+    clears it; a run at the remembered smaller size keeps the date of the back-off that found it."""
+    if sizing.backoffs:
+        return memory_record(training, max_length, sizing.micro_batch, time.time())
+    if sizing.micro_batch >= training.batch_size or not remembered:
+        return None
+    return memory_record(training, max_length, sizing.micro_batch, remembered.get("backed_off_at") or time.time())
 
 
 def train_with_oom_backoff(model, training: TrainingSettings, start_micro_batch: int | None,
