@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -61,16 +63,24 @@ def with_database(url: str, database: str, password: str | None = None) -> str:
     return urlunsplit((parts.scheme, netloc, f"/{database}", parts.query, parts.fragment))
 
 
-@pytest.fixture
-def db_url(server_url):
-    """A fresh database per test, dropped afterwards; its URL carries a (harmless) password."""
+@contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    """A new database on the server, dropped afterwards; its URL carries a (harmless) password."""
     name = f"codelupe_test_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    url = with_database(server_url, name, TEST_PASSWORD)
-    yield url
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield with_database(server_url, name, TEST_PASSWORD)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db_url(server_url):
+    """A fresh database per test."""
+    with fresh_database(server_url) as url:
+        yield url
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import torch
-from conftest import TEST_PASSWORD, insert_stdlib_rows
+from conftest import TEST_PASSWORD, create_table, fresh_database, insert_stdlib_rows, load_settings, write_config
 from wandb_reader import find_run_files, read_run
 
 from codelupe_trainer.cli import main
@@ -70,31 +70,58 @@ def insert_planted(url: str, contents: list[str]) -> None:
             )
 
 
-@pytest.fixture
-def trained_run(crawler_table, make_settings, tmp_path, caplog):
-    caplog.set_level(logging.INFO)
-    insert_stdlib_rows(crawler_table, start=0, count=100)
-    with psycopg.connect(crawler_table) as connection:
-        duplicated = connection.execute("SELECT content FROM processed_files WHERE quality_score = 70 AND char_length(content) < 8000 ORDER BY id LIMIT 1").fetchone()[0]
-    # The same file again, differing only in trailing whitespace: a duplicate after normalisation.
-    insert_planted(crawler_table, [content for _, content in PLANTED.values()] + [MIT_SAMPLE, duplicated + "   \n\n"])
-    # Three clean files labelled as a crawler labels C++, C# and notebooks.
-    with psycopg.connect(crawler_table, autocommit=True) as connection:
-        for language, offset in zip(OTHER_LANGUAGES, range(3)):
-            connection.execute("UPDATE processed_files SET language = %s WHERE id = (SELECT id FROM processed_files"
-                               " WHERE quality_score >= 70 AND char_length(content) BETWEEN 200 AND 8000 AND repo_name <> 'planted'"
-                               " ORDER BY id OFFSET %s LIMIT 1)", (language, 10 + offset))
-    # The production shape: accumulation 4, gradient checkpointing, an eval split; by epochs (no step budget),
-    # so the planted rows at the end are in this run; a small max_grad_norm so that clipping really happens.
-    settings = make_settings(crawler_table, extra=(
-        "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nlearning_rate = 5e-3\nmax_steps = -1\n"
-        "logging_steps = 2\ngradient_checkpointing = true\nmax_grad_norm = 0.05\n"
-        # A peak for this CPU, so that the MFU path runs here as it does on a known CUDA card.
-        "[metrics]\nsystem_every_steps = 2\ngradient_metrics_every_steps = 2\nper_layer_sample = 4\ngpu_peak_tflops = 1.0\n"
-    ))
-    assert main(["run-once", "--config", str(tmp_path / "codelupe.toml")]) == 0
-    [run_file] = find_run_files(tmp_path)
-    return settings, run_file, read_run(run_file), caplog
+class CapturedLogs(logging.Handler):
+    """The log records of the fixture's run, for the tests that share it (caplog is per test)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(record.getMessage() for record in self.records)
+
+
+@pytest.fixture(scope="module")
+def trained_run(server_url, tiny_model, tmp_path_factory):
+    """One production-shaped run, read back by every test below (training it for each took ~8 s a test)."""
+    directory = tmp_path_factory.mktemp("trained-run")
+    with fresh_database(server_url) as crawler_table, pytest.MonkeyPatch.context() as patch:
+        with psycopg.connect(crawler_table, autocommit=True) as connection:
+            create_table(connection)
+        insert_stdlib_rows(crawler_table, start=0, count=100)
+        with psycopg.connect(crawler_table) as connection:
+            duplicated = connection.execute("SELECT content FROM processed_files WHERE quality_score = 70 AND char_length(content) < 8000 ORDER BY id LIMIT 1").fetchone()[0]
+        # The same file again, differing only in trailing whitespace: a duplicate after normalisation.
+        insert_planted(crawler_table, [content for _, content in PLANTED.values()] + [MIT_SAMPLE, duplicated + "   \n\n"])
+        # Three clean files labelled as a crawler labels C++, C# and notebooks.
+        with psycopg.connect(crawler_table, autocommit=True) as connection:
+            for language, offset in zip(OTHER_LANGUAGES, range(3)):
+                connection.execute("UPDATE processed_files SET language = %s WHERE id = (SELECT id FROM processed_files"
+                                   " WHERE quality_score >= 70 AND char_length(content) BETWEEN 200 AND 8000 AND repo_name <> 'planted'"
+                                   " ORDER BY id OFFSET %s LIMIT 1)", (language, 10 + offset))
+        # The production shape: accumulation 4, gradient checkpointing, an eval split; by epochs (no step budget),
+        # so the planted rows at the end are in this run; a small max_grad_norm so that clipping really happens.
+        config = write_config(directory, tiny_model, extra=(
+            "[training]\nbatch_size = 4\ngradient_accumulation_steps = 4\nlearning_rate = 5e-3\nmax_steps = -1\n"
+            "logging_steps = 2\ngradient_checkpointing = true\nmax_grad_norm = 0.05\n"
+            # A peak for this CPU, so that the MFU path runs here as it does on a known CUDA card.
+            "[metrics]\nsystem_every_steps = 2\ngradient_metrics_every_steps = 2\nper_layer_sample = 4\ngpu_peak_tflops = 1.0\n"
+        ))
+        patch.setenv("CODELUPE_DATABASE__URL", crawler_table)
+        settings = load_settings(config)
+        logs = CapturedLogs()
+        logging.getLogger().addHandler(logs)
+        try:
+            assert main(["run-once", "--config", str(config)]) == 0
+        finally:
+            logging.getLogger().removeHandler(logs)
+            patch.undo()  # the tests after it set their own database
+        [run_file] = find_run_files(directory)
+        yield settings, run_file, read_run(run_file), logs
 
 
 def test_batch_metrics_are_on_the_scale_of_the_training_loss_under_accumulation(trained_run):
@@ -234,7 +261,7 @@ def test_a_language_reaches_wandb_under_a_name_wandb_can_sort_and_filter(trained
         assert re.fullmatch(r"[a-z]+/[_a-zA-Z][_a-zA-Z0-9]*", key), key
 
 
-def test_only_metrics_leave_the_machine(trained_run, tmp_path):
+def test_only_metrics_leave_the_machine(trained_run):
     settings, run_file, run, caplog = trained_run
     run_directory = run_file.parent
     files = [path for path in run_directory.rglob("*") if path.is_file()]
@@ -246,7 +273,7 @@ def test_only_metrics_leave_the_machine(trained_run, tmp_path):
     assert "artifact" not in run.record_types and "files" not in run.record_types
     assert not any(isinstance(value, str) and "run-once" in value for value in run.config.values())
     # No path of this machine either: the model's directory, the state's, a user's home.
-    for path in (settings.model.base_model, str(tmp_path), str(Path.home())):
+    for path in (settings.model.base_model, str(settings.paths.state_file.parent), str(Path.home())):
         assert path.encode() not in raw, path
 
 
