@@ -17,6 +17,7 @@ from conftest import insert_stdlib_rows, write_config
 
 from codelupe_trainer.demo.demo import create_table, crawler_rows, standard_library_files
 from codelupe_trainer.demo.pgserver import start_throwaway_postgres, wait_for_postgres
+from codelupe_trainer.progress import read_live_status
 from codelupe_trainer.state import load_state
 
 pytestmark = pytest.mark.slow
@@ -548,3 +549,23 @@ def test_an_edited_config_is_said_once_and_a_reload_applies_it_or_keeps_what_wor
     assert "waiting for 1000" not in text.split("config reload failed")[1], "a failed reload kept the last good settings"
     assert "Traceback" not in text, text
     assert all(LOG_LINE.match(line) for line in text.splitlines() if line.strip()), text
+
+
+def test_a_time_zone_the_scheduler_library_cannot_name_does_not_stop_the_daemon(crawler_table, tiny_model, tmp_path):
+    """TZ in the POSIX form libc reads ("JST-9"; a container's, a systemd Environment=), or /etc/timezone and
+    /etc/localtime that disagree, made tzlocal raise inside APScheduler: `run` died at start with a traceback.
+    The interval needs no time zone: the scheduler runs in UTC, and the journal says when in local time."""
+    insert_stdlib_rows(crawler_table, start=0, count=5)
+    config = write_config(tmp_path, tiny_model, "[schedule]\ninterval_minutes = 60\nmin_new_samples = 1000\n")
+    log_file = tmp_path / "daemon.log"
+    daemon = start_daemon(config, environment(crawler_table, TZ="JST-9"), log_file)
+    try:
+        wait_for(lambda: "nothing_to_do" in log_file.read_text(), 120, "an idle cycle", daemon, log_file)
+        live = wait_for(lambda: read_live_status(tmp_path / "state.json"), 30, "the live status", daemon, log_file)
+        # The next run an hour on, said with this machine's offset (+09:00 under JST-9).
+        assert live["next_run"].endswith("+09:00"), live
+        assert stop_daemon(daemon, log_file) == 0
+        assert "Traceback" not in log_file.read_text()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()

@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -119,7 +119,9 @@ class Daemon:
         # Failed cycles in a row the state file did not take (a full disk): /health and `status` count them.
         self.unrecorded_failures = 0
         self.context = multiprocessing.get_context("spawn")
-        self.scheduler = BackgroundScheduler(job_defaults={
+        # UTC: an interval needs no time zone, and APScheduler's look-up of the local one (tzlocal) raises for a
+        # TZ in libc's POSIX form ("JST-9") or an /etc/timezone that disagrees with /etc/localtime.
+        self.scheduler = BackgroundScheduler(timezone=timezone.utc, job_defaults={
             "max_instances": 1,
             "coalesce": True,
             "misfire_grace_time": int(settings.schedule.misfire_grace_minutes * 60),
@@ -213,7 +215,7 @@ class Daemon:
             return
         job = self.scheduler.get_job(JOB_ID)
         if job is not None:
-            job.modify(next_run_time=datetime.now(job.next_run_time.tzinfo if job.next_run_time else None) + timedelta(seconds=delay_s))
+            job.modify(next_run_time=datetime.now(timezone.utc) + timedelta(seconds=delay_s))
 
     def watch_for_a_stalled_cycle(self) -> None:
         """A cycle whose progress file has not changed for service.cycle_stall_minutes is stuck (a dead
@@ -249,7 +251,8 @@ class Daemon:
 
     def next_run(self) -> str | None:
         job = self.scheduler.get_job(JOB_ID)
-        return job.next_run_time.isoformat() if job is not None and job.next_run_time else None
+        # In this machine's local time (libc's, which reads any TZ), as a person reading `status` expects.
+        return job.next_run_time.astimezone().isoformat() if job is not None and job.next_run_time else None
 
     def request_stop(self, *_: object) -> None:
         self.stopping.set()
@@ -263,8 +266,8 @@ class Daemon:
         # `systemctl reload` (the unit's ExecReload) and a closed terminal: read the config again, never die.
         signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
         self.scheduler.add_job(
-            self.run_one_cycle, IntervalTrigger(seconds=self.interval_s), id=JOB_ID,
-            next_run_time=datetime.now().astimezone(),
+            self.run_one_cycle, IntervalTrigger(seconds=self.interval_s, timezone=timezone.utc), id=JOB_ID,
+            next_run_time=datetime.now(timezone.utc),
         )
         health = None
         if self.settings.service.metrics_port:  # before the first cycle starts: a taken port ends the start cleanly
@@ -361,7 +364,7 @@ class Daemon:
         previous, self.settings = self.settings, settings
         self.config_read, self.config_changed, self.needs_restart = stamp, False, held
         if previous.schedule.interval_minutes != settings.schedule.interval_minutes:
-            self.scheduler.reschedule_job(JOB_ID, trigger=IntervalTrigger(seconds=self.interval_s))
+            self.scheduler.reschedule_job(JOB_ID, trigger=IntervalTrigger(seconds=self.interval_s, timezone=timezone.utc))
         if previous.schedule.misfire_grace_minutes != settings.schedule.misfire_grace_minutes:
             self.scheduler.modify_job(JOB_ID, misfire_grace_time=int(settings.schedule.misfire_grace_minutes * 60))
         running = " (the running cycle keeps the settings it started with)" if not self.cycle_done.is_set() else ""
