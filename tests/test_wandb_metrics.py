@@ -512,6 +512,10 @@ def test_a_cycle_shorter_than_the_logging_interval_still_reports_its_last_step(c
     assert [step for step, _ in run.values("progress/step")] == [1, 3]
     assert [value for _, value in run.values("progress/step_percent")] == [pytest.approx(100 / 3), 100]
     assert [step for step, _ in run.values("train/loss")] == [1, 3]
+    # Step 1's window is that one step: the Trainer's loss over it and the step's own loss are the same number,
+    # accumulation 4 or not.
+    first = run.history[[row.get("progress/step") for row in run.history].index(1)]
+    assert first["batch/loss"] == pytest.approx(first["train/loss"], rel=1e-5)
     # The last window's throughput counts its own two steps (one step's tokens at most 16 x 256).
     assert 0 < run.values("performance/tokens_per_step")[-1][1] <= 4 * 4 * settings.data.max_length
     for key in ("system/cpu_percent", "system/memory_used_gb", "gradients/global_norm", "weights/global_mean"):
