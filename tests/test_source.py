@@ -682,3 +682,28 @@ def test_a_query_the_server_cannot_run_now_is_an_outage_not_a_bug(db_url):
                                 language_column="lang", quality_column="score")
     with pytest.raises(psycopg.errors.UndefinedFunction):
         fetch_all(database, DataSettings())
+
+
+@pytest.mark.parametrize(("highest", "min_quality", "hint"), [
+    (0.85, 70, "their quality_score is at most 0.85: if the crawler scores 0-1, set data.min_quality on that scale, "
+               "such as 0.7"),
+    (8.5, 70, "their quality_score is at most 8.5: if the crawler scores 0-10, set data.min_quality on that scale, "
+              "such as 7"),
+    (55, 70, "their quality_score is at most 55"),       # on the right scale, just low: no other scale suggested
+    (0.85, 0.9, "their quality_score is at most 0.85"),  # already on 0-1
+    (95, 70, None),                                       # some rows pass: nothing to say about the scale
+])
+def test_rows_no_score_lets_through_are_said_with_the_scale_the_scores_seem_to_be_on(highest, min_quality, hint):
+    from collections import Counter
+
+    from codelupe_trainer.data.source import describe_ineligible
+
+    text = describe_ineligible(30, Counter(low_quality=20, too_long=2), highest, DataSettings(min_quality=min_quality),
+                               after_id=100)
+    assert text.startswith(f"of the 30 rows past id 100: 20 below data.min_quality = {min_quality:g}, 2 longer than "
+                           "data.max_chars = 8000")
+    if hint is None:
+        assert "quality_score" not in text
+    else:
+        assert text.endswith(hint)
+    assert describe_ineligible(30, Counter(), highest, DataSettings(min_quality=min_quality), after_id=100) is None

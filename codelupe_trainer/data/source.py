@@ -361,10 +361,13 @@ def describe_ineligible(rows: int, reasons: Counter, highest_quality: float | No
                       for reason, count in reasons.most_common())
     looked = f"the first {rows:,}" if rows >= NEW_ROWS_LOOKED_AT else f"the {rows:,}"
     text = f"of {looked} rows past id {after_id:,}: {parts}"
-    if (reasons.get("low_quality") and highest_quality is not None and 0 < highest_quality <= 1
-            and data.min_quality > 1):
-        text += (f"; their quality_score is at most {highest_quality:g}: if the crawler scores 0-1, set "
-                 f"data.min_quality on that scale, such as {data.min_quality / 100:g}")
+    if reasons.get("low_quality") and highest_quality is not None and highest_quality < data.min_quality:
+        # No row can pass: most likely a scorer on another scale than the shipped 0-100.
+        text += f"; their quality_score is at most {highest_quality:g}"
+        scale = next((scale for scale in (1, 10) if 0 < highest_quality <= scale < data.min_quality), None)
+        if scale:
+            text += (f": if the crawler scores 0-{scale}, set data.min_quality on that scale, such as "
+                     f"{data.min_quality * scale / 100:g}")
     return text
 
 
