@@ -464,7 +464,7 @@ def test_a_sql_ascii_database_is_read_as_utf8_and_a_row_that_is_not_is_skipped_a
     every read (new rows, the holdout's choice and re-read, replay) gives text and languages as in any other
     database, and a row whose content is not UTF-8 (a Latin-1 file) is skipped and counted as `not_utf8`
     instead of failing every cycle at the same row."""
-    from codelupe_trainer.data.source import fetch_samples_by_id, select_holdout
+    from codelupe_trainer.data.source import fetch_samples_by_id, ineligible_new_rows, select_holdout
     from conftest import with_database
 
     name = f"codelupe_ascii_{os.getpid()}"
@@ -629,7 +629,7 @@ def test_every_read_works_through_pgbouncer_in_transaction_mode_and_keeps_its_st
     the statement timeout), and past that every query run a sixth time on the connection failed (psycopg
     prepares it then, and the statement is gone on the next server connection). Now: every read, pages and
     all, and a locked table still ends at database.statement_timeout_s instead of hanging the cycle."""
-    from codelupe_trainer.data.source import fetch_samples_by_id, select_holdout
+    from codelupe_trainer.data.source import fetch_samples_by_id, ineligible_new_rows, select_holdout
 
     with psycopg.connect(db_url, autocommit=True) as connection:
         connection.execute(CREATE_LOOSE)
@@ -644,6 +644,8 @@ def test_every_read_works_through_pgbouncer_in_transaction_mode_and_keeps_its_st
         assert select_holdout(connection, database, DataSettings(), after_id=0, window=100, held={},
                               size=4, min_per_language=2)
         assert len(fetch_samples_by_id(connection, database, DataSettings(), list(range(1, 40)))) == 15
+        rows, reasons, _ = ineligible_new_rows(connection, database, DataSettings(), 0)
+        assert rows == 3 * len(LOOSE_ROWS) and rows - sum(reasons.values()) == 15
     samples, result = fetch_all(database, DataSettings())  # ~20 pages: the page query runs far past five times
     assert len(samples) == 15 and result.last_examined_id == 3 * len(LOOSE_ROWS)
 
