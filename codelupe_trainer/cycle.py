@@ -258,12 +258,12 @@ def _train_and_save(settings, state: TrainerState, tokenizer, dataset: BuiltData
                                      quantized=quantization != "none", packed=packing == "position_ids",
                                      holdout=holdout.blocks)
 
+        start = start_micro_batch(state.micro_batch, settings.training, settings.data.max_length)
         if ranks is None:
-            result, sizing = train_with_oom_backoff(model, settings.training, start_micro_batch(state.micro_batch, settings.training, settings.data.max_length),
-                                                    attempt)
+            result, sizing = train_with_oom_backoff(model, settings.training, start, attempt)
         else:
             # All ranks train at one size: the one an earlier out-of-memory left in the state, if any.
-            training = sized(settings.training, start_micro_batch(state.micro_batch, settings.training, settings.data.max_length))
+            training = sized(settings.training, start)
             result, sizing = ranks.train(RankSpec(settings.model, training, read_adapter_files(previous),
                                                   dataset.train_blocks, dataset.eval_blocks, tokenizer.pad_token_id,
                                                   settings.data.seed, quantization != "none",

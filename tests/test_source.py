@@ -464,7 +464,7 @@ def test_a_sql_ascii_database_is_read_as_utf8_and_a_row_that_is_not_is_skipped_a
     every read (new rows, the holdout's choice and re-read, replay) gives text and languages as in any other
     database, and a row whose content is not UTF-8 (a Latin-1 file) is skipped and counted as `not_utf8`
     instead of failing every cycle at the same row."""
-    from codelupe_trainer.data.source import fetch_samples_by_id, ineligible_new_rows, select_holdout
+    from codelupe_trainer.data.source import fetch_samples_by_id, select_holdout
     from conftest import with_database
 
     name = f"codelupe_ascii_{os.getpid()}"

@@ -144,7 +144,8 @@ _COLUMN_TYPES = {
     "id_column": (_INTEGER, "an integer column whose values grow with each new row (bigserial or an identity column)"),
     "content_column": (_TEXT, "a text column"),
     "language_column": (_TEXT, "a text column"),
-    "quality_column": (_INTEGER | {"numeric", "real", "double precision"}, "a numeric column (a score, on the scale of data.min_quality)"),
+    "quality_column": (_INTEGER | {"numeric", "real", "double precision"},
+                       "a numeric column (a score, on the scale of data.min_quality)"),
 }
 
 
@@ -334,9 +335,9 @@ def ineligible_new_rows(connection: psycopg.Connection, database: DatabaseSettin
     (a Counter of skip reasons), and the largest quality score among them (None: no scored row)."""
     names = _names(database)
     reason, parameters = _skip_reason_sql(data)
-    query = sql.SQL("SELECT reason, count(*), max(quality)::float8 FROM (SELECT {reason} AS reason, {quality} AS quality "
-                    "FROM {table} WHERE {id} > %(after_id)s ORDER BY {id} LIMIT %(limit)s) AS new_rows GROUP BY reason"
-                    ).format(reason=reason.format(**names), **names)
+    query = sql.SQL("SELECT reason, count(*), max(quality)::float8 FROM (SELECT {reason} AS reason, "
+                    "{quality} AS quality FROM {table} WHERE {id} > %(after_id)s ORDER BY {id} LIMIT %(limit)s) "
+                    "AS new_rows GROUP BY reason").format(reason=reason.format(**names), **names)
     parameters.update(after_id=after_id, limit=limit)
     rows, reasons, highest = 0, Counter(), None
     for found, count, quality in _run(connection, database, query, parameters).fetchall():

@@ -364,7 +364,8 @@ class Daemon:
         previous, self.settings = self.settings, settings
         self.config_read, self.config_changed, self.needs_restart = stamp, False, held
         if previous.schedule.interval_minutes != settings.schedule.interval_minutes:
-            self.scheduler.reschedule_job(JOB_ID, trigger=IntervalTrigger(seconds=self.interval_s, timezone=timezone.utc))
+            self.scheduler.reschedule_job(JOB_ID, trigger=IntervalTrigger(seconds=self.interval_s,
+                                                                          timezone=timezone.utc))
         if previous.schedule.misfire_grace_minutes != settings.schedule.misfire_grace_minutes:
             self.scheduler.modify_job(JOB_ID, misfire_grace_time=int(settings.schedule.misfire_grace_minutes * 60))
         running = " (the running cycle keeps the settings it started with)" if not self.cycle_done.is_set() else ""

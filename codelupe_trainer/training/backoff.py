@@ -70,7 +70,8 @@ def sized(training: TrainingSettings, micro_batch: int) -> TrainingSettings:
 RETRY_CONFIGURED_BATCH_AFTER_S = 24 * 3600
 
 
-def memory_record(training: TrainingSettings, max_length: int, micro_batch: int, backed_off_at: float) -> dict[str, int]:
+def memory_record(training: TrainingSettings, max_length: int, micro_batch: int,
+                  backed_off_at: float) -> dict[str, int]:
     """The micro-batch that fits, with what it was measured for and when (the state's `micro_batch`)."""
     return {"micro": micro_batch, "max_length": max_length,
             "effective": training.batch_size * training.gradient_accumulation_steps,
