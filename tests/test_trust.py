@@ -119,6 +119,10 @@ def test_out_of_memory_backs_off_to_a_smaller_micro_batch_with_the_same_effectiv
     assert main(["status", "--config", config]) == 0
     assert "micro-batch:           2 of training.batch_size 8 (same effective batch): an out-of-memory on " in \
         capsys.readouterr().out
+    monkeypatch.setenv("CODELUPE_TRAINING__GRADIENT_ACCUMULATION_STEPS", "2")  # another effective batch: not applied
+    assert main(["status", "--config", config]) == 0
+    assert "micro-batch:" not in capsys.readouterr().out
+    monkeypatch.delenv("CODELUPE_TRAINING__GRADIENT_ACCUMULATION_STEPS")
     [run_file] = find_run_files(tmp_path)
     run = read_run(run_file)
     assert run.config["hyperparams/effective_micro_batch"] == 2
@@ -147,6 +151,8 @@ def test_out_of_memory_backs_off_to_a_smaller_micro_batch_with_the_same_effectiv
     assert third.total_training_runs == 3
     assert third.last_run["oom_backoffs"] == 0 and third.last_run["micro_batch"] == 8
     assert third.micro_batch is None
+    assert main(["status", "--config", config]) == 0
+    assert "micro-batch:" not in capsys.readouterr().out
 
 
 def test_out_of_memory_at_micro_batch_1_is_one_clear_failure(crawler_table, make_settings, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import time
 from ..config import Settings
 from ..progress import read_cycle_progress, read_live_status
 from ..state import load_state
+from ..training.backoff import record_applies
 
 
 def print_status(settings: Settings, as_json: bool) -> int:
@@ -70,7 +71,8 @@ def print_status(settings: Settings, as_json: bool) -> int:
         anchors = ", ".join(f"{language} {entry[0]:.4f} (run {entry[2]})" for language, entry in sorted(state.holdout_best.items()))
         print(f"best holdout loss:     {anchors}")
     remembered = state.micro_batch or {}
-    if remembered.get("micro") and remembered["micro"] < settings.training.batch_size:
+    if (record_applies(remembered, settings.training, settings.data.max_length)
+            and 0 < remembered.get("micro", 0) < settings.training.batch_size):
         # Throughput a person would otherwise not know was halved: the config still says batch_size.
         since = f" on {time.ctime(remembered['backed_off_at'])}" if remembered.get("backed_off_at") else ""
         retry = ("the configured size is tried again a day after it" if settings.training.world_size == 1

@@ -78,14 +78,18 @@ def memory_record(training: TrainingSettings, max_length: int, micro_batch: int,
             "backed_off_at": int(backed_off_at)}
 
 
+def record_applies(remembered: dict[str, int] | None, training: TrainingSettings, max_length: int) -> bool:
+    """Whether a remembered micro-batch was measured for today's effective batch and length."""
+    effective = training.batch_size * training.gradient_accumulation_steps
+    return bool(remembered) and remembered.get("effective") == effective and remembered.get("max_length") == max_length
+
+
 def start_micro_batch(remembered: dict[str, int] | None, training: TrainingSettings, max_length: int,
                       now: float | None = None) -> int:
     """The micro-batch an earlier back-off found (the state's record), if it was found for today's effective batch
     and length and, with one training process, less than RETRY_CONFIGURED_BATCH_AFTER_S ago; else the configured
     batch size. Several processes keep it (there, each try that runs out of memory again costs a failed cycle)."""
-    remembered = remembered or {}
-    if (remembered.get("effective") != training.batch_size * training.gradient_accumulation_steps
-            or remembered.get("max_length") != max_length):
+    if not record_applies(remembered, training, max_length):
         return training.batch_size
     micro = min(remembered.get("micro") or training.batch_size, training.batch_size)
     age = (time.time() if now is None else now) - remembered.get("backed_off_at", 0)
