@@ -114,7 +114,7 @@ def _run_locked(settings: Settings, force: bool, should_stop: Callable[[], bool]
             if behind:
                 log.warning("%s", behind)  # each idle cycle: the daemon would otherwise wait in silence
             # And why the rows that are there do not count (a crawler scoring 0-1 against min_quality = 70).
-            why = describe_ineligible(*ineligible_new_rows(connection, settings.database, settings.data,
+            why = describe_ineligible(ineligible_new_rows(connection, settings.database, settings.data,
                                                            state.last_trained_id),
                                       settings.data, state.last_trained_id)
             return CycleOutcome(

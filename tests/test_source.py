@@ -644,8 +644,8 @@ def test_every_read_works_through_pgbouncer_in_transaction_mode_and_keeps_its_st
         assert select_holdout(connection, database, DataSettings(), after_id=0, window=100, held={},
                               size=4, min_per_language=2)
         assert len(fetch_samples_by_id(connection, database, DataSettings(), list(range(1, 40)))) == 15
-        rows, reasons, _ = ineligible_new_rows(connection, database, DataSettings(), 0)
-        assert rows == 3 * len(LOOSE_ROWS) and rows - sum(reasons.values()) == 15
+        new = ineligible_new_rows(connection, database, DataSettings(), 0)
+        assert new.rows == 3 * len(LOOSE_ROWS) and new.rows - sum(new.reasons.values()) == 15
     samples, result = fetch_all(database, DataSettings())  # ~20 pages: the page query runs far past five times
     assert len(samples) == 15 and result.last_examined_id == 3 * len(LOOSE_ROWS)
 
@@ -700,12 +700,37 @@ def test_rows_no_score_lets_through_are_said_with_the_scale_the_scores_seem_to_b
 
     from codelupe_trainer.data.source import describe_ineligible
 
-    text = describe_ineligible(30, Counter(low_quality=20, too_long=2), highest, DataSettings(min_quality=min_quality),
-                               after_id=100)
+    from codelupe_trainer.data.source import NewRows
+
+    text = describe_ineligible(NewRows(30, Counter(low_quality=20, too_long=2), highest, []),
+                               DataSettings(min_quality=min_quality), after_id=100)
     assert text.startswith(f"of the 30 rows past id 100: 20 below data.min_quality = {min_quality:g}, 2 longer than "
                            "data.max_chars = 8000")
     if hint is None:
         assert "quality_score" not in text
     else:
         assert text.endswith(hint)
-    assert describe_ineligible(30, Counter(), highest, DataSettings(min_quality=min_quality), after_id=100) is None
+    assert describe_ineligible(NewRows(30, Counter(), highest, []), DataSettings(min_quality=min_quality),
+                               after_id=100) is None
+
+
+def test_rows_data_languages_leaves_out_are_said_with_the_labels_the_table_gives_them(db_url):
+    """`data.languages = ["py"]` against a crawler that writes "Python": every row skipped as "not in
+    data.languages", and the idle line says how the table labels them, so the fix is in the line."""
+    from codelupe_trainer.data.source import describe_ineligible, ineligible_new_rows
+
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        connection.execute("CREATE TABLE files (id bigserial PRIMARY KEY, content text, language text, quality_score int)")
+        for index in range(12):
+            connection.execute("INSERT INTO files (content, language, quality_score) VALUES (%s, %s, 80)",
+                               (f"value_{index} = {index} * 2\n" * 5, ("Python", "JavaScript", "python")[index % 3]))
+    database = DatabaseSettings(url=db_url, table="files")
+    data = DataSettings(languages=["py"])
+    with open_connection(database) as connection:
+        new = ineligible_new_rows(connection, database, data, 0)
+    assert new.rows == 12 and new.reasons == {"language": 12}
+    said = describe_ineligible(new, data, 0)
+    assert said.startswith("of the 12 rows past id 0: 12 not in data.languages (labelled ") and said.endswith(")")
+    # In the server's collation order, which varies: the labels as a set.
+    assert set(said.removeprefix("of the 12 rows past id 0: 12 not in data.languages (labelled ")[:-1].split(", ")) \
+        == {"'JavaScript'", "'Python'", "'python'"}

@@ -13,6 +13,7 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
@@ -329,36 +330,50 @@ INELIGIBLE = {
 }
 
 
+@dataclass
+class NewRows:
+    """The first rows past the watermark, as an idle cycle explains them."""
+
+    rows: int
+    reasons: Counter  # why those that are not eligible are not
+    highest_quality: float | None  # the largest quality score among them (None: no scored row)
+    other_languages: list[str]  # a few language labels of the rows data.languages leaves out, as the table has them
+
+
 def ineligible_new_rows(connection: psycopg.Connection, database: DatabaseSettings, data: DataSettings,
-                        after_id: int, limit: int = NEW_ROWS_LOOKED_AT) -> tuple[int, Counter, float | None]:
-    """The first `limit` rows past the watermark: how many there are, why those that are not eligible are not
-    (a Counter of skip reasons), and the largest quality score among them (None: no scored row)."""
+                        after_id: int, limit: int = NEW_ROWS_LOOKED_AT) -> NewRows:
+    """The first `limit` rows past the watermark: how many, and why those that are not eligible are not."""
     names = _names(database)
     reason, parameters = _skip_reason_sql(data)
-    query = sql.SQL("SELECT reason, count(*), max(quality)::float8 FROM (SELECT {reason} AS reason, "
-                    "{quality} AS quality FROM {table} WHERE {id} > %(after_id)s ORDER BY {id} LIMIT %(limit)s) "
-                    "AS new_rows GROUP BY reason").format(reason=reason.format(**names), **names)
+    query = sql.SQL("SELECT reason, count(*), max(quality)::float8, "
+                    "(array_agg(DISTINCT label) FILTER (WHERE reason = 'language'))[1:5] FROM (SELECT {reason} "
+                    "AS reason, {quality} AS quality, {language} AS label FROM {table} WHERE {id} > %(after_id)s "
+                    "ORDER BY {id} LIMIT %(limit)s) AS new_rows GROUP BY reason"
+                    ).format(reason=reason.format(**names), **names)
     parameters.update(after_id=after_id, limit=limit)
-    rows, reasons, highest = 0, Counter(), None
-    for found, count, quality in _run(connection, database, query, parameters).fetchall():
-        rows += count
-        if found is not None:
-            reasons[found] += count
+    found = NewRows(0, Counter(), None, [])
+    for why, count, quality, labels in _run(connection, database, query, parameters).fetchall():
+        found.rows += count
+        if why is not None:
+            found.reasons[why] += count
         if quality is not None:
-            highest = quality if highest is None else max(highest, quality)
-    return rows, reasons, highest
+            found.highest_quality = quality if found.highest_quality is None else max(found.highest_quality, quality)
+        found.other_languages += labels or []
+    return found
 
 
-def describe_ineligible(rows: int, reasons: Counter, highest_quality: float | None, data: DataSettings,
-                        after_id: int) -> str | None:
+def describe_ineligible(new: NewRows, data: DataSettings, after_id: int) -> str | None:
     """Why the new rows past the watermark do not make a cycle, in one clause, or None when all are eligible.
     A crawler that scores on 0-1 against the shipped min_quality of 70 (on 0-100) is the first hour's usual
     cause: every row is skipped, and without this the daemon said only "0 eligible new samples" forever."""
+    rows, reasons, highest_quality = new.rows, new.reasons, new.highest_quality
     skipped = sum(reasons.values())
     if not skipped:
         return None
     words = {"min_quality": data.min_quality, "min_chars": data.min_chars, "max_chars": data.max_chars}
     parts = ", ".join(f"{count:,} {INELIGIBLE.get(reason, reason).format(**words)}"
+                      + (f" (labelled {', '.join(map(repr, new.other_languages))})"
+                         if reason == "language" and new.other_languages else "")
                       for reason, count in reasons.most_common())
     looked = f"the first {rows:,}" if rows >= NEW_ROWS_LOOKED_AT else f"the {rows:,}"
     text = f"of {looked} rows past id {after_id:,}: {parts}"

@@ -86,7 +86,7 @@ def check_new_rows(connection, settings: Settings, state: TrainerState) -> tuple
     wanted = settings.schedule.min_new_samples
     available = count_new_samples(connection, settings.database, settings.data, after, state.gap_ranges(),
                                   up_to=wanted)
-    why = describe_ineligible(*ineligible_new_rows(connection, settings.database, settings.data, after),
+    why = describe_ineligible(ineligible_new_rows(connection, settings.database, settings.data, after),
                               settings.data, after)
     detail = (f"{'at least ' if available >= wanted else ''}{available:,} eligible new rows past id {after:,} "
               f"(a cycle trains from schedule.min_new_samples = {wanted:,})" + (f"; {why}" if why else ""))
