@@ -131,6 +131,10 @@ class Daemon:
     def interval_s(self) -> float:
         return self.settings.schedule.interval_minutes * 60
 
+    def interval_trigger(self) -> IntervalTrigger:
+        # In UTC, as the scheduler: without a zone the trigger asks tzlocal for the local one too.
+        return IntervalTrigger(seconds=self.interval_s, timezone=timezone.utc)
+
     def run_one_cycle(self) -> None:
         if self.stopping.is_set():
             return
@@ -266,7 +270,7 @@ class Daemon:
         # `systemctl reload` (the unit's ExecReload) and a closed terminal: read the config again, never die.
         signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
         self.scheduler.add_job(
-            self.run_one_cycle, IntervalTrigger(seconds=self.interval_s, timezone=timezone.utc), id=JOB_ID,
+            self.run_one_cycle, self.interval_trigger(), id=JOB_ID,
             next_run_time=datetime.now(timezone.utc),
         )
         health = None
@@ -364,8 +368,7 @@ class Daemon:
         previous, self.settings = self.settings, settings
         self.config_read, self.config_changed, self.needs_restart = stamp, False, held
         if previous.schedule.interval_minutes != settings.schedule.interval_minutes:
-            self.scheduler.reschedule_job(JOB_ID, trigger=IntervalTrigger(seconds=self.interval_s,
-                                                                          timezone=timezone.utc))
+            self.scheduler.reschedule_job(JOB_ID, trigger=self.interval_trigger())
         if previous.schedule.misfire_grace_minutes != settings.schedule.misfire_grace_minutes:
             self.scheduler.modify_job(JOB_ID, misfire_grace_time=int(settings.schedule.misfire_grace_minutes * 60))
         running = " (the running cycle keeps the settings it started with)" if not self.cycle_done.is_set() else ""
