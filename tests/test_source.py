@@ -114,6 +114,48 @@ def test_a_row_not_scored_yet_waits_for_its_score_then_trains_or_is_given_up_aft
     assert advance_state(state, again, 0, None, None).gap_ranges() == []
 
 
+def test_rows_past_the_gap_ranges_one_read_can_watch_are_left_for_the_next_read_not_consumed(db_url):
+    """A scorer that finishes out of order (every other row still unscored) or a crawler that deletes every
+    other row makes a range per row: past the 10,000 ranges one read records, the read stops, so the
+    unscored rows and a transaction committing late behind those holes are read by the next cycle instead of
+    being passed over for good."""
+    from codelupe_trainer.data.source import MAX_NEW_GAP_RANGES
+
+    pairs = MAX_NEW_GAP_RANGES // 2 + 3  # each part alone fits; together they make 10,006 ranges
+    late_id = 4 * pairs + 1
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        connection.execute("CREATE TABLE snippets (sid bigint PRIMARY KEY, body text, lang text, score int)")
+        # ids 1..2n: the odd ones deleted; ids 2n+1..4n: the odd ones not scored yet.
+        connection.execute("INSERT INTO snippets SELECT i, %s || i, 'python', 90 FROM generate_series(2, %s::bigint, 2) AS i",
+                           (GOOD, 2 * pairs))
+        connection.execute("INSERT INTO snippets SELECT i, %s || i, 'python', CASE WHEN i %% 2 = 0 THEN 90 END "
+                           "FROM generate_series(%s::bigint, %s::bigint) AS i", (GOOD, 2 * pairs + 1, 4 * pairs))
+        connection.execute("INSERT INTO snippets VALUES (%s, %s, 'python', 90)", (late_id + 1, GOOD + "after"))
+    late = psycopg.connect(db_url)  # a crawler transaction holding an id behind the holes, not committed yet
+    late.execute("INSERT INTO snippets VALUES (%s, %s, 'python', 90)", (late_id, GOOD + "late"))
+    database = DatabaseSettings(url=db_url, table="snippets", id_column="sid", content_column="body",
+                                language_column="lang", quality_column="score")
+    data = DataSettings(max_samples_per_run=10**6)
+
+    state, trained = TrainerState(), []
+    for cycle in range(4):
+        samples, result = fetch_all(database, data, after_id=state.last_trained_id, gaps=state.gap_ranges())
+        assert len(result.new_gaps) <= MAX_NEW_GAP_RANGES
+        trained += [sample.id for sample in samples]
+        state = advance_state(state, result, len(samples), None, None)
+        if cycle == 0:
+            late.commit()
+            with psycopg.connect(db_url, autocommit=True) as connection:
+                connection.execute("UPDATE snippets SET score = 90 WHERE score IS NULL")
+    late.close()
+    assert len(trained) == len(set(trained)), "no row is read twice"
+    with psycopg.connect(db_url) as connection:
+        every_row = [row[0] for row in connection.execute("SELECT sid FROM snippets ORDER BY sid")]
+    missed = sorted(set(every_row) - set(trained))
+    assert missed == [], f"{len(missed)} rows passed over for good, such as {missed[:5]}"
+    assert state.last_trained_id == late_id + 1
+
+
 def test_a_language_with_stray_whitespace_or_capitals_is_one_language_everywhere(db_url):
     """"Python\n", " python " and "PYTHON\t" are python to the language filter, the samples and the holdout's
     strata alike: none is skipped as another language, and none becomes a holdout language of its own (which

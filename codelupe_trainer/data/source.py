@@ -8,6 +8,7 @@ runs on the server and only eligible rows carry their content over the wire; the
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections import Counter
@@ -23,7 +24,10 @@ from ..config import DataSettings, DatabaseSettings
 from .languages import LANGUAGE_SQL, normal_language
 from .records import FetchResult, Sample
 
-# Gap ranges recorded per fetch; far more than in-flight transactions can make (deletions make the rest).
+log = logging.getLogger(__name__)
+
+# Gap ranges one fetch records (ids missing, rows waiting for a score); far more than in-flight transactions
+# make, but deleted rows and a scorer finishing out of order can make one per row: the fetch stops there.
 MAX_NEW_GAP_RANGES = 10_000
 # The skip reason of a row whose quality column is NULL: not scored yet, so it waits (_wait_for_score).
 UNSCORED = "null_quality"
@@ -506,9 +510,20 @@ def fetch_new_samples(
             row_id = row[0]
             if row_id == last_id:
                 raise _shared_id(database, row_id)
+            unscored = row[1] == UNSCORED
+            if len(result.new_gaps) >= MAX_NEW_GAP_RANGES and _needs_a_range(last_id, row_id, unscored, result):
+                # Nothing may be passed over unwatched (a late commit in the ids missing before this row, or this
+                # row once scored): the read ends before it and the next cycle's read goes on from here.
+                log.info("read stopped below id %d: %d ranges of missing or unscored ids are what one read "
+                         "watches; the next cycle reads on from there", row_id, MAX_NEW_GAP_RANGES)
+                return
             _record_gap(last_id, row_id, result)
             last_id = row_id
-            sample = None if row[1] == UNSCORED and _wait_for_score(row_id, result) else _classify(row, result)
+            if unscored:
+                _wait_for_score(row_id, result)
+                sample = None
+            else:
+                sample = _classify(row, result)
             result.last_examined_id = row_id
             if sample is not None:
                 remaining -= 1
@@ -537,23 +552,26 @@ def _shared_id(database: DatabaseSettings, row_id: int) -> SchemaError:
                        "consumed")
 
 
-def _wait_for_score(row_id: int, result: FetchResult) -> bool:
+def _needs_a_range(previous_id: int, row_id: int, unscored: bool, result: FetchResult) -> bool:
+    """Whether reading this row adds a gap range: ids missing before it, or it waits for its score and does not
+    extend the last range (at most one: an unscored row extends the range of the ids missing just before it)."""
+    return row_id - previous_id > 1 or (unscored and not (result.new_gaps and result.new_gaps[-1][1] == row_id - 1))
+
+
+def _wait_for_score(row_id: int, result: FetchResult) -> None:
     """A row whose quality is NULL has not been scored yet (a scorer that fills the column after the crawler's
     insert): its id is watched like a late commit's, for database.max_commit_lag_minutes, and it trains once
-    scored. False when no more ranges can be watched: then it is skipped, as before there was a scorer."""
+    scored."""
     if result.new_gaps and result.new_gaps[-1][1] == row_id - 1:
         result.new_gaps[-1] = (result.new_gaps[-1][0], row_id)
-    elif len(result.new_gaps) < MAX_NEW_GAP_RANGES:
-        result.new_gaps.append((row_id, row_id))
     else:
-        return False
+        result.new_gaps.append((row_id, row_id))
     result.rows_examined += 1
     result.waiting_for_score += 1
-    return True
 
 
 def _record_gap(previous_id: int, row_id: int, result: FetchResult) -> None:
-    if row_id - previous_id > 1 and len(result.new_gaps) < MAX_NEW_GAP_RANGES:
+    if row_id - previous_id > 1:
         result.new_gaps.append((previous_id + 1, row_id - 1))
 
 
