@@ -139,6 +139,9 @@ class MetricsRun:
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._worker: threading.Thread | None = None
         self._closing = threading.Event()
+        # Set once W&B has failed a call (its wandb-core service killed or crashed): every later call would
+        # fail the same way, so the rest of the run goes to the local file only, said once.
+        self._wandb_failed = threading.Event()
         if self.mode != "disabled":
             self._start_wandb(config)
         self._write_jsonl({"event": "start", "run": run_number, "wandb_mode": self.mode})
@@ -183,7 +186,8 @@ class MetricsRun:
             try:
                 self.wandb_run.log(metrics, step=step)
             except Exception as error:
-                log.warning("W&B log failed (%s); continuing with the local file", type(error).__name__)
+                self._give_up_wandb("log", error)
+                return
 
     # -- the one entry point
 
@@ -196,7 +200,7 @@ class MetricsRun:
         clean = {key: _plain_number(value) for key, value in metrics.items()}
         clean[LIFETIME_STEP] = self.step_offset + step
         self._write_jsonl({"run": self.run_number, "step": step, "time": time.time(), **clean})
-        if self._worker is not None:
+        if self._worker is not None and not self._wandb_failed.is_set():
             try:
                 self._queue.put_nowait((step, clean))
             except queue.Full:
@@ -204,11 +208,11 @@ class MetricsRun:
 
     def update_config(self, values: dict[str, Any]) -> None:
         self._write_jsonl({"event": "config", "run": self.run_number, **values})
-        if self.wandb_run is not None:
+        if self.wandb_run is not None and not self._wandb_failed.is_set():
             try:
                 self.wandb_run.config.update(values, allow_val_change=True)
             except Exception as error:
-                log.warning("W&B config update failed (%s)", type(error).__name__)
+                self._give_up_wandb("config update", error)
 
     @property
     def run_id(self) -> str | None:
@@ -217,11 +221,11 @@ class MetricsRun:
     def rename(self, suffix: str) -> None:
         """Add the outcome to the W&B run's name ("run-4-promoted"), so the group's list says it."""
         self._write_jsonl({"event": "name", "run": self.run_number, "name": f"{self.name}-{suffix}"})
-        if self.wandb_run is not None:
+        if self.wandb_run is not None and not self._wandb_failed.is_set():
             try:
                 self.wandb_run.name = f"{self.name}-{suffix}"
             except Exception as error:
-                log.warning("W&B run rename failed (%s)", type(error).__name__)
+                self._give_up_wandb("rename", error)
 
     def finish(self, exit_code: int = 0) -> None:
         """Flush and close; never blocks longer than the finish timeout."""
@@ -231,6 +235,9 @@ class MetricsRun:
         except OSError:
             pass  # the last lines could not be flushed (a full disk), as _write_jsonl has already said
         if self._worker is None:
+            return
+        if self._wandb_failed.is_set():
+            self._quiet_teardown()
             return
         # Never a blocking put: with wandb-core stalled the queue stays full and a put would wait forever.
         deadline = time.monotonic() + self.options.finish_timeout_s
@@ -254,7 +261,28 @@ class MetricsRun:
         try:
             self.wandb_run.finish(exit_code=exit_code)
         except Exception as error:
-            log.warning("W&B finish failed (%s)", type(error).__name__)
+            self._give_up_wandb("finish", error)
+            self._quiet_teardown()
+
+    def _give_up_wandb(self, call: str, error: Exception) -> None:
+        if not self._wandb_failed.is_set():
+            self._wandb_failed.set()
+            log.warning("W&B %s failed (%s: %s): the rest of this run's metrics go to %s only", call,
+                        type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "", self.jsonl_path)
+
+    def _quiet_teardown(self) -> None:
+        """Close the connection to a failed wandb-core now, where its error can be caught: wandb's own exit
+        hook would meet the same error at exit and print its traceback. Bounded: a stalled service must
+        not hold the cycle."""
+        def teardown() -> None:
+            try:
+                import_wandb().teardown()
+            except Exception:  # the service is gone: nothing to close, and nothing worth a line
+                pass
+
+        closer = threading.Thread(target=teardown, name="wandb-teardown", daemon=True)
+        closer.start()
+        closer.join(self.options.finish_timeout_s)
 
     def _write_jsonl(self, record: dict[str, Any]) -> None:
         # A full disk fails every write of a long run: said once, and again when it recovers, not thousands

@@ -521,3 +521,54 @@ def test_a_cycle_shorter_than_the_logging_interval_still_reports_its_last_step(c
     for key in ("system/cpu_percent", "system/memory_used_gb", "gradients/global_norm", "weights/global_mean"):
         assert [step for step, _ in run.values(key)] == [3], key
     assert any("training: step 3/3" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.slow
+def test_a_wandb_service_that_dies_mid_run_is_said_once_and_the_run_trains_to_its_end(crawler_table, tiny_model, tmp_path):
+    """wandb-core killed mid-run (the kernel's out-of-memory killer on a box loading a 7B, or a crash of its
+    own): every later log call raised, so the journal got a warning per metrics call (four a step here,
+    hundreds a cycle) and, at exit, a 40-line traceback from wandb's own teardown. One line says it; the run
+    trains, is saved and reports every step to metrics.jsonl, and the process ends without a traceback."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    insert_stdlib_rows(crawler_table, start=0, count=40)
+    config = write_config(tmp_path, tiny_model, (
+        "[training]\nbatch_size = 2\ngradient_accumulation_steps = 4\nlearning_rate = 5e-3\nlogging_steps = 1\n"
+        "gradient_checkpointing = true\n"
+        "[metrics]\nsystem_every_steps = 1\ngradient_metrics_every_steps = 1\nper_layer_sample = 4\n"))
+    resume, log = tmp_path / "resume", tmp_path / "run-once.log"
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("CODELUPE_", "PYTEST", "WANDB_"))}
+    env.update(CODELUPE_DATABASE__URL=crawler_table, CODELUPE_FAULT=f"train:wait={resume}",
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    with log.open("w") as output:
+        once = subprocess.Popen([sys.executable, "-m", "codelupe_trainer.cli", "run-once", "--config", str(config)],
+                                env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while "waiting at train" not in log.read_text() and once.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        services = [child for child in psutil.Process(once.pid).children(recursive=True)
+                    if "wandb-core" in " ".join(child.cmdline())]
+        assert services, f"no wandb-core under the run: the test would prove nothing\n{log.read_text()[-3000:]}"
+        for service in services:
+            service.kill()
+        psutil.wait_procs(services, timeout=10)
+        resume.touch()
+        assert once.wait(timeout=300) == 0, log.read_text()[-4000:]
+    finally:
+        if once.poll() is None:
+            once.kill()
+    text = log.read_text()
+    assert "Traceback" not in text and "Exception ignored" not in text, text[-4000:]
+    said = [line for line in text.splitlines() if "W&B" in line and " WARNING " in line]
+    assert len(said) == 1 and "metrics.jsonl" in said[0], said[:5]
+    state = load_state(tmp_path / "state.json")
+    assert state.total_training_runs == 1 and state.total_steps > 3
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = sorted({record["step"] for record in records if "train/loss" in record})
+    assert logged == list(range(1, state.total_steps + 1))
