@@ -62,6 +62,60 @@ def _have_wandb_credentials() -> bool:
         return False
 
 
+DEFAULT_WANDB_URL = "https://api.wandb.ai"
+
+
+def wandb_api_key(base_url: str) -> str | None:
+    """The key wandb would use: WANDB_API_KEY, else the ~/.netrc entry for the server's host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return os.environ["WANDB_API_KEY"]
+    import netrc
+    from urllib.parse import urlsplit
+
+    try:
+        entry = netrc.netrc(os.environ.get("NETRC")).authenticators(urlsplit(base_url).hostname or "")
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return entry[2] if entry else None
+
+
+def check_wandb_key(timeout_s: float) -> tuple[bool | None, str]:
+    """Whether the W&B server accepts the API key, asked the way the client asks (GraphQL `viewer`, HTTP basic
+    auth as user `api`), for `doctor` only: a run never waits on it. (True, ...) accepted; (None, why) refused
+    or unreachable, where every run would log to metrics.jsonl only. wandb's own check reports a refused key
+    and an unreachable server as the same AuthenticationError; urllib tells them apart, and goes through the
+    HTTPS_PROXY the client would use. The key is never part of the answer."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    base_url = os.environ.get("WANDB_BASE_URL", DEFAULT_WANDB_URL).rstrip("/")
+    key = wandb_api_key(base_url)
+    if not key:
+        return None, f"no API key for {base_url} (WANDB_API_KEY or ~/.netrc)"
+    request = urllib.request.Request(
+        f"{base_url}/graphql", data=json.dumps({"query": "query { viewer { id } }"}).encode(), method="POST",
+        headers={"Content-Type": "application/json",
+                 "Authorization": "Basic " + base64.b64encode(f"api:{key}".encode()).decode()})
+    refused = (f"the W&B server ({base_url}) refused the API key{{}}: put the key from https://wandb.ai/authorize "
+               "in secrets.env as WANDB_API_KEY; until then each run's metrics go to metrics.jsonl only")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            body = json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        if error.code in (401, 403):
+            return None, refused.format(f" (HTTP {error.code})")
+        return None, (f"the W&B server ({base_url}) answered HTTP {error.code} {error.reason}: the key could not be "
+                      "checked; runs that cannot start W&B log to metrics.jsonl only")
+    except (OSError, ValueError) as error:  # URLError, a timeout, a reset, a body that is not JSON
+        reason = getattr(error, "reason", None) or error
+        return None, (f"the W&B server ({base_url}) cannot be reached ({reason}): each run's metrics go to "
+                      "metrics.jsonl only until it can (HTTPS_PROXY is used when set)")
+    if isinstance(body, dict) and isinstance(body.get("data"), dict) and body["data"].get("viewer"):
+        return True, f"the W&B server ({base_url}) accepts the API key"
+    return None, refused.format("")
+
+
 def import_wandb():
     """wandb, with its own error reporting off. Left on, the SDK and wandb-core send their exceptions' stack
     traces and log records naming the machine (its host name, which `host` below keeps out of the run) to the

@@ -414,40 +414,79 @@ def test_unreachable_wandb_server_degrades_to_the_local_file(crawler_table, make
     assert records[0]["wandb_mode"] == "disabled"
 
 
+def stand_in_wandb_server(status: int, answer: dict):
+    """A local HTTP server in the W&B server's place (none is reachable from the tests) giving every request
+    the same JSON answer; returns it (serving) and the list of paths it was asked for."""
+    import http.server
+    import threading
+
+    paths: list[str] = []
+
+    class Answering(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            paths.append(self.path)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answering)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, paths
+
+
+def test_doctor_says_whether_the_wandb_server_accepts_the_api_key(crawler_table, make_settings, tmp_path, monkeypatch,
+                                                                  capsys):
+    """`doctor` said `ok wandb: mode online` for any key: a mistyped or revoked WANDB_API_KEY showed only as
+    one warning per cycle while no run reached W&B. It now asks the server (as the client does) and tells a
+    refused key from an unreachable server, never printing the key."""
+    api_key = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("WANDB_API_KEY", api_key)
+    make_settings(crawler_table, f'[wandb]\nmode = "online"\ndir = "{tmp_path}"\ninit_timeout_s = 5\n')
+    config = str(tmp_path / "codelupe.toml")
+    for status, answer, verdict, said in [
+        (401, {"errors": [{"message": "user is not logged in"}]}, "warn", "refused the API key (HTTP 401): put the key"),
+        (200, {"data": {"viewer": None}}, "warn", "refused the API key: put the key"),
+        (200, {"data": {"viewer": {"id": "VXNlcjox"}}}, "ok  ", "accepts the API key"),
+    ]:
+        server, paths = stand_in_wandb_server(status, answer)
+        url = f"http://127.0.0.1:{server.server_port}"
+        monkeypatch.setenv("WANDB_BASE_URL", url)
+        try:
+            main(["doctor", "--config", config])
+        finally:
+            server.shutdown()
+        output = capsys.readouterr().out
+        [line] = [line for line in output.splitlines() if "wandb:" in line]
+        assert line.startswith(f"{verdict} wandb: mode online; the W&B server ({url}) {said}"), line
+        assert paths == ["/graphql"] and api_key not in output
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    main(["doctor", "--config", config])
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "wandb:" in line]
+    assert line.startswith("warn wandb: mode online; the W&B server (http://127.0.0.1:9) cannot be reached ("), line
+
+
 @pytest.mark.slow
 def test_wandbs_own_error_reporting_never_reaches_the_server(crawler_table, tiny_model, tmp_path):
     """wandb 0.2x/0.3x reports its own errors and log records (with the machine's host name) to the W&B server
     through an OpenTelemetry proxy, on by default. Only metrics leave this machine: against a stand-in
     server that refuses the key, `run-once` asks it to start a run and sends nothing to /sdk/otel/*, and no
     ERROR from a telemetry exporter follows the run's summary."""
-    import http.server
     import os
     import subprocess
     import sys
-    import threading
 
     from conftest import write_config
 
-    paths: list[str] = []
-
-    class Refusing(http.server.BaseHTTPRequestHandler):
-        def _refuse(self):
-            paths.append(self.path)
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            body = json.dumps({"errors": [{"message": "user is not logged in"}]}).encode()
-            self.send_response(401)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_GET = do_POST = do_PUT = _refuse
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, paths = stand_in_wandb_server(401, {"errors": [{"message": "user is not logged in"}]})
     insert_stdlib_rows(crawler_table, start=0, count=30)
     config = write_config(tmp_path, tiny_model, f'[wandb]\nmode = "online"\ndir = "{tmp_path}"\ninit_timeout_s = 20\n')
     env = {key: value for key, value in os.environ.items() if not key.startswith(("CODELUPE_", "PYTEST", "WANDB_"))}

@@ -16,7 +16,7 @@ from ..data.filters import DEDUP_STORE_FILE, store_problem
 from ..data.source import (SourceError, check_table, count_new_samples, describe_ineligible, first_watermark,
                            id_index_problem, ids_behind_watermark, ineligible_new_rows, open_connection,
                            watermark_mismatch)
-from ..metrics import effective_wandb_mode, nvidia_gpu_names
+from ..metrics import check_wandb_key, effective_wandb_mode, nvidia_gpu_names
 from ..errors import StateError
 from ..state import TrainerState, in_service_adapter, load_state
 from ..training.adapter_fit import in_service_misfit
@@ -69,6 +69,9 @@ def run_checks(settings: Settings) -> list[tuple[str, bool | None, str]]:
     results.append(check_writable("state_dir", settings.paths.state_file.parent))
     results.append(check_disk(settings))
     results.append(check_wandb(settings))
+    if results[-1][1] and effective_wandb_mode(settings.wandb.mode, settings.wandb.enabled, warn=False) == "online":
+        accepted, detail = check_wandb_key(min(settings.wandb.init_timeout_s, 15.0))
+        results[-1] = ("wandb", accepted, f"{results[-1][2]}; {detail}")
     if settings.training.num_nodes > 1:
         results.append(check_rendezvous(settings.training.rendezvous_endpoint, settings.training.num_nodes))
     results.append(check_torch())
