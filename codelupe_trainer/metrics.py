@@ -304,12 +304,21 @@ class MetricsRun:
             self._closing.set()
             log.warning("W&B did not take the last metrics within %.0f s; the local metrics file is complete",
                         self.options.finish_timeout_s)
+            self._abandon_wandb()
             return
         closer = threading.Thread(target=self._close_wandb, args=(exit_code,), daemon=True)
         closer.start()
         closer.join(self.options.finish_timeout_s)
         if closer.is_alive():
             log.warning("W&B did not finish within %.0f s; the local metrics file is complete", self.options.finish_timeout_s)
+            self._abandon_wandb()
+
+    def _abandon_wandb(self) -> None:
+        """A stalled wandb-core: wandb's exit hook would wait for it for ever as the process ends (a run-once
+        that never returns after its summary, a cycle the daemon's stall watch ends half an hour later).
+        Closed here instead, bounded, and nothing more is said of it."""
+        self._wandb_failed.set()
+        self._quiet_teardown()
 
     def _close_wandb(self, exit_code: int) -> None:
         try:
@@ -336,7 +345,8 @@ class MetricsRun:
 
         closer = threading.Thread(target=teardown, name="wandb-teardown", daemon=True)
         closer.start()
-        closer.join(self.options.finish_timeout_s)
+        # Its first act, removing wandb's exit hook, takes milliseconds; the rest may wait on the service.
+        closer.join(min(self.options.finish_timeout_s, 5.0))
 
     def _write_jsonl(self, record: dict[str, Any]) -> None:
         # A full disk fails every write of a long run: said once, and again when it recovers, not thousands

@@ -563,12 +563,17 @@ def test_a_cycle_shorter_than_the_logging_interval_still_reports_its_last_step(c
 
 
 @pytest.mark.slow
-def test_a_wandb_service_that_dies_mid_run_is_said_once_and_the_run_trains_to_its_end(crawler_table, tiny_model, tmp_path):
+@pytest.mark.parametrize("fault", ["killed", "stalled"])
+def test_a_wandb_service_that_dies_or_stalls_mid_run_is_said_once_and_the_run_trains_to_its_end(
+        crawler_table, tiny_model, tmp_path, fault):
     """wandb-core killed mid-run (the kernel's out-of-memory killer on a box loading a 7B, or a crash of its
     own): every later log call raised, so the journal got a warning per metrics call (four a step here,
-    hundreds a cycle) and, at exit, a 40-line traceback from wandb's own teardown. One line says it; the run
-    trains, is saved and reports every step to metrics.jsonl, and the process ends without a traceback."""
+    hundreds a cycle) and, at exit, a 40-line traceback from wandb's own teardown. Stalled (stopped) instead:
+    the run finished and printed its summary, then its process never ended, waiting in wandb's exit hook (the
+    daemon's stall watch would have ended it half an hour later). Either way one line says it; the run
+    trains, is saved, reports every step to metrics.jsonl and ends, without a traceback."""
     import os
+    import signal
     import subprocess
     import sys
     import time
@@ -579,7 +584,8 @@ def test_a_wandb_service_that_dies_mid_run_is_said_once_and_the_run_trains_to_it
     config = write_config(tmp_path, tiny_model, (
         "[training]\nbatch_size = 2\ngradient_accumulation_steps = 4\nlearning_rate = 5e-3\nlogging_steps = 1\n"
         "gradient_checkpointing = true\n"
-        "[metrics]\nsystem_every_steps = 1\ngradient_metrics_every_steps = 1\nper_layer_sample = 4\n"))
+        "[metrics]\nsystem_every_steps = 1\ngradient_metrics_every_steps = 1\nper_layer_sample = 4\n"
+        f'[wandb]\nmode = "offline"\ndir = "{tmp_path}"\ninit_timeout_s = 60\nfinish_timeout_s = 5\n'))
     resume, log = tmp_path / "resume", tmp_path / "run-once.log"
     env = {key: value for key, value in os.environ.items() if not key.startswith(("CODELUPE_", "PYTEST", "WANDB_"))}
     env.update(CODELUPE_DATABASE__URL=crawler_table, CODELUPE_FAULT=f"train:wait={resume}",
@@ -587,6 +593,7 @@ def test_a_wandb_service_that_dies_mid_run_is_said_once_and_the_run_trains_to_it
     with log.open("w") as output:
         once = subprocess.Popen([sys.executable, "-m", "codelupe_trainer.cli", "run-once", "--config", str(config)],
                                 env=env, stdout=output, stderr=subprocess.STDOUT)
+    services = []
     try:
         deadline = time.monotonic() + 180
         while "waiting at train" not in log.read_text() and once.poll() is None and time.monotonic() < deadline:
@@ -595,17 +602,28 @@ def test_a_wandb_service_that_dies_mid_run_is_said_once_and_the_run_trains_to_it
                     if "wandb-core" in " ".join(child.cmdline())]
         assert services, f"no wandb-core under the run: the test would prove nothing\n{log.read_text()[-3000:]}"
         for service in services:
-            service.kill()
-        psutil.wait_procs(services, timeout=10)
+            service.send_signal(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+        if fault == "killed":
+            psutil.wait_procs(services, timeout=10)
         resume.touch()
-        assert once.wait(timeout=300) == 0, log.read_text()[-4000:]
+        try:
+            assert once.wait(timeout=120) == 0, log.read_text()[-4000:]
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"run-once never ended:\n{log.read_text()[-3000:]}") from None
     finally:
         if once.poll() is None:
             once.kill()
+        for service in services:  # a stopped wandb-core outlives the run
+            try:
+                service.send_signal(signal.SIGCONT)
+                service.kill()
+            except psutil.Error:
+                pass
     text = log.read_text()
     assert "Traceback" not in text and "Exception ignored" not in text, text[-4000:]
     said = [line for line in text.splitlines() if "W&B" in line and " WARNING " in line]
-    assert len(said) == 1 and "metrics.jsonl" in said[0], said[:5]
+    expected = "metrics.jsonl only" if fault == "killed" else "did not finish within 5 s; the local metrics file is complete"
+    assert len(said) == 1 and expected in said[0], said[:5]
     state = load_state(tmp_path / "state.json")
     assert state.total_training_runs == 1 and state.total_steps > 3
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
