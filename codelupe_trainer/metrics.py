@@ -44,7 +44,7 @@ def effective_wandb_mode(requested: str, enabled: bool, warn: bool = True) -> st
     (`warn` False: the caller says it its own way, as `doctor`'s wandb line does)."""
     if not enabled or requested == "disabled":
         return "disabled"
-    if requested == "online" and not _have_wandb_credentials():
+    if requested == "online" and wandb_api_key() is None:
         if warn:
             log.warning("W&B mode is online but no API key is configured: logging offline instead (upload later "
                         "with `wandb sync`)")
@@ -52,28 +52,24 @@ def effective_wandb_mode(requested: str, enabled: bool, warn: bool = True) -> st
     return requested
 
 
-def _have_wandb_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        return "wandb" in netrc.read_text()
-    except OSError:
-        return False
-
-
 DEFAULT_WANDB_URL = "https://api.wandb.ai"
 
 
-def wandb_api_key(base_url: str) -> str | None:
-    """The key wandb would use: WANDB_API_KEY, else the ~/.netrc entry for the server's host."""
+def wandb_base_url() -> str:
+    return os.environ.get("WANDB_BASE_URL", DEFAULT_WANDB_URL).rstrip("/")
+
+
+def wandb_api_key() -> str | None:
+    """The key wandb would use: WANDB_API_KEY, else the ~/.netrc (or $NETRC) entry for the server's host."""
     if os.environ.get("WANDB_API_KEY"):
         return os.environ["WANDB_API_KEY"]
     import netrc
     from urllib.parse import urlsplit
 
+    # Named explicitly: netrc checks the default file's ownership and mode, which wandb itself does not.
+    path = os.environ.get("NETRC") or str(Path.home() / ".netrc")
     try:
-        entry = netrc.netrc(os.environ.get("NETRC")).authenticators(urlsplit(base_url).hostname or "")
+        entry = netrc.netrc(path).authenticators(urlsplit(wandb_base_url()).hostname or "")
     except (OSError, netrc.NetrcParseError):
         return None
     return entry[2] if entry else None
@@ -89,8 +85,8 @@ def check_wandb_key(timeout_s: float) -> tuple[bool | None, str]:
     import urllib.error
     import urllib.request
 
-    base_url = os.environ.get("WANDB_BASE_URL", DEFAULT_WANDB_URL).rstrip("/")
-    key = wandb_api_key(base_url)
+    base_url = wandb_base_url()
+    key = wandb_api_key()
     if not key:
         return None, f"no API key for {base_url} (WANDB_API_KEY or ~/.netrc)"
     request = urllib.request.Request(

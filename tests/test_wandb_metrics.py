@@ -474,6 +474,23 @@ def test_doctor_says_whether_the_wandb_server_accepts_the_api_key(crawler_table,
     assert line.startswith("warn wandb: mode online; the W&B server (http://127.0.0.1:9) cannot be reached ("), line
 
 
+def test_a_key_in_netrc_counts_for_its_server_only(tmp_path, monkeypatch):
+    """`wandb login` keeps the key in ~/.netrc under the server's host: online mode stays online with it, and
+    falls back to offline (said once) when WANDB_BASE_URL names a server the file holds no key for."""
+    from codelupe_trainer.metrics import effective_wandb_mode, wandb_api_key
+
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef0123456789abcdef01234567\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    assert wandb_api_key() == "0123456789abcdef0123456789abcdef01234567"
+    assert effective_wandb_mode("online", True) == "online"
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")
+    assert wandb_api_key() is None
+    assert effective_wandb_mode("online", True, warn=False) == "offline"
+
+
 @pytest.mark.slow
 def test_wandbs_own_error_reporting_never_reaches_the_server(crawler_table, tiny_model, tmp_path):
     """wandb 0.2x/0.3x reports its own errors and log records (with the machine's host name) to the W&B server

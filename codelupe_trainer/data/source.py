@@ -555,14 +555,18 @@ def _shared_id(database: DatabaseSettings, row_id: int) -> SchemaError:
 def _needs_a_range(previous_id: int, row_id: int, unscored: bool, result: FetchResult) -> bool:
     """Whether reading this row adds a gap range: ids missing before it, or it waits for its score and does not
     extend the last range (at most one: an unscored row extends the range of the ids missing just before it)."""
-    return row_id - previous_id > 1 or (unscored and not (result.new_gaps and result.new_gaps[-1][1] == row_id - 1))
+    return row_id - previous_id > 1 or (unscored and not _ends_last_range(row_id - 1, result))
+
+
+def _ends_last_range(row_id: int, result: FetchResult) -> bool:
+    return bool(result.new_gaps) and result.new_gaps[-1][1] == row_id
 
 
 def _wait_for_score(row_id: int, result: FetchResult) -> None:
     """A row whose quality is NULL has not been scored yet (a scorer that fills the column after the crawler's
     insert): its id is watched like a late commit's, for database.max_commit_lag_minutes, and it trains once
     scored."""
-    if result.new_gaps and result.new_gaps[-1][1] == row_id - 1:
+    if _ends_last_range(row_id - 1, result):
         result.new_gaps[-1] = (result.new_gaps[-1][0], row_id)
     else:
         result.new_gaps.append((row_id, row_id))
