@@ -242,9 +242,32 @@ def _run_once(settings: Settings, arguments) -> int:
 
 
 def command_run(settings: Settings, arguments) -> int:
+    import signal
+    import threading
+
+    from . import stop
+    from .errors import TrainingInterrupted
+
+    # First, before the start-up checks (on a GPU box torch's import and CUDA's start take seconds): a stop
+    # then (`systemctl stop`, Ctrl-C) is one line and exit 0, as in a cycle, not a silent death by SIGTERM;
+    # a SIGHUP (`systemctl reload`) is kept for the daemon, not its default death either.
+    stop.CURRENT.install()
+    reload_requested = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+    log = logging.getLogger("codelupe_trainer")
+    try:
+        return _run_daemon(settings, reload_requested)
+    except TrainingInterrupted as interruption:
+        log.info("daemon %s before its first cycle", interruption)
+        return EXIT_OK
+
+
+def _run_daemon(settings: Settings, reload_requested) -> int:
+    from .faults import crash_point
     from .service.doctor import startup_problems
     from .service.scheduler import run_daemon
 
+    crash_point("startup")
     problems, warnings = startup_problems(settings)
     if problems:
         # Exit 2 is listed in the unit's RestartPreventExitStatus: systemd does not restart into the same error.
@@ -253,7 +276,7 @@ def command_run(settings: Settings, arguments) -> int:
         return EXIT_USAGE
     for warning in warnings:
         logging.getLogger("codelupe_trainer").warning("%s", warning)
-    return run_daemon(settings)
+    return run_daemon(settings, reload_requested)
 
 
 def command_doctor(settings: Settings, arguments) -> int:
@@ -276,18 +299,20 @@ def command_join(settings: Settings, arguments) -> int:
               "machine running the daemon)" if nodes > 1 else "codelupe-trainer: join needs training.num_nodes > 1 "
               "and training.rendezvous_endpoint, set as on node 0", file=sys.stderr)
         return EXIT_USAGE
+    from .faults import crash_point
     from .service.doctor import model_and_gpu_problems
 
-    problems = model_and_gpu_problems(settings)
-    if problems:
-        # Every cycle would fail on this machine the same way: exit 2, which the unit does not restart into.
-        for problem in problems:
-            print(f"codelupe-trainer: cannot join: {problem}", file=sys.stderr)
-        return EXIT_USAGE
-    stop.CURRENT.install()
-    from .service.node import serve_node
-
+    stop.CURRENT.install()  # before the checks, which import torch: a stop then is one line and exit 0 too
     try:
+        crash_point("startup")
+        problems = model_and_gpu_problems(settings)
+        if problems:
+            # Every cycle would fail on this machine the same way: exit 2, which the unit does not restart into.
+            for problem in problems:
+                print(f"codelupe-trainer: cannot join: {problem}", file=sys.stderr)
+            return EXIT_USAGE
+        from .service.node import serve_node
+
         serve_node(settings, arguments.node_rank)  # until a stop
     except TrainingInterrupted as interruption:
         logging.getLogger("codelupe_trainer").info("join %s", interruption)

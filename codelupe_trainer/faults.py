@@ -3,8 +3,8 @@
 Actions: kill (SIGKILL), pause (wait, interruptibly, for a test's signal), wait=<file> (go on once the file
 exists), hang (ignore SIGTERM and never return, like a CUDA hang), oom (raise a CUDA out-of-memory error),
 error (raise a plain error).
-Phases: fetch (first row read), tokenize (dataset built), load (model load begins), train (first optimizer
-step), eval (first evaluation batch), publish (trained and evaluated, nothing written yet), save (adapter
+Phases: startup (`run` and `join`, before their start-up checks), fetch (first row read), tokenize (dataset
+built), load (model load begins), train (first optimizer step), eval (first evaluation batch), publish (trained and evaluated, nothing written yet), save (adapter
 published, state not yet written), state (new state file written, not yet renamed into place), dedup (the
 duplicate store's transaction written, not yet committed), hand-off (a promotion's state and store written,
 on_promote not run yet), teardown (the cycle has ended, published or not: its rank group and W&B run not yet

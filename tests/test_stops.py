@@ -85,6 +85,64 @@ def test_the_daemon_stops_in_any_phase_within_seconds(phase, crawler_table, tiny
     assert "Traceback" not in log.read_text()
 
 
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_during_the_start_up_checks_is_one_line_and_exit_0(signal_number, crawler_table, tiny_model, tmp_path):
+    """`systemctl stop` or Ctrl-C while `run` checks its settings, the table and the GPU (torch's import and
+    CUDA's start take seconds on the GPU box) ends as a stop anywhere else does: one line, exit 0, nothing written
+    (it was a silent death by SIGTERM, and Ctrl-C said `interrupted` with exit 130)."""
+    config = write_config(tmp_path, tiny_model, "[schedule]\ninterval_minutes = 60\n")
+    log = tmp_path / "daemon.log"
+    daemon = start_paused(CLI + ["run", "--config", str(config)], environment(crawler_table), "startup", log)
+    try:
+        daemon.send_signal(signal_number)
+        assert daemon.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    output = log.read_text()
+    assert f"daemon stopped on {signal.Signals(signal_number).name} before its first cycle" in output
+    assert "Traceback" not in output and "interrupted" not in output
+    assert not (tmp_path / "state.json").exists()
+
+
+def test_a_reload_during_the_start_up_checks_is_applied_by_the_daemon_not_its_death(crawler_table, tiny_model,
+                                                                                    tmp_path):
+    """SIGHUP's default action ends a process: a `systemctl reload` (or `kill -HUP`) during the start-up checks
+    killed the daemon. It is now kept and applied once the daemon runs."""
+    config = write_config(tmp_path, tiny_model, "[schedule]\ninterval_minutes = 60\nmin_new_samples = 1000\n")
+    log, go_on = tmp_path / "daemon.log", tmp_path / "go-on"
+    env = environment(crawler_table, CODELUPE_FAULT=f"startup:wait={go_on}")
+    daemon = subprocess.Popen(CLI + ["run", "--config", str(config)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=log.open("w"), start_new_session=True)
+    try:
+        wait_for(lambda: "waiting at startup" in log.read_text(), 60, "the start-up checks", daemon, log)
+        config.write_text(config.read_text().replace("interval_minutes = 60", "interval_minutes = 30"))
+        daemon.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        go_on.touch()
+        wait_for(lambda: "config reloaded" in log.read_text(), 60, "the reload", daemon, log)
+        assert "schedule.interval_minutes changed" in log.read_text()
+        assert stop_daemon(daemon, log, timeout=30) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    assert "Traceback" not in log.read_text()
+
+
+def test_a_stop_while_join_checks_the_machine_is_one_line_and_exit_0(tiny_model, tmp_path):
+    config = write_config(tmp_path, tiny_model, "[training]\nnum_nodes = 2\nrendezvous_endpoint = \"127.0.0.1:29400\"\n")
+    log = tmp_path / "join.log"
+    node = start_paused(CLI + ["join", "--node-rank", "1", "--config", str(config)],
+                        environment("postgresql://unused@127.0.0.1:9/none"), "startup", log)
+    try:
+        node.send_signal(signal.SIGTERM)
+        assert node.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if node.poll() is None:
+            node.kill()
+    assert "join stopped on SIGTERM" in log.read_text() and "Traceback" not in log.read_text()
+
+
 class NotifySocket:
     """A systemd notification socket standing in for systemd: records each message the daemon sends and when."""
 

@@ -96,7 +96,7 @@ def backoff_seconds(consecutive_failures: int, interval_s: float) -> float:
 
 
 class Daemon:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, reload_requested: threading.Event | None = None):
         self.settings = settings
         self.stopping = threading.Event()
         self.cycle_done = threading.Event()
@@ -110,7 +110,8 @@ class Daemon:
         # The config file as the daemon read it: an edit is noticed and said until a reload (SIGHUP) applies it.
         self.config_read = file_stamp(settings.config_file)
         self.config_changed = False
-        self.reload_requested = threading.Event()
+        # A SIGHUP that came during the start-up checks (cli.command_run) is one for the daemon to apply.
+        self.reload_requested = reload_requested or threading.Event()
         self.needs_restart: list[str] = []  # settings a reload read but keeps as they were (RESTART_ONLY)
         self.started_at = time.time()
         # The back-off counts this daemon's own failed cycles: failures a manual run-once left in the state
@@ -421,6 +422,6 @@ def systemd_notifier():
     return notifier.notify
 
 
-def run_daemon(settings: Settings) -> int:
-    return Daemon(settings).serve(systemd_notifier())
+def run_daemon(settings: Settings, reload_requested: threading.Event | None = None) -> int:
+    return Daemon(settings, reload_requested).serve(systemd_notifier())
 
