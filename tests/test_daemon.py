@@ -157,6 +157,34 @@ def test_kill_9_in_any_phase_loses_no_row_and_counts_none_twice(crawler_table, t
     assert Path(final.latest_adapter).resolve() == (tmp_path / "adapters" / "latest").resolve() != in_use
 
 
+def test_a_tick_while_a_hand_run_cycle_holds_the_lock_is_a_skip_not_a_failure(crawler_table, tiny_model, tmp_path):
+    """README's "Train now, by hand" runs `run-once` beside the service: the daemon's ticks meanwhile find the
+    trainer lock held. They said `cycle failed (exit 3, ...)` with two warnings each; no cycle ran and nothing
+    failed: one line says the tick was skipped, and the daemon takes over once the lock is free."""
+    from codelupe_trainer.lock import trainer_lock
+
+    insert_stdlib_rows(crawler_table, start=0, count=5)
+    config = write_config(tmp_path, tiny_model, "[schedule]\ninterval_minutes = 0.02\nmin_new_samples = 1000\n")
+    log = tmp_path / "daemon.log"
+    with trainer_lock(tmp_path / "state.json"):  # the hand-run cycle
+        daemon = start_daemon(config, environment(crawler_table), log)
+        try:
+            wait_for(lambda: log.read_text().count("cycle skipped") >= 2, 120, "two skipped ticks", daemon, log)
+        except BaseException:
+            daemon.kill()
+            raise
+    try:
+        wait_for(lambda: "cycle: nothing_to_do" in log.read_text(), 60, "a cycle once the lock is free", daemon, log)
+        assert stop_daemon(daemon, log) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    output = log.read_text()
+    assert "cycle skipped: another codelupe-trainer cycle holds the trainer lock" in output
+    assert "failed" not in output and " WARNING " not in output and " ERROR " not in output, output
+    assert not (tmp_path / "state.json").exists() or load_state(tmp_path / "state.json").total_failures == 0
+
+
 # A real full disk for one test: a tmpfs mounted in a mount namespace of its own (root, as in CI, or an
 # unprivileged user namespace), so nothing outside the script sees it and it vanishes with the script.
 FULL_DISK_SCRIPT = r"""

@@ -23,7 +23,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from ..config import Settings
 from ..errors import StateError
-from ..lock import AlreadyRunning, trainer_lock
+from ..lock import AlreadyRunning, lock_path, trainer_lock
 from ..progress import read_cycle_progress, write_live_status
 from ..state import TrainerState, load_state, record_failure
 
@@ -33,6 +33,8 @@ JOB_ID = "training-cycle"
 # Settings the daemon itself holds for its whole life: a reload keeps them as they were and says so.
 RESTART_ONLY = ("paths.state_file", "service.metrics_port", "service.metrics_host")
 CHILD_EXIT_INTERRUPTED = 4
+# Another cycle held the trainer lock (a `run-once` by hand, as README "Train now, by hand" shows): no cycle ran.
+CHILD_EXIT_BUSY = 3
 BACKOFF_BASE_S = 30.0
 
 
@@ -69,9 +71,8 @@ def _child_main(settings: Settings, force: bool, daemon_started: float) -> None:
         outcome = run_cycle(settings, force=force, process_started=daemon_started)
         log.info("cycle: %s: %s", outcome.status, outcome.message)
         code = CHILD_EXIT_INTERRUPTED if outcome.status == "interrupted" else 0
-    except AlreadyRunning as busy:
-        log.warning("%s", busy)
-        code = 3
+    except AlreadyRunning:
+        code = CHILD_EXIT_BUSY  # the daemon says it (a skipped tick, not a failure)
     except Exception as error:
         log.error("cycle failed: %s", describe_failure(error))
     finally:
@@ -117,6 +118,7 @@ class Daemon:
         # The back-off counts this daemon's own failed cycles: failures a manual run-once left in the state
         # (a bad config tried by hand) must not make the daemon's first real failure wait minutes.
         self.failures_in_a_row = 0
+        self.busy_in_a_row = 0  # ticks in a row another cycle (a hand-run one) held the lock
         # Failed cycles in a row the state file did not take (a full disk): /health and `status` count them.
         self.unrecorded_failures = 0
         self.context = multiprocessing.get_context("spawn")
@@ -149,7 +151,7 @@ class Daemon:
             self.cycle_done.set()
         if self.stopping.is_set() or code == CHILD_EXIT_INTERRUPTED:
             return
-        if code not in (0, 1, 3) and before is not None and committed(before, self._read_state()):
+        if code not in (0, 1, CHILD_EXIT_BUSY) and before is not None and committed(before, self._read_state()):
             # The cycle saved its state and then died on its way out (a process group's teardown, a library's
             # exit): what it trained is published and recorded. A failure here would count against a cycle
             # that succeeded and make the next one wait out a back-off.
@@ -157,17 +159,26 @@ class Daemon:
                         self.stall_reason or describe_death(code))
             code = 0
         if code == 0:
-            self.failures_in_a_row = self.unrecorded_failures = 0
+            self.failures_in_a_row = self.unrecorded_failures = self.busy_in_a_row = 0
             self._reschedule(self.interval_s)
             return
+        if code == CHILD_EXIT_BUSY:
+            # Nothing failed and nothing is recorded: try again soon (30 s, doubling up to the interval), so the
+            # daemon takes over shortly after the hand-run cycle ends.
+            self.busy_in_a_row += 1
+            delay = backoff_seconds(self.busy_in_a_row, self.interval_s)
+            log.info("cycle skipped: another codelupe-trainer cycle holds the trainer lock (%s); next try in %.0f s",
+                     lock_path(self.settings.paths.state_file), delay)
+            self._reschedule(delay)
+            return
+        self.busy_in_a_row = 0
         self.failures_in_a_row += 1
         if self.stall_reason is not None:
             self._record_failure(self.stall_reason)
-        elif code not in (1, 3):
+        elif code != 1:
             # Killed by a signal or died without reporting (OOM killer, segfault): record it here.
             self._record_failure(describe_death(code))
-        if code != 3:  # 3: a run-once held the lock; no cycle ran, nothing was to be recorded
-            self._count_if_unrecorded(recorded_before)
+        self._count_if_unrecorded(recorded_before)
         delay = backoff_seconds(self.failures_in_a_row, self.interval_s)
         log.warning("cycle failed (exit %s, %d in a row); retrying in %.0f s", code, self.failures_in_a_row, delay)
         self._reschedule(delay)
