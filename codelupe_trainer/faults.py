@@ -3,7 +3,8 @@
 Actions: kill (SIGKILL), pause (wait, interruptibly, for a test's signal), wait=<file> (go on once the file
 exists), hang (ignore SIGTERM and never return, like a CUDA hang), oom (raise a CUDA out-of-memory error),
 error (raise a plain error).
-Phases: startup (`run` and `join`, before their start-up checks), fetch (first row read), tokenize (dataset
+Phases: startup (`run` and `join`, before their start-up checks), cycle-start (a daemon's cycle process, before
+its stop handler), fetch (first row read), tokenize (dataset
 built), load (model load begins), train (first optimizer step), eval (first evaluation batch), publish (trained and evaluated, nothing written yet), save (adapter
 published, state not yet written), state (new state file written, not yet renamed into place), dedup (the
 duplicate store's transaction written, not yet committed), hand-off (a promotion's state and store written,

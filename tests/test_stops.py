@@ -7,6 +7,7 @@ way a long fetch, model load or evaluation does), then signalled.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -103,6 +104,28 @@ def test_a_stop_during_the_start_up_checks_is_one_line_and_exit_0(signal_number,
     assert f"daemon stopped on {signal.Signals(signal_number).name} before its first cycle" in output
     assert "Traceback" not in output and "interrupted" not in output
     assert not (tmp_path / "state.json").exists()
+
+
+def test_ctrl_c_on_the_terminal_while_a_cycle_process_starts_stops_the_daemon_without_a_traceback(
+        crawler_table, tiny_model, tmp_path):
+    """A terminal's Ctrl-C goes to the whole process group: the daemon run by hand and its cycle process. A
+    cycle process still importing (its first second, at every cycle) died of it with a KeyboardInterrupt
+    traceback in the output. It now starts with SIGINT ignored until its stop handler is in place; the daemon
+    passes the stop on (here the cycle process is held at that point, and the group gets SIGINT)."""
+    insert_stdlib_rows(crawler_table, start=0, count=5)
+    config = write_config(tmp_path, tiny_model, "[schedule]\ninterval_minutes = 60\n")
+    log = tmp_path / "daemon.log"
+    daemon = start_paused(CLI + ["run", "--config", str(config)], environment(crawler_table), "cycle-start", log)
+    try:
+        os.killpg(daemon.pid, signal.SIGINT)  # as the terminal does
+        assert daemon.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if daemon.poll() is None:
+            os.killpg(daemon.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert "daemon stopped" in output and "cycle failed" not in output
+    assert not (tmp_path / "state.json").exists() or load_state(tmp_path / "state.json").total_failures == 0
 
 
 def test_a_reload_during_the_start_up_checks_is_applied_by_the_daemon_not_its_death(crawler_table, tiny_model,

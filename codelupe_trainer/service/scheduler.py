@@ -62,10 +62,12 @@ def _child_main(settings: Settings, force: bool, daemon_started: float) -> None:
     from .. import stop
     from ..cycle import run_cycle
     from ..failures import describe as describe_failure
+    from ..faults import crash_point
     from ..logs import setup_logging
 
     setup_logging(settings)
-    stop.CURRENT.install()  # SIGTERM from the daemon: end the cycle in whatever phase it is
+    crash_point("cycle-start")  # SIGINT is still ignored here, as the daemon started this process
+    stop.CURRENT.install()  # SIGTERM from the daemon (and a terminal's SIGINT from now on): end the cycle
     code = 1
     try:
         outcome = run_cycle(settings, force=force, process_started=daemon_started)
@@ -103,6 +105,11 @@ class Daemon:
         self.cycle_done = threading.Event()
         self.cycle_done.set()
         self.child: multiprocessing.Process | None = None
+        # A cycle process a scheduler thread asks the main loop to start (start_requested_child), and the event
+        # that wakes the loop for it or for a stop.
+        self._start_request: tuple[multiprocessing.Process, threading.Event] | None = None
+        self._start_lock = threading.Lock()
+        self._wake = threading.Event()
         # Why the running cycle was ended by the stall watch (None: it was not).
         self.stall_reason: str | None = None
         self._progress_seen: tuple[object, float] = (None, time.monotonic())
@@ -217,13 +224,44 @@ class Daemon:
         self.phase = "training"
         self.stall_reason = None
         self._progress_seen = (None, time.monotonic())
-        self.child = self.context.Process(target=_child_main, args=(self.settings, False, self.started_at), name="codelupe-cycle")
-        self.child.start()
+        child = self.context.Process(target=_child_main, args=(self.settings, False, self.started_at), name="codelupe-cycle")
+        started = threading.Event()
+        with self._start_lock:
+            self._start_request = (child, started)
+        self._wake.set()
+        while not started.wait(0.2):  # the main loop starts it (start_requested_child) within a moment
+            with self._start_lock:
+                if self.stopping.is_set() and self._start_request is not None:  # it will not: withdraw it
+                    self._start_request = None
+                    return None
+        if self.child is not child:  # not started: the daemon is stopping
+            return None
         if self.stopping.is_set():  # the stop arrived while the child was being started
-            self.child.terminate()
-        self.child.join()
-        code, self.child = self.child.exitcode, None
-        return code
+            child.terminate()
+        child.join()
+        self.child = None
+        return child.exitcode
+
+    def start_requested_child(self) -> None:
+        """Start the cycle process a scheduler thread asked for, here in the main thread, the only one that may
+        set a signal's disposition: the child starts with SIGINT ignored. A Ctrl-C on a terminal reaches the
+        whole process group, and a child still importing (a second at each cycle's start) would die of it with
+        a KeyboardInterrupt traceback; the daemon passes the stop on itself (request_stop), and the child
+        handles SIGINT again once its own stop handler is in place (_child_main)."""
+        with self._start_lock:
+            request, self._start_request = self._start_request, None
+        if request is None:
+            return
+        child, started = request
+        if not self.stopping.is_set():
+            # For the few milliseconds of the fork and exec the daemon ignores SIGINT too (a Ctrl-C then is lost).
+            handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                child.start()
+            finally:
+                signal.signal(signal.SIGINT, handler)
+            self.child = child
+        started.set()
 
     def _reschedule(self, delay_s: float) -> None:
         # Never touch the scheduler once stopping: its shutdown holds the job-store lock.
@@ -272,6 +310,7 @@ class Daemon:
 
     def request_stop(self, *_: object) -> None:
         self.stopping.set()
+        self._wake.set()
         child = self.child
         if child is not None and child.is_alive():
             child.terminate()  # SIGTERM: the child stops at the next step boundary
@@ -304,7 +343,12 @@ class Daemon:
             notify("READY=1")
         log.info("daemon started: a cycle every %g min; config: %s", self.settings.schedule.interval_minutes,
                  self.settings.config_source())
-        while not self.stopping.wait(1.0):
+        while True:
+            self._wake.wait(1.0)  # a second, or at once for a stop or a cycle process to start
+            self._wake.clear()
+            if self.stopping.is_set():
+                break
+            self.start_requested_child()
             if notify:
                 notify("WATCHDOG=1")
             self.watch_for_a_stalled_cycle()
@@ -321,6 +365,7 @@ class Daemon:
                                       **({"needs_restart": self.needs_restart} if self.needs_restart else {}),
                                       **({"unrecorded_failures": self.unrecorded_failures}
                                          if self.unrecorded_failures else {}))
+        self.start_requested_child()  # one asked for meanwhile is not started, and its thread goes on
         if notify:
             notify("STOPPING=1")
         # shutdown(wait=True) would hold the job-store lock while the cycle's job still needs it; wait ourselves.
