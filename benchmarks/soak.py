@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from codelupe_trainer.data.filters import content_hash  # noqa: E402
 from codelupe_trainer.demo.demo import standard_library_files  # noqa: E402
-from codelupe_trainer.demo.pgserver import start_throwaway_postgres, wait_for_postgres  # noqa: E402
+from codelupe_trainer.demo.pgserver import CREATE_PROCESSED_FILES, postgres_at, scratch_database  # noqa: E402
 
 CLI = [str(Path(sys.executable).parent / "codelupe-trainer")]
 PASSWORD = "S3cretSoak"  # trust auth ignores it: it is there to be looked for in the output
@@ -51,11 +51,22 @@ MIN_QUALITY, MIN_CHARS, MAX_CHARS = 70, 50, 3000
 WORDS = [f"{a}{b}" for a in "bcdfghklmnprstvz" for b in ["ar", "el", "ix", "on", "um", "ra", "te", "so"]]
 
 
+def server_socket(url: str) -> tuple[int, object]:
+    """Where the server at `url` listens: a TCP host and port, or (a throwaway server) its Unix socket."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    host = query.get("host", [parts.hostname or "127.0.0.1"])[0]
+    port = parts.port or int(query.get("port", ["5432"])[0])
+    return (socket.AF_UNIX, f"{host}/.s.PGSQL.{port}") if host.startswith("/") else (socket.AF_INET, (host, port))
+
+
 class Proxy:
     """A TCP proxy to the database that can go down: existing connections dropped, new ones refused."""
 
-    def __init__(self, host: str, port: int):
-        self.target, self.down, self.connections = (host, port), False, []
+    def __init__(self, url: str):
+        self.target, self.down, self.connections = server_socket(url), False, []
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         threading.Thread(target=self._serve, daemon=True).start()
@@ -66,7 +77,9 @@ class Proxy:
             if self.down:
                 client.close()
                 continue
-            upstream = socket.create_connection(self.target)
+            family, address = self.target
+            upstream = socket.socket(family)
+            upstream.connect(address)
             self.connections += [client, upstream]
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
@@ -98,26 +111,17 @@ class Proxy:
 
 
 class Soak:
-    def __init__(self, server_url: str, root: Path, seed: int):
-        from urllib.parse import urlsplit, urlunsplit
+    def __init__(self, url: str, root: Path, seed: int):
+        """`url`: an empty database of its own. The crawler writes there directly; the daemon reaches it
+        through the proxy, by TCP, with a password in its URL to look for in its output."""
+        from urllib.parse import urlsplit
 
-        self.rng, self.root = random.Random(seed), root
-        self.database = f"codelupe_soak_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(f'CREATE DATABASE "{self.database}"')
-        self.server_url = server_url
-        parts = urlsplit(server_url)
-        host, port = parts.hostname or "127.0.0.1", parts.port or 5432
-        self.url = urlunsplit((parts.scheme, f"{parts.username or 'postgres'}:{PASSWORD}@{host}:{port}",
-                               f"/{self.database}", parts.query, ""))
-        self.proxy = Proxy(host, port)
-        self.daemon_url = urlunsplit((parts.scheme, f"{parts.username or 'postgres'}:{PASSWORD}@127.0.0.1:{self.proxy.port}",
-                                      f"/{self.database}", parts.query, ""))
+        self.rng, self.root, self.url = random.Random(seed), root, url
+        self.proxy = Proxy(url)
+        parts = urlsplit(url)
+        self.daemon_url = f"postgresql://{parts.username or 'postgres'}:{PASSWORD}@127.0.0.1:{self.proxy.port}{parts.path}"
         with psycopg.connect(self.url, autocommit=True) as connection:
-            connection.execute(
-                "CREATE TABLE processed_files (id serial PRIMARY KEY, relative_path text NOT NULL, content text NOT NULL,"
-                " language text NOT NULL, lines int NOT NULL, size bigint NOT NULL, hash text NOT NULL UNIQUE,"
-                " repo_name text NOT NULL, quality_score integer)")
+            connection.execute(CREATE_PROCESSED_FILES)  # rows are inserted with their score, NULL while unscored
         self.rows: dict[int, list] = {}  # id -> [content, quality or None while unscored], once committed
         self.lock, self.stop_crawling = threading.Lock(), threading.Event()
         self.open_transactions: list[tuple] = []
@@ -337,10 +341,6 @@ cycle_stall_minutes = 3
             self.problems += [f"{log.name}: {line[:300]}" for line in text.splitlines()
                               if " ERROR " in line and "cannot connect to the database" not in line]
 
-    def drop(self) -> None:
-        with psycopg.connect(self.server_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -354,27 +354,21 @@ def main() -> int:
 
     build_tiny_model(root / "tiny-qwen2", [path.read_text(encoding="utf-8", errors="replace")
                                            for path in standard_library_files(200)])
-    server, url = None, os.environ.get("CODELUPE_TEST_DATABASE_URL")
-    if not url:
-        server = start_throwaway_postgres()
-        url = server.url
-    wait_for_postgres(url)
-    soak = Soak(url, root, arguments.seed)
-    try:
-        soak.write_config()
-        threading.Thread(target=soak.crawl, daemon=True).start()
-        soak.start_daemon()
-        soak.say(f"soak of {arguments.seconds:.0f} s, seed {arguments.seed}, in {root}")
-        soak.chaos(arguments.seconds)
-        soak.say("settling")
-        soak.settle()
-        soak.audit()
-    finally:
-        if soak.daemon is not None and soak.daemon.poll() is None:
-            os.killpg(soak.daemon.pid, signal.SIGKILL)
-        soak.drop()
-        if server is not None:
-            server.destroy()
+    with postgres_at(os.environ.get("CODELUPE_TEST_DATABASE_URL")) as server_url, \
+            scratch_database(server_url, f"codelupe_soak_{uuid.uuid4().hex[:8]}") as url:
+        soak = Soak(url, root, arguments.seed)
+        try:
+            soak.write_config()
+            threading.Thread(target=soak.crawl, daemon=True).start()
+            soak.start_daemon()
+            soak.say(f"soak of {arguments.seconds:.0f} s, seed {arguments.seed}, in {root}")
+            soak.chaos(arguments.seconds)
+            soak.say("settling")
+            soak.settle()
+            soak.audit()
+        finally:
+            if soak.daemon is not None and soak.daemon.poll() is None:
+                os.killpg(soak.daemon.pid, signal.SIGKILL)
     print("OK" if not soak.problems else "PROBLEMS:\n" + "\n".join(soak.problems))
     return 1 if soak.problems else 0
 
